@@ -1,0 +1,95 @@
+"""The `mechlrmc` command.
+
+    mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
+    mechlrmc info RUN
+
+Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
+`analyses.commands`; the core itself never imports the analysis layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mechlrmc.config import PRESETS, ConfigError, RunConfig, preset
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mechlrmc.runs import Run
+    from mechlrmc.train import train
+
+    if args.resume and Path(args.out, "config.yaml").is_file():
+        cfg = Run(args.out).config
+    else:
+        cfg = RunConfig.from_yaml(args.config) if args.config else preset(args.preset)
+        args.resume = False
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfg = cfg.override(overrides)
+    run = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    last = run.metrics.dropna(subset=["eval_loss"]).iloc[-1]
+    print(f"run saved to {run.path} ({len(run.steps)} checkpoints, step {int(last.step)}: "
+          f"eval L={last.eval_loss:.4g} L_obs={last.eval_loss_obs:.4g} L_mask={last.eval_loss_mask:.4g})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mechlrmc.runs import Run
+
+    run = Run(args.run)
+    print(run.config.to_yaml(), end="")
+    print(f"checkpoints ({len(run.steps)}): {run.steps}")
+    evals = run.metrics.dropna(subset=["eval_loss"])
+    print(evals[["step", "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time"]]
+          .to_string(index=False, max_rows=30))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechlrmc", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run (or continue one with --resume)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--config", help="a config.yaml to start from instead of a preset")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("info", help="print a run's config, checkpoints and evaluation metrics")
+    p.add_argument("run")
+    p.set_defaults(func=_info)
+
+    try:
+        from analyses.commands import register
+    except ImportError:  # the analysis layer is optional for training
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError) as e:
+        print(f"mechlrmc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The hooked bidirectional encoder: the paper's post-LayerNorm BERT as a TransformerLens
+`HookedRootModule`.
+
+Tokens [batch, pos] -> one real number per position [batch, pos]. Hook names and weight shapes
+follow TransformerLens (`blocks.{l}.attn.hook_pattern`, `W_Q [n_heads, d_model, d_head]`, ...), so
+`run_with_cache`, `transformer_lens.patching` and `FactoredMatrix` circuits work unchanged.
+
+Post-LN block (the paper's, and TransformerLens' BERT naming):
+    resid_mid = resid_pre + attn(resid_pre);  x = ln1(resid_mid)
+    resid_post = x + mlp(x);                  out = ln2(resid_post)   (hook_normalized_resid_post)
+Pre-LN block (`norm="pre"`): resid_mid = resid_pre + attn(ln1(resid_pre)),
+    resid_post = resid_mid + mlp(ln2(resid_mid)), and ln_final before the read-out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mechlrmc.config import ModelConfig, RunConfig
+
+
+@dataclass
+class EncoderConfig:
+    """The model's `cfg`, with the fields TransformerLens' tools read."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    norm: str = "post"
+    mask_embedding_zero: bool = True
+    init_range: float = 0.02
+    eps: float = 1e-12
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    normalization_type: str = "LN"
+    attn_only: bool = False
+    n_key_value_heads: int | None = None
+    act_fn: str = "gelu"
+    positional_embedding_type: str = "standard"
+    original_architecture: str = "mechlrmc.HookedEncoder"
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
+    default_prepend_bos: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_cfg: RunConfig) -> EncoderConfig:
+        m: ModelConfig = run_cfg.model
+        return cls(
+            n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=m.d_head,
+            d_mlp=m.d_mlp, d_vocab=run_cfg.data.vocab_size, n_ctx=run_cfg.n_ctx, norm=m.norm,
+            mask_embedding_zero=m.mask_embedding_zero, init_range=m.init_range, eps=m.ln_eps,
+        )
+
+
+def _has_hooks(*points: HookPoint) -> bool:
+    return any(p._forward_hooks or p._backward_hooks for p in points)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens hooks: `hook_scale` [batch, pos, 1] and `hook_normalized`
+    (after the affine map). Uses the fused kernel unless one of its hooks is in use."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _has_hooks(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention (no mask, no causal triangle)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_K = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_V = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
+        self.W_O = nn.Parameter(torch.empty(h, dh, d, dtype=cfg.dtype))
+        self.b_Q = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_K = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_V = nn.Parameter(torch.zeros(h, dh, dtype=cfg.dtype))
+        self.b_O = nn.Parameter(torch.zeros(d, dtype=cfg.dtype))
+        self.scale = 1.0 / math.sqrt(dh)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, _ = x.shape
+        h, d, dh = self.W_Q.shape
+        # One matmul for Q, K and V: [d_model, 3 * head * d_head].
+        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(d, 3 * h * dh)
+        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(3 * h * dh)
+        q, k, v = torch.addmm(b_qkv, x.reshape(b * p, d), w_qkv).view(b, p, 3, h, dh).unbind(2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * self.scale
+        pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores), dim=-1))
+        z = self.hook_z(torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2))
+        return torch.addmm(self.b_O, z.reshape(b * p, h * dh), self.W_O.reshape(h * dh, d)).view(b, p, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.hook_pre(x @ self.W_in + self.b_in)
+        return self.hook_post(F.gelu(pre)) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.post_ln = cfg.norm == "post"
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.ln1 = LayerNorm(cfg)
+        self.ln2 = LayerNorm(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+        if self.post_ln:
+            self.hook_normalized_resid_post = HookPoint()
+
+    def forward(self, resid_pre: torch.Tensor) -> torch.Tensor:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        if self.post_ln:
+            resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(resid_pre)))
+            x = self.ln1(resid_mid)
+            resid_post = self.hook_resid_post(x + self.hook_mlp_out(self.mlp(x)))
+            return self.hook_normalized_resid_post(self.ln2(resid_post))
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre))))
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
+
+
+class HookedEncoder(HookedRootModule):
+    """The LRMC encoder. `model(tokens [batch, pos]) -> predictions [batch, pos]`."""
+
+    def __init__(self, cfg: EncoderConfig | RunConfig, seed: int | None = 0):
+        super().__init__()
+        if isinstance(cfg, RunConfig):
+            cfg = EncoderConfig.from_run_config(cfg)
+        self.cfg = cfg
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pos_embed = HookPoint()
+        self.ln_embed = LayerNorm(cfg) if cfg.norm == "post" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg) if cfg.norm == "pre" else None
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, 1, dtype=cfg.dtype))
+        self.b_U = nn.Parameter(torch.zeros(1, dtype=cfg.dtype))
+        if seed is not None:
+            self.init_weights(seed)
+        self.setup()
+
+    def init_weights(self, seed: int) -> None:
+        """BERT's initialisation: N(0, init_range) weights, zero biases, unit LayerNorm gains, and
+        a zero MASK embedding row when `mask_embedding_zero` (HF's padding row)."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.split(".")[-1].startswith("W_"):
+                    p.copy_(torch.randn(p.shape, generator=generator) * self.cfg.init_range)
+            if self.cfg.mask_embedding_zero:
+                self.W_E[0].zero_()
+
+    @property
+    def W_Q(self) -> torch.Tensor:
+        return torch.stack([b.attn.W_Q for b in self.blocks])  # [layer, head, d_model, d_head]
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        return torch.stack([b.attn.W_K for b in self.blocks])
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        return torch.stack([b.attn.W_V for b in self.blocks])
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        return torch.stack([b.attn.W_O for b in self.blocks])  # [layer, head, d_head, d_model]
+
+    @property
+    def QK(self):
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus position embedding (plus LayerNorm in the post-LN model) [batch, pos, d_model]."""
+        pos = tokens.shape[1]
+        if pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {pos} exceeds the position table: allowed <= n_ctx={self.cfg.n_ctx}")
+        padding_idx = 0 if self.cfg.mask_embedding_zero else None
+        x = self.hook_embed(F.embedding(tokens, self.W_E, padding_idx=padding_idx))
+        x = x + self.hook_pos_embed(self.W_pos[:pos].expand_as(x).contiguous())
+        return self.ln_embed(x) if self.ln_embed is not None else x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        if self.ln_final is not None:
+            x = self.ln_final(x)
+        return (x @ self.W_U).squeeze(-1) + self.b_U  # [batch, pos]
+
+    @classmethod
+    def from_reference_state_dict(
+        cls, state_dict: dict[str, torch.Tensor], cfg: EncoderConfig | RunConfig | None = None
+    ) -> HookedEncoder:
+        """Import the reference implementation: HF `BertModel` keys (optionally under `_backbone.`)
+        plus `read_out.weight/bias`. Token-type embedding row 0 (every token's type) is folded
+        into the position table; the pooler is dropped. Shapes come from the state dict; `cfg`,
+        when given, supplies everything else (eps, mask_embedding_zero) and is checked against it."""
+        from mechlrmc.convert import reference_to_encoder
+
+        return reference_to_encoder(cls, state_dict, cfg)

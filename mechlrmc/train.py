@@ -1,0 +1,196 @@
+"""Online training: a fresh LRMC batch every step, Adam at a constant lr, MSE on all entries.
+
+The trainer knows the model only through `forward(tokens) -> [batch, pos]`. Logging, evaluation
+and checkpoints follow the `TrainConfig` schedule; anything else hangs on callbacks
+(`trainer.add_callback("on_step_end", fn)`). `fwd_hooks` are TransformerLens hooks active during
+training steps (not evaluation), e.g. an attention intervention.
+
+Exact resume: at every checkpoint the weights, Adam state, data-generator state and wall time go
+to `resume.safetensors`; a resumed run replays the same batches and reproduces the same metrics
+as an uninterrupted one (same device and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from mechlrmc.config import RunConfig
+from mechlrmc.data import Batch, sample
+from mechlrmc.metrics import masked_correlation, split_losses
+from mechlrmc.model import HookedEncoder
+from mechlrmc.runs import CheckpointError, Run
+
+DATA_SEED_OFFSET = 1_000_003  # data and init draw from different generators of the same seed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available: use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def eval_batch(cfg: RunConfig, size: int | None = None, seed: int | None = None) -> Batch:
+    """The fixed evaluation batch of a run: the same matrices for every checkpoint."""
+    generator = torch.Generator().manual_seed(cfg.train.eval_seed if seed is None else seed)
+    return sample(cfg.data, size or cfg.train.eval_batch_size, generator)
+
+
+@torch.no_grad()
+def evaluate(model: HookedEncoder, batch: Batch, chunk: int = 4096) -> dict[str, float]:
+    """L, L_obs, L_mask and masked correlation of `model` on `batch`."""
+    device = next(model.parameters()).device
+    pred = torch.cat([model(batch.tokens[i:i + chunk].to(device)).float().cpu()
+                      for i in range(0, len(batch), chunk)])
+    out = {k: float(v) for k, v in split_losses(pred, batch.values, batch.observed).items()}
+    out["corr_mask"] = masked_correlation(pred, batch.values, batch.observed)
+    return out
+
+
+class Trainer:
+    """Trains `HookedEncoder` on LRMC into a run directory."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run = Run(out) if resume else Run.create(out, cfg)
+        if resume:
+            self._check_resumable(cfg)
+        self.model = HookedEncoder(cfg, seed=cfg.train.seed).to(self.device)
+        self.model.cfg.device = str(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
+        self.eval_data = eval_batch(cfg)
+        self.step = 0
+        self.wall_time = 0.0
+        self.progress = progress
+        self.fwd_hooks: list[tuple[str | Callable, Callable]] = []
+        self.callbacks: dict[str, list[Callable]] = defaultdict(list)
+        self.last_metrics: dict[str, float] = {}
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        if resume:
+            self._load_resume_state()
+
+    def add_callback(self, event: str, fn: Callable[[Trainer], None]) -> None:
+        """Events: `on_step_end`, `on_eval`, `on_checkpoint`, `on_train_end`."""
+        self.callbacks[event].append(fn)
+
+    def _fire(self, event: str) -> None:
+        for fn in self.callbacks[event]:
+            fn(self)
+
+    # ----- resume -----
+    def _check_resumable(self, cfg: RunConfig) -> None:
+        saved = self.run.config.to_dict()
+        asked = cfg.to_dict()
+        saved["train"].pop("steps"), asked["train"].pop("steps")
+        if saved != asked:
+            diff = {f"{s}.{k}": (saved[s][k], asked[s][k]) for s in saved for k in saved[s] if saved[s][k] != asked[s][k]}
+            raise ValueError(f"--resume with a config that differs from the run's (saved, asked): {diff}")
+        if cfg.train.steps != self.run.config.train.steps:
+            self.run.save_config(cfg)
+
+    def _load_resume_state(self) -> None:
+        tensors, meta = self.run.load_resume_state()
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        names = dict(self.model.named_parameters())
+        state = {}
+        for name, p in names.items():
+            state[p] = {
+                "step": tensors[f"adam.{name}.step"],
+                "exp_avg": tensors[f"adam.{name}.exp_avg"].to(self.device),
+                "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(self.device),
+            }
+        self.optimizer.state.clear()
+        self.optimizer.state.update(state)
+        self.generator.set_state(tensors["rng.data"])
+        self.step = int(meta["step"])
+        self.wall_time = float(meta["wall_time"])
+        self.run.truncate_metrics(self.step)
+
+    def _save_resume_state(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for name, p in self.model.named_parameters():
+            st = self.optimizer.state.get(p)
+            if st:
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    tensors[f"adam.{name}.{key}"] = st[key]
+        tensors["rng.data"] = self.generator.get_state()
+        if self.step > 0 and not any(k.startswith("adam.") for k in tensors):
+            raise CheckpointError("optimizer state is empty after training steps")
+        self.run.save_resume_state(self.step, tensors, {"wall_time": repr(self.wall_time)})
+
+    # ----- the loop -----
+    def _autocast(self):
+        if self.cfg.train.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _checkpoint(self) -> None:
+        self.run.save_checkpoint(self.step, self.model.state_dict())
+        self._save_resume_state()
+        self._fire("on_checkpoint")
+
+    def _eval_row(self) -> dict[str, float]:
+        self.model.eval()
+        with self._autocast():
+            ev = evaluate(self.model, self.eval_data)
+        self.model.train()
+        return {f"eval_{k}": v for k, v in ev.items()}
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        with self._autocast(), self.model.hooks(fwd_hooks=self.fwd_hooks):
+            pred = self.forward(batch.tokens)
+            losses = split_losses(pred, batch.values, batch.observed)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        return {k: v.item() for k, v in losses.items()}
+
+    def train(self) -> Run:
+        tc = self.cfg.train
+        if self.step == 0:
+            self.run.append_metrics([{"step": 0, **self._eval_row(), "wall_time": 0.0}])
+            self._checkpoint()
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc=self.run.path.name, dynamic_ncols=True)
+        self.model.train()
+        while self.step < tc.steps:
+            start = time.perf_counter()
+            batch = sample(self.cfg.data, tc.batch_size, self.generator).to(self.device)
+            losses = self.train_step(batch)
+            self.step += 1
+            self.wall_time += time.perf_counter() - start
+            row = None
+            if self.step % tc.log_every == 0 or self.step % tc.eval_every == 0 or self.step == tc.steps:
+                row = {"step": self.step, **losses}
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                row.update(self._eval_row())
+                self.last_metrics = row
+                self._fire("on_eval")
+            if row is not None:
+                row["wall_time"] = self.wall_time
+                self.run.append_metrics([row])
+                bar.set_postfix(L=f"{losses['loss']:.4f}", L_mask=f"{losses['loss_mask']:.4f}", refresh=False)
+            if tc.is_checkpoint_step(self.step):
+                self._checkpoint()
+            self._fire("on_step_end")
+            bar.update(1)
+        bar.close()
+        self._fire("on_train_end")
+        return self.run
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Run:
+    """Train `cfg` into the run directory `out` (or continue it with `resume=True`)."""
+    return Trainer(cfg, out, resume=resume, progress=progress).train()
