@@ -164,7 +164,9 @@ class TrainConfig:
     """Online training: a fresh batch every step, Adam at a constant learning rate, MSE on all
     entries. Checkpoints at every multiple of `checkpoint_every`, at every multiple of
     `checkpoint_every_early` up to `checkpoint_early_until` (denser early), at the listed
-    `checkpoint_steps`, and at the last step."""
+    `checkpoint_steps`, and at the last step. `attn_intervention_scale` = c != 1 biases every head
+    toward the optimal LRMC attention map from step `attn_intervention_start` on
+    (`mechlrmc.intervention`)."""
 
     steps: int = 50_000
     batch_size: int = 256
@@ -182,6 +184,8 @@ class TrainConfig:
     dtype: str = "float32"
     compile: bool = False
     threads: int = 0
+    attn_intervention_scale: float = 1.0
+    attn_intervention_start: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -201,6 +205,14 @@ class TrainConfig:
         _require(self.device in DEVICES, "train.device", self.device, f"one of {DEVICES}")
         _require(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {DTYPES}")
         _require(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0: torch's default)")
+        _require(
+            self.attn_intervention_scale > 0, "train.attn_intervention_scale",
+            self.attn_intervention_scale, "a number > 0 (1: no intervention)",
+        )
+        _require(
+            self.attn_intervention_start >= 0, "train.attn_intervention_start",
+            self.attn_intervention_start, "an integer >= 0",
+        )
 
     def is_checkpoint_step(self, step: int) -> bool:
         return (

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mechlrmc.config import RunConfig
 from mechlrmc.data import Batch, sample
+from mechlrmc.intervention import AttentionIntervention
 from mechlrmc.metrics import masked_correlation, split_losses
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import CheckpointError, Run
@@ -78,6 +79,9 @@ class Trainer:
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.intervention = None
+        if cfg.train.attn_intervention_scale != 1.0:
+            self.intervention = AttentionIntervention(cfg.train.attn_intervention_scale, cfg.data.m, cfg.data.n)
         if resume:
             self._load_resume_state()
 
@@ -149,7 +153,11 @@ class Trainer:
         return {f"eval_{k}": v for k, v in ev.items()}
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        with self._autocast(), self.model.hooks(fwd_hooks=self.fwd_hooks):
+        hooks = list(self.fwd_hooks)
+        if self.intervention is not None and self.step >= self.cfg.train.attn_intervention_start:
+            self.intervention.set_tokens(batch.tokens)
+            hooks += self.intervention.fwd_hooks()
+        with self._autocast(), self.model.hooks(fwd_hooks=hooks):
             pred = self.forward(batch.tokens)
             losses = split_losses(pred, batch.values, batch.observed)
         self.optimizer.zero_grad(set_to_none=True)
