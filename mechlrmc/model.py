@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformer_lens import HookedRootModule
+from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mechlrmc.config import ModelConfig, RunConfig
@@ -217,16 +217,24 @@ class HookedEncoder(HookedRootModule):
         return torch.stack([b.attn.W_O for b in self.blocks])  # [layer, head, d_head, d_model]
 
     @property
-    def QK(self):
-        from transformer_lens import FactoredMatrix
-
+    def QK(self) -> FactoredMatrix:
+        """[layer, head, d_model, d_model] query-key circuits W_Q W_K^T."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
-    def OV(self):
-        from transformer_lens import FactoredMatrix
-
+    def OV(self) -> FactoredMatrix:
+        """[layer, head, d_model, d_model] output-value circuits W_V W_O."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    def run_with_cache(
+        self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, ActivationCache | dict[str, torch.Tensor]]:
+        """`(output, ActivationCache)`; takes `names_filter`, `device` and the other options of
+        `HookedRootModule.run_with_cache`."""
+        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token plus position embedding (plus LayerNorm in the post-LN model) [batch, pos, d_model]."""
