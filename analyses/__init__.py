@@ -1,0 +1,6 @@
+from analyses.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names  # noqa: F401
+from analyses.phases import detect_phases, plot_phases, steps_around_drop  # noqa: F401
+from analyses.heads import default_structured_mask, head_taxonomy, label_heads, plot_taxonomy, score_pattern, structured_taxonomy  # noqa: F401
+from analyses.views import attention_page, save_attention_views  # noqa: F401
+from analyses.copying import copy_check, plot_copy, summarize_copy  # noqa: F401
+from analyses.ablation import ablate, ablation_hooks, head_ablation_sweep, mean_z, plot_ablation  # noqa: F401

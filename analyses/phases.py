@@ -1,0 +1,130 @@
+"""The plateau and the drop, measured from a run's metrics (PAPER.md finding 1).
+
+The evaluation columns (a fixed batch every `eval_every` steps) are used, not the noisy training
+losses. On log L_mask smoothed by a centred running median of `window` evaluations:
+
+- drop step: the steepest descent, i.e. the evaluation step ending the most negative slope of the
+  smoothed log L_mask per step;
+- plateau level: the median L_mask of the evaluations between the first one (the untrained model)
+  and the drop step; it is compared with the copy-and-zero value E[X^2] (r/9 for uniform factors);
+- plateau start: the first evaluation whose smoothed L_mask is within `tol` (relative) of the
+  plateau level; plateau end: the last evaluation before the drop still within that band
+  (the run leaves the plateau after it);
+- post-drop level: the median L_mask of the last `window` evaluations.
+
+A run "dropped" when its post-drop level is below `(1 - 2 * tol)` times the plateau level;
+otherwise the drop step is missing (NaN) and the plateau lasts to the last evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from mechlrmc.runs import Run
+
+LOSSES = {"loss": "L", "loss_obs": "L_obs", "loss_mask": "L_mask"}
+
+
+def _evals(metrics: pd.DataFrame) -> pd.DataFrame:
+    evals = metrics.dropna(subset=["eval_loss_mask"]).sort_values("step").reset_index(drop=True)
+    if len(evals) < 3:
+        raise ValueError(f"drop detection needs at least 3 evaluations, the metrics have {len(evals)}")
+    return evals
+
+
+def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
+    """One-row table: plateau start/end/level, drop step, post-drop level and the analytic
+    copy-and-zero plateau (PAPER.md finding 1), for L_mask and L."""
+    if window < 1 or tol <= 0 or tol >= 0.5:
+        raise ValueError(f"window={window}, tol={tol} are invalid: allowed window >= 1, 0 < tol < 0.5")
+    evals = _evals(run.metrics)
+    steps = evals.step.to_numpy()
+    log_mask = np.log(evals.eval_loss_mask.to_numpy())
+    smooth = pd.Series(log_mask).rolling(window, center=True, min_periods=1).median().to_numpy()
+    slope = np.diff(smooth) / np.diff(steps)  # [n_evals - 1]
+    drop_index = int(np.argmin(slope[1:])) + 2  # skip the untrained model's first step
+    plateau = float(np.exp(np.median(log_mask[1:drop_index])))
+    post = float(np.exp(np.median(log_mask[-window:])))
+    dropped = post < (1 - 2 * tol) * plateau
+    if not dropped:
+        drop_index = len(steps)
+        plateau = float(np.exp(np.median(log_mask[1:])))
+    in_band = np.abs(np.exp(smooth) / plateau - 1) <= tol
+    band = np.flatnonzero(in_band[:drop_index])
+    start = int(steps[band[0]]) if len(band) else math.nan
+    end = int(steps[band[-1]]) if len(band) else math.nan
+    data = run.config.data
+    analytic = data.plateau_mask_loss
+    before = evals.iloc[1:drop_index]
+    return pd.DataFrame([{
+        "plateau_start": start,
+        "plateau_end": end,
+        "drop_step": int(steps[drop_index]) if dropped else math.nan,
+        "dropped": dropped,
+        "plateau_loss_mask": plateau,
+        "analytic_loss_mask": analytic,
+        "plateau_over_analytic": plateau / analytic,
+        "plateau_loss": float(before.eval_loss.median()),
+        "analytic_loss": data.p_mask * analytic,
+        "post_drop_loss_mask": post,
+        "post_drop_loss": float(evals.eval_loss.iloc[-window:].median()),
+        "final_step": int(steps[-1]),
+    }])
+
+
+def steps_around_drop(run: Run, n: int = 7) -> list[int]:
+    """`n` checkpoints spread over the plateau, the drop and the completion phase.
+
+    About half lie evenly between the plateau start and the drop, one at the drop, the rest evenly
+    after it; each target maps to its nearest checkpoint. Without a drop: evenly over the run."""
+    if n < 1:
+        raise ValueError(f"n={n} is invalid: allowed an integer >= 1")
+    available = run.steps
+    if len(available) <= n:
+        return available
+    phases = detect_phases(run).iloc[0]
+    if phases.dropped:
+        start, drop, last = phases.plateau_start, phases.drop_step, available[-1]
+        n_before = (n - 1) // 2
+        targets = [*np.linspace(start, drop, n_before + 1), *np.linspace(drop, last, n - n_before)[1:]]
+    else:
+        targets = np.linspace(available[0], available[-1], n)
+        drop = available[-1]
+    chosen = {run.nearest_step(int(t)) for t in targets}
+    for s in sorted(available, key=lambda s: (abs(s - drop), s)):  # fill collisions near the drop
+        if len(chosen) >= n:
+            break
+        chosen.add(s)
+    return sorted(chosen)
+
+
+def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
+    """L, L_obs and L_mask on a log scale (training: faint, evaluation: bold), the analytic
+    plateau r/9 dashed, and the plateau start/end and drop step as vertical lines."""
+    phases = detect_phases(run) if phases is None else phases
+    p = phases.iloc[0]
+    metrics = run.metrics
+    train = metrics.dropna(subset=["loss"])
+    evals = _evals(metrics)
+    colors = {"loss": "#1f77b4", "loss_obs": "#2ca02c", "loss_mask": "#d62728"}
+    fig = go.Figure()
+    for col, name in LOSSES.items():
+        fig.add_scatter(x=train.step, y=train[col], name=f"{name} (train)", mode="lines",
+                        line=dict(color=colors[col], width=1), opacity=0.3)
+        fig.add_scatter(x=evals.step, y=evals[f"eval_{col}"], name=f"{name} (eval)", mode="lines+markers",
+                        line=dict(color=colors[col], width=2.5), marker=dict(size=4))
+    fig.add_hline(y=p.analytic_loss_mask, line_dash="dash", line_color=colors["loss_mask"],
+                  annotation_text="copy-and-zero E[X²]", annotation_position="top right")
+    for name in ("plateau_start", "plateau_end", "drop_step"):
+        if not pd.isna(p[name]):
+            fig.add_vline(x=p[name], line_dash="dot", line_color="gray",
+                          annotation_text=name.replace("_", " "), annotation_position="top left")
+    fig.update_layout(title=f"Losses of {run.path.name}: plateau at {p.plateau_loss_mask:.3g} "
+                            f"({p.plateau_over_analytic:.2f} x analytic), drop at step {p.drop_step}",
+                      xaxis_title="step", yaxis_title="MSE", yaxis_type="log", template="plotly_white",
+                      width=1000, height=550)
+    return fig

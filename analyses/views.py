@@ -1,0 +1,113 @@
+"""Attention views: circuitsvis patterns of every head of a checkpoint as one offline HTML page.
+
+Per layer: the pattern averaged over a batch of random masks (tokens named by position, `r{i}c{j}`),
+then single examples, each preceded by its matrix with the masked entries marked, the tokens showing
+their value or MASK. The circuitsvis script is inlined once per page, so the file works offline.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import circuitsvis as cv
+import torch
+
+from analyses.cache import cache_hooks, mean_patterns, pattern_names
+from mechlrmc.data import Batch, row_col_index
+from mechlrmc.model import HookedEncoder
+
+_RENDER = "CircuitsVis.render("
+_SCRIPT = re.compile(r'<div id="([^"]+)"[^>]*>\s*<script crossorigin type="module">(.*)</script>', re.S)
+
+
+def position_labels(m: int, n: int) -> list[str]:
+    rows, cols = row_col_index(m, n)
+    return [f"r{i}c{j}" for i, j in zip(rows.tolist(), cols.tolist())]
+
+
+def example_labels(batch: Batch, example: int) -> list[str]:
+    """Token names of one example: position and value, or MASK at masked entries."""
+    values, observed = batch.values[example].tolist(), batch.observed[example].tolist()
+    return [f"{p}:{v:+.2f}" if o else f"{p}:MASK"
+            for p, v, o in zip(position_labels(batch.m, batch.n), values, observed)]
+
+
+def _matrix_table(batch: Batch, example: int) -> str:
+    """The example's matrix as an HTML table; masked entries grey with the hidden truth in brackets."""
+    values = batch.matrices[example].tolist()
+    observed = batch.observed[example].view(batch.m, batch.n).tolist()
+    cells = "".join(
+        "<tr>" + "".join(
+            f"<td>{v:+.2f}</td>" if o else f'<td class="masked">[{v:+.2f}]</td>' for v, o in zip(row, obs)
+        ) + "</tr>"
+        for row, obs in zip(values, observed)
+    )
+    return f'<table class="matrix">{cells}</table>'
+
+
+def _split(rendered: cv.utils.render.RenderedHTML) -> tuple[str, str, str]:
+    """(div id, circuitsvis bundle, render call) of one rendered view."""
+    match = _SCRIPT.search(rendered.local_src)
+    if match is None or _RENDER not in match.group(2):
+        raise RuntimeError("circuitsvis' local_src has an unexpected layout: cannot inline its script")
+    bundle, call = match.group(2).split(_RENDER, 1)
+    return match.group(1), bundle, _RENDER + call
+
+
+def attention_page(
+    model: HookedEncoder,
+    batch: Batch,
+    examples: tuple[int, ...] = (0, 1),
+    head_labels: dict[tuple[int, int], str] | None = None,
+    title: str = "Attention patterns",
+    chunk_size: int = 512,
+) -> str:
+    """A standalone HTML page of all heads: averaged over `batch` and for each of `examples`.
+    `head_labels` ({(layer, head): label}, e.g. from `head_taxonomy`) are appended to head names."""
+    bad = [e for e in examples if not 0 <= e < len(batch)]
+    if bad:
+        raise ValueError(f"examples {bad} are out of range: allowed 0 <= example < {len(batch)}")
+    names = pattern_names(model)
+    averaged = mean_patterns(model, batch.tokens, chunk_size=chunk_size)  # [layer, head, q, k]
+    chosen = batch[torch.tensor(examples, dtype=torch.long)]
+    _, cache = cache_hooks(model, chosen.tokens, names)
+    labels = head_labels or {}
+    sections, calls, bundle = [], [], None
+
+    def view(pattern: torch.Tensor, tokens: list[str], layer: int, max_value: float = 1.0) -> str:
+        nonlocal bundle
+        head_names = [f"L{layer}H{h}" + (f" {labels[layer, h]}" if (layer, h) in labels else "")
+                      for h in range(pattern.shape[0])]
+        rendered = cv.attention.attention_heads(attention=pattern, tokens=tokens,
+                                                attention_head_names=head_names, mask_upper_tri=False,
+                                                max_value=max_value, min_value=0.0)
+        div, script, call = _split(rendered)
+        bundle = bundle or script
+        calls.append(call)
+        return f'<div id="{div}" class="view"></div>'
+
+    for layer, name in enumerate(names):
+        top = float(averaged[layer].max())
+        sections.append(f"<h2>Layer {layer}</h2><h3>Averaged over {len(batch)} random masks "
+                        f"(colour scale 0 to {top:.2f})</h3>")
+        sections.append(view(averaged[layer], position_labels(batch.m, batch.n), layer, top))
+        for i, example in enumerate(examples):
+            sections.append(f"<h3>Example {example} (masked entries grey, truth in brackets)</h3>")
+            sections.append(_matrix_table(chosen, i))
+            sections.append(view(cache[name][i], example_labels(chosen, i), layer))
+    style = ("body{font-family:sans-serif;margin:20px} table.matrix{border-collapse:collapse;margin:6px 0}"
+             " .matrix td{border:1px solid #bbb;padding:3px 7px;text-align:right;font-family:monospace}"
+             " .matrix td.masked{background:#ddd;color:#777}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}"
+            f'<script crossorigin type="module">{bundle}\n{";".join(calls)}</script></body></html>')
+
+
+def save_attention_views(model: HookedEncoder, batch: Batch, path: str | Path, **kwargs) -> Path:
+    """Write `attention_page(model, batch, **kwargs)` to `path` (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(attention_page(model, batch, **kwargs))
+    return path
