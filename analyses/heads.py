@@ -188,7 +188,7 @@ def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float
     frame = taxonomy[taxonomy.queries == queries]
     if frame.empty:
         raise ValueError(f"no rows with queries={queries!r}: available {sorted(taxonomy.queries.unique())}")
-    frame = frame.assign(name=[f"L{l}H{h}" for l, h in zip(frame.layer, frame.head)])
+    frame = frame.assign(name=[f"L{l}H{h}" for l, h in zip(frame["layer"], frame["head"])])
     heads = list(dict.fromkeys(frame.sort_values(["layer", "head"]).name))
     steps = sorted(frame.step.unique())
     x = [str(s) for s in steps]
