@@ -4,3 +4,5 @@ from analyses.heads import default_structured_mask, head_taxonomy, label_heads, 
 from analyses.views import attention_page, save_attention_views  # noqa: F401
 from analyses.copying import copy_check, plot_copy, summarize_copy  # noqa: F401
 from analyses.ablation import ablate, ablation_hooks, head_ablation_sweep, mean_z, plot_ablation  # noqa: F401
+from analyses.baselines import compare_baselines, copy_zero_predict, evaluate_ood, model_predict, nuclear_norm_complete, ood_variants, plot_baselines, plot_ood  # noqa: F401
+from analyses.dynamics import attention_progress, collapse, compare_interventions, plot_dynamics, plot_interventions, repetition, track_dynamics  # noqa: F401
