@@ -1,0 +1,110 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from mechlrmc.runs import CheckpointError, Run
+
+TRAIN = [sys.executable, "-m", "mechlrmc.cli", "train", "--preset", "tiny", "--steps", "200", "--quiet",
+         "--set", "train.threads=1", "--set", "train.checkpoint_every=25", "--set", "train.eval_every=10"]
+
+
+def _rows(path) -> int:
+    try:
+        return (path / "metrics.csv").read_text().count("\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_when(proc, path, rows):
+    deadline = time.time() + 120
+    while _rows(path) < rows and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    subprocess.run([*TRAIN, "--out", str(reference)], check=True)
+    # kill twice at arbitrary moments (between or during writes), resume each time
+    proc = subprocess.Popen([*TRAIN, "--out", str(interrupted)])
+    _kill_when(proc, interrupted, rows=20)
+    proc = subprocess.Popen([*TRAIN, "--out", str(interrupted), "--resume"])
+    _kill_when(proc, interrupted, rows=40)
+    killed_at = Run(interrupted).steps[-1]
+    assert 0 < killed_at < 200
+    subprocess.run([*TRAIN, "--out", str(interrupted), "--resume"], check=True)
+
+    a, b = Run(reference), Run(interrupted)
+    assert a.steps == b.steps
+    pd.testing.assert_frame_equal(a.metrics.drop(columns="wall_time"), b.metrics.drop(columns="wall_time"))
+    for step in a.steps:  # every checkpoint bitwise identical
+        sa, sb = a.state_dict(step), b.state_dict(step)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    return Run(shutil.copytree(tiny_run.path, tmp_path / "copy"))
+
+
+def test_run_reads_back_what_was_trained(tiny_run):
+    assert tiny_run.steps == [0, 10, 20, 40]
+    metrics = tiny_run.metrics
+    assert list(metrics.columns[:4]) == ["step", "loss", "loss_obs", "loss_mask"]
+    assert metrics.step.is_monotonic_increasing and metrics.step.iloc[-1] == 40
+    assert metrics.dropna(subset=["eval_loss"]).step.tolist() == [0, 10, 20, 30, 40]
+    model = tiny_run.load_model(40)
+    assert not model.training
+    resume_weights = {k[6:]: v for k, v in tiny_run.load_resume_state()[0].items() if k.startswith("model.")}
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, resume_weights[name])
+    assert tiny_run.nearest_step(33) == 40 and tiny_run.nearest_step(15) == 10
+
+
+def test_tampered_checkpoint_is_an_error(run_copy):
+    file = run_copy.checkpoint_path(20)
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        run_copy.load_model(20)
+    run_copy.load_model(10)  # the others still load
+
+
+def test_truncated_and_missing_checkpoints_are_errors(run_copy):
+    file = run_copy.checkpoint_path(10)
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        run_copy.load_model(10)
+    run_copy.checkpoint_path(20).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        run_copy.load_model(20)
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 30: available \[0, 10, 20, 40\]"):
+        run_copy.load_model(30)
+    with pytest.raises(CheckpointError, match="no config.yaml"):
+        Run(run_copy.path / "checkpoints")
+
+
+def test_existing_run_is_not_overwritten(tiny_run):
+    from mechlrmc.config import preset
+    from mechlrmc.train import train
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(preset("tiny"), tiny_run.path, progress=False)
+
+
+def test_resume_with_a_different_config_is_refused(run_copy):
+    from mechlrmc.config import preset
+    from mechlrmc.train import train
+
+    with pytest.raises(ValueError, match="train.lr"):
+        train(preset("tiny").override(["train.lr=0.5"]), run_copy.path, resume=True, progress=False)
