@@ -47,6 +47,7 @@ UNIFORM_ENTROPY = 0.95
 SCORES = ("row", "column", "self", "observed", "row_observed", "column_observed", "entropy")
 LABELS = ("self", "row", "column", "observed-only", "uniform", "other")
 QUERIES = ("all", "masked", "observed")
+SHORT_LABELS = {"self": "S", "row": "R", "column": "C", "observed-only": "O", "uniform": "", "other": ""}
 
 
 def _key_masks(observed: torch.Tensor, m: int, n: int) -> dict[str, torch.Tensor]:
@@ -183,7 +184,8 @@ def structured_taxonomy(
 
 def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float | None = None) -> go.Figure:
     """Heatmap of the taxonomy scores over training: one row per (layer, head), one column per
-    checkpoint, a menu to pick the score; the hover shows the label. Needs a `step` column
+    checkpoint, a menu to pick the score; cells carry the label's letter (R, C, S, O) and the
+    hover the full label. Needs a `step` column
     (`across_checkpoints(run, head_taxonomy)`)."""
     frame = taxonomy[taxonomy.queries == queries]
     if frame.empty:
@@ -193,11 +195,12 @@ def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float
     steps = sorted(frame.step.unique())
     x = [str(s) for s in steps]
     labels = frame.pivot(index="name", columns="step", values="label").loc[heads, steps]
+    short = labels.replace(SHORT_LABELS)  # cell text: R row, C column, S self, O observed-only
     fig = go.Figure()
     for i, score in enumerate(SCORES):
         z = frame.pivot(index="name", columns="step", values=score).loc[heads, steps]
         fig.add_heatmap(z=z.to_numpy(), x=x, y=heads, zmin=0, zmax=1, colorscale="Viridis", visible=i == 0,
-                        customdata=labels.to_numpy(), name=score,
+                        customdata=labels.to_numpy(), name=score, text=short.to_numpy(), texttemplate="%{text}",
                         hovertemplate="%{y} step %{x}<br>" + score + " %{z:.3f}<br>label %{customdata}<extra></extra>")
     buttons = [dict(label=s, method="update", args=[{"visible": [j == i for j in range(len(SCORES))]},
                                                      {"title": f"Attention share: {s} ({queries} queries)"}])

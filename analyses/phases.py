@@ -7,9 +7,10 @@ losses. On log L_mask smoothed by a centred running median of `window` evaluatio
   smoothed log L_mask per step;
 - plateau level: the median L_mask of the evaluations between the first one (the untrained model)
   and the drop step; it is compared with the copy-and-zero value E[X^2] (r/9 for uniform factors);
-- plateau start: the first evaluation whose smoothed L_mask is within `tol` (relative) of the
-  plateau level; plateau end: the last evaluation before the drop still within that band
-  (the run leaves the plateau after it);
+- plateau start: the first evaluation at which the model copies (L_obs below `tol` times the
+  plateau level) while L_mask is within `tol` (relative) of the plateau level; plateau end: the
+  last evaluation before the drop whose smoothed L_mask is still within that band (the run leaves
+  the plateau after it);
 - post-drop level: the median L_mask of the last `window` evaluations.
 
 A run "dropped" when its post-drop level is below `(1 - 2 * tol)` times the plateau level;
@@ -54,9 +55,11 @@ def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
         drop_index = len(steps)
         plateau = float(np.exp(np.median(log_mask[1:])))
     in_band = np.abs(np.exp(smooth) / plateau - 1) <= tol
+    copying = (evals.eval_loss_obs.to_numpy() < tol * plateau) & (np.abs(np.exp(log_mask) / plateau - 1) <= tol)
+    starts = np.flatnonzero(copying[:drop_index])
+    start = int(steps[starts[0]]) if len(starts) else math.nan
     band = np.flatnonzero(in_band[:drop_index])
-    start = int(steps[band[0]]) if len(band) else math.nan
-    end = int(steps[band[-1]]) if len(band) else math.nan
+    end = int(steps[band[-1]]) if len(band) and len(starts) and band[-1] >= starts[0] else math.nan
     data = run.config.data
     analytic = data.plateau_mask_loss
     before = evals.iloc[1:drop_index]
@@ -118,13 +121,14 @@ def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
         fig.add_scatter(x=evals.step, y=evals[f"eval_{col}"], name=f"{name} (eval)", mode="lines+markers",
                         line=dict(color=colors[col], width=2.5), marker=dict(size=4))
     fig.add_hline(y=p.analytic_loss_mask, line_dash="dash", line_color=colors["loss_mask"],
-                  annotation_text="copy-and-zero E[X²]", annotation_position="top right")
+                  annotation_text="copy-and-zero E[X²]", annotation_position="bottom right")
     for name in ("plateau_start", "plateau_end", "drop_step"):
         if not pd.isna(p[name]):
             fig.add_vline(x=p[name], line_dash="dot", line_color="gray",
                           annotation_text=name.replace("_", " "), annotation_position="top left")
-    fig.update_layout(title=f"Losses of {run.path.name}: plateau at {p.plateau_loss_mask:.3g} "
-                            f"({p.plateau_over_analytic:.2f} x analytic), drop at step {p.drop_step}",
+    drop = f"drop at step {int(p.drop_step)}" if p.dropped else "no drop"
+    fig.update_layout(title=f"Losses of {run.path.name}: L_mask plateau {p.plateau_loss_mask:.3g} "
+                            f"({p.plateau_over_analytic:.2f} x analytic), {drop}",
                       xaxis_title="step", yaxis_title="MSE", yaxis_type="log", template="plotly_white",
                       width=1000, height=550)
     return fig
