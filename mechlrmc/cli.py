@@ -2,6 +2,7 @@
 
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
     mechlrmc info RUN
+    mechlrmc export RUN --out DIR [--dtype float16]
 
 Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
 `analyses.commands`; the core itself never imports the analysis layer.
@@ -52,6 +53,17 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechlrmc.runs import Run, export_run
+
+    out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol)
+    size = sum(p.stat().st_size for p in out.path.rglob("*") if p.is_file())
+    print(f"exported {len(out.steps)} checkpoints in {args.dtype} to {out.path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechlrmc", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a run's config, checkpoints and evaluation metrics")
     p.add_argument("run")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("export", help="copy a run with its checkpoints in another dtype (e.g. to ship it)")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed change of any output")
+    p.set_defaults(func=_export)
 
     try:
         from analyses.commands import register

@@ -202,3 +202,26 @@ class Run:
         model.cfg.device = str(device)
         return model.to(device).eval()
 
+
+
+def export_run(source: Run, dest: str | Path, dtype: torch.dtype = torch.float16, atol: float = 1e-3) -> Run:
+    """Copy a run with its checkpoints stored in `dtype` (e.g. float16 to ship it small).
+
+    The config, metrics and float32 resume state are copied unchanged. Every exported checkpoint
+    is checked: on the run's evaluation batch its outputs stay within `atol` of the original's.
+    """
+    from mechlrmc.train import eval_batch
+
+    dest = Path(dest)
+    out = Run.create(dest, source.config)
+    atomic_write(dest / "metrics.csv", (source.path / "metrics.csv").read_bytes())
+    if (source.path / "resume.safetensors").is_file():
+        atomic_write(dest / "resume.safetensors", (source.path / "resume.safetensors").read_bytes())
+    tokens = eval_batch(source.config, size=256).tokens
+    for step in source.steps:
+        out.save_checkpoint(step, source.state_dict(step), dtype=dtype)
+        with torch.no_grad():
+            diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()
+        if diff > atol:
+            raise CheckpointError(f"step {step} in {dtype} moves outputs by {diff:.2e} > atol={atol}")
+    return out

@@ -1,0 +1,25 @@
+# The two commands of the README. Both create the virtual environment they need.
+#   make demo   train the cpu preset (or reuse the run in RUN), then write its HTML report
+#   make test   run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+RUN ?= runs/cpu
+BIN := $(VENV)/bin
+
+.PHONY: demo test
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/mechlrmc train --preset cpu --out $(RUN) --resume
+	$(BIN)/mechlrmc report $(RUN) -o $(RUN)/report.html
+	@echo "report: $(RUN)/report.html"
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
