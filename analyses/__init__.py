@@ -12,3 +12,4 @@ from analyses.embeddings import embedding_geometry, permuted_position_losses, pl
 from analyses.patching import batched_outputs, batched_sweep, corrupt, patching, plot_patching, plot_patching_steps, recovery_metrics, stock_sweep  # noqa: F401
 from analyses.swaps import plot_swaps, swap_grid, swap_state, swapped_model  # noqa: F401
 from analyses.freeze import FreezeTrainer, drop_step, freeze_info, freeze_sweep, freeze_train, plot_freeze  # noqa: F401
+from analyses.report import build_report, write_report  # noqa: F401

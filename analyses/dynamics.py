@@ -196,24 +196,41 @@ def intervention_runs(
     return runs
 
 
-def compare_interventions(
-    cfg: RunConfig, scales: list[float], steps: int, out_dir: str | Path, start: int = 0, progress: bool = True
-) -> pd.DataFrame:
-    """Plateau length against the attention scale c (PAPER.md section 2 and finding 11): one row per
-    c with the phases of its run (`analyses.phases.detect_phases`: plateau end, drop step, whether
-    it dropped) and its final evaluation losses. c > 1 pulls every head toward the optimal map."""
+def intervention_summary(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: its attention scale c and start step, its phases
+    (`analyses.phases.detect_phases`: plateau end, drop step, whether it dropped) and its final
+    evaluation losses, sorted by c."""
     from analyses.phases import detect_phases
 
     rows = []
-    for scale, run in intervention_runs(cfg, scales, steps, out_dir, start, progress).items():
+    for run in runs:
         last = run.metrics.dropna(subset=["eval_loss_mask"]).iloc[-1]
         phases = detect_phases(run).iloc[0]
-        rows.append({"scale": scale, "start": start, "plateau_end": phases.plateau_end,
-                     "drop_step": phases.drop_step, "dropped": phases.dropped,
+        tc = run.config.train
+        rows.append({"scale": tc.attn_intervention_scale, "start": tc.attn_intervention_start,
+                     "plateau_end": phases.plateau_end, "drop_step": phases.drop_step, "dropped": phases.dropped,
                      "plateau_loss_mask": phases.plateau_loss_mask, "final_step": int(last.step),
                      "final_loss_mask": last.eval_loss_mask, "final_corr_mask": last.eval_corr_mask,
                      "run": str(run.path)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values("scale", ignore_index=True)
+
+
+def compare_interventions(
+    cfg: RunConfig, scales: list[float], steps: int, out_dir: str | Path, start: int = 0, progress: bool = True
+) -> pd.DataFrame:
+    """Plateau length against the attention scale c (PAPER.md section 2 and finding 11): trains
+    (or reuses) one run per c (`intervention_runs`) and summarises them (`intervention_summary`).
+    c > 1 pulls every head toward the optimal map, c < 1 pushes it away."""
+    return intervention_summary(list(intervention_runs(cfg, scales, steps, out_dir, start, progress).values()))
+
+
+def load_interventions(out_dir: str | Path) -> pd.DataFrame:
+    """`intervention_summary` of every run directory under `out_dir` (e.g. a finished
+    `compare_interventions` directory, plus any plain run copied beside it as c = 1)."""
+    paths = sorted(p for p in Path(out_dir).iterdir() if (p / "config.yaml").is_file())
+    if not paths:
+        raise FileNotFoundError(f"{out_dir} holds no run directories")
+    return intervention_summary([Run(p) for p in paths])
 
 
 def plot_interventions(frame: pd.DataFrame) -> go.Figure:
