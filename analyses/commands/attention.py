@@ -49,18 +49,21 @@ def _phases(run, out: Path):
     return phases.iloc[0]
 
 
-def _becomes(taxonomy, label: str) -> list[str]:
-    """Heads carrying `label` at the last step, with the first step from which they keep it."""
+def _becomes(taxonomy, label: str, drop_step: float) -> list[str]:
+    """Heads carrying `label` at the last step, with the first step from which they keep it
+    (and its distance to the drop)."""
+    import pandas as pd
+
     frame = taxonomy[taxonomy.queries == "all"].sort_values("step")
-    last = frame.step.max()
     lines = []
     for (layer, head), rows in frame.groupby(["layer", "head"]):
         if rows.label.iloc[-1] != label:
             continue
         other = rows[rows.label != label]
-        since = rows[rows.step > other.step.max()].step.min() if len(other) else rows.step.min()
-        lines.append(f"L{layer}H{head} {label} since step {since} (row share {rows['row'].iloc[-1]:.2f}, "
-                     f"column share {rows['column'].iloc[-1]:.2f} at step {last})")
+        since = int(rows[rows.step > other.step.max()].step.min() if len(other) else rows.step.min())
+        relative = "" if pd.isna(drop_step) else f" = drop {since - int(drop_step):+d}"
+        lines.append(f"L{layer}H{head} {label} head since step {since}{relative} (last step: row share "
+                     f"{rows['row'].iloc[-1]:.2f}, column share {rows['column'].iloc[-1]:.2f})")
     return lines
 
 
@@ -87,7 +90,8 @@ def _attention(args: argparse.Namespace) -> int:
         labels = {(r.layer, r.head): r.label for r in at_step.itertuples()} or None
         save_attention_views(run.load_model(step), batch, out / "views" / f"attention_step_{step:06d}.html",
                              head_labels=labels, title=f"{run.path.name}: attention at step {step}")
-    print("\n".join(_becomes(taxonomy, "row") + _becomes(taxonomy, "column")) or "no row or column heads")
+    found = _becomes(taxonomy, "row", phases.drop_step) + _becomes(taxonomy, "column", phases.drop_step)
+    print("\n".join(found) or "no row or column heads at the last step")
     print(f"wrote {out}")
     return 0
 
