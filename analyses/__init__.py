@@ -5,7 +5,7 @@ from analyses.views import attention_page, save_attention_views  # noqa: F401
 from analyses.copying import copy_check, plot_copy, summarize_copy  # noqa: F401
 from analyses.ablation import ablate, ablation_hooks, head_ablation_sweep, mean_z, plot_ablation  # noqa: F401
 from analyses.baselines import compare_baselines, copy_zero_predict, evaluate_ood, model_predict, nuclear_norm_complete, ood_variants, plot_baselines, plot_ood  # noqa: F401
-from analyses.dynamics import attention_progress, collapse, compare_interventions, plot_dynamics, plot_interventions, repetition, track_dynamics  # noqa: F401
+from analyses.dynamics import attention_progress, collapse, compare_interventions, intervention_runs, load_interventions, plot_dynamics, plot_interventions, repetition, track_dynamics  # noqa: F401
 from analyses.components import COMPONENTS, FREEZE_SET, SWAP_SET, component_params, model_component_params  # noqa: F401
 from analyses.probes import default_hooks, first_step_encoded, fit_probe, plot_probes, probe, probe_summary, probe_targets  # noqa: F401
 from analyses.embeddings import embedding_geometry, permuted_position_losses, plot_embedding_geometry, plot_position_tsne, plot_token_embeddings  # noqa: F401
