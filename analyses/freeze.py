@@ -126,7 +126,8 @@ def plot_freeze(frame: pd.DataFrame, plateau: float | None = None, metric: str =
         if pd.notna(drop):
             fig.add_vline(x=drop, line=dict(color=color, dash="dot"))
     if plateau is not None:
-        fig.add_hline(y=plateau, line=dict(color="gray", dash="dash"), annotation_text="plateau r/9")
+        fig.add_scatter(x=[frame.step.min(), frame.step.max()], y=[plateau, plateau], mode="lines",
+                        name="plateau r/9", line=dict(color="gray", dash="dash"))
     fig.update_yaxes(type="log", title=metric)
     fig.update_xaxes(title="step")
     return fig.update_layout(template="plotly_white", legend_title="trained",
