@@ -137,7 +137,8 @@ def _common(p: argparse.ArgumentParser, steps: str = "all") -> None:
     p.add_argument("-o", "--out", help="output folder (default out/<run name>)")
     p.add_argument("--steps", nargs="+", default=[steps], help=f"all, around_drop or step numbers (default {steps})")
     p.add_argument("--batch-size", type=int, default=512, help="examples per checkpoint (fixed seed)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the models are small; 0: torch's default)")
 
 
 def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersAction) -> None:
