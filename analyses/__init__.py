@@ -1,3 +1,7 @@
+"""The analysis layer: plain functions from (model, batch) or (run, steps) to tidy DataFrames,
+each with a sibling `plot_*` that draws it. `across_checkpoints` maps any of them over a run."""
+
+from analyses.walk import across_checkpoints, analysis_batch, models_at, select_steps  # noqa: F401
 from analyses.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names  # noqa: F401
 from analyses.phases import detect_phases, plot_phases, steps_around_drop  # noqa: F401
 from analyses.heads import default_structured_mask, head_taxonomy, label_heads, plot_taxonomy, score_pattern, structured_taxonomy  # noqa: F401
