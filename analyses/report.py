@@ -303,7 +303,7 @@ def _render(part: Part, index: int) -> str:
         return part.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{index}",
                             config={"displaylogo": False, "responsive": True})
     if isinstance(part, pd.DataFrame):
-        plain_index = isinstance(part.index, pd.RangeIndex)
+        plain_index = part.index.name is None and part.index.equals(pd.RangeIndex(len(part)))
         return part.to_html(classes="table", float_format=lambda v: f"{v:.4g}", na_rep="-", border=0,
                             index=not plain_index)
     return part
