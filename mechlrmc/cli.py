@@ -2,7 +2,7 @@
 
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
     mechlrmc info RUN
-    mechlrmc export RUN --out DIR [--dtype float16]
+    mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
 
 Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
 `analyses.commands`; the core itself never imports the analysis layer.
@@ -58,7 +58,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from mechlrmc.runs import Run, export_run
 
-    out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol)
+    out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol, until=args.until)
     size = sum(p.stat().st_size for p in out.path.rglob("*") if p.is_file())
     print(f"exported {len(out.steps)} checkpoints in {args.dtype} to {out.path} ({size / 2**20:.1f} MiB)")
     return 0
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed change of any output")
+    p.add_argument("--until", type=int, help="keep only checkpoints and metrics up to this step")
     p.set_defaults(func=_export)
 
     try:

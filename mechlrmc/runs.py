@@ -204,21 +204,30 @@ class Run:
 
 
 
-def export_run(source: Run, dest: str | Path, dtype: torch.dtype = torch.float16, atol: float = 1e-3) -> Run:
+def export_run(
+    source: Run, dest: str | Path, dtype: torch.dtype = torch.float16, atol: float = 1e-3, until: int | None = None
+) -> Run:
     """Copy a run with its checkpoints stored in `dtype` (e.g. float16 to ship it small).
 
-    The config, metrics and float32 resume state are copied unchanged. Every exported checkpoint
-    is checked: on the run's evaluation batch its outputs stay within `atol` of the original's.
+    The config, metrics and float32 resume state are copied unchanged; `until` keeps only steps up
+    to that one (and then the resume state only if it is not later). Every exported checkpoint is
+    checked: on the run's evaluation batch its outputs stay within `atol` of the original's.
     """
     from mechlrmc.train import eval_batch
 
-    dest = Path(dest)
-    out = Run.create(dest, source.config)
-    atomic_write(dest / "metrics.csv", (source.path / "metrics.csv").read_bytes())
-    if (source.path / "resume.safetensors").is_file():
-        atomic_write(dest / "resume.safetensors", (source.path / "resume.safetensors").read_bytes())
+    last = source.steps[-1] if until is None else until
+    config = source.config
+    if last < config.train.steps:
+        config = config.override([f"train.steps={last}"])
+    out = Run.create(Path(dest), config)
+    rows = [line for line in (source.path / "metrics.csv").read_text().splitlines()[1:]
+            if int(line.split(",", 1)[0]) <= last]
+    atomic_write(out.path / "metrics.csv", ("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n").encode())
+    resume = source.path / "resume.safetensors"
+    if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
+        atomic_write(out.path / "resume.safetensors", resume.read_bytes())
     tokens = eval_batch(source.config, size=256).tokens
-    for step in source.steps:
+    for step in [s for s in source.steps if s <= last]:
         out.save_checkpoint(step, source.state_dict(step), dtype=dtype)
         with torch.no_grad():
             diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()

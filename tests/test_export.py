@@ -1,0 +1,15 @@
+import torch
+
+from mechlrmc.runs import Run, export_run
+
+
+def test_float16_export_keeps_outputs_and_can_be_cut(tiny_run, tmp_path):
+    full = export_run(tiny_run, tmp_path / "half")
+    assert full.steps == tiny_run.steps and full.config == tiny_run.config
+    assert full.state_dict(40)["W_E"].dtype == torch.float16
+    assert full.load_model(40).W_E.dtype == torch.float32
+    assert full.metrics.equals(tiny_run.metrics)
+    cut = export_run(tiny_run, tmp_path / "cut", until=20)
+    assert cut.steps == [0, 10, 20] and cut.metrics.step.max() == 20 and cut.config.train.steps == 20
+    assert not (cut.path / "resume.safetensors").exists()  # the resume state is from step 40
+    assert Run(cut.path).load_model(20) is not None
