@@ -16,7 +16,7 @@ import plotly.express as px
 import torch
 
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch, MASK_ID, decode_tokens, encode_values
+from mechlrmc.data import Batch, decode_tokens, encode_values
 from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
 

@@ -15,5 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze = subparsers.add_parser("analyze", help="run an analysis over a run's checkpoints")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         module.register(top=subparsers, analyze=analyze_sub)

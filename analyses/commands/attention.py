@@ -14,29 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _steps(values: list[str]):
-    """CLI step selection: "all", "around_drop" or step numbers."""
-    if len(values) == 1 and values[0] in ("all", "around_drop"):
-        return values[0]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise SystemExit(f"mechlrmc: error: --steps {values} is invalid: allowed all, around_drop or step numbers")
-
-
-def _setup(args: argparse.Namespace):
-    import torch
-
-    from analyses.walk import analysis_batch
-    from mechlrmc.runs import Run
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = Run(args.run)
-    out = Path(args.out) if args.out else Path("out") / run.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    return run, out, analysis_batch(run, args.batch_size)
+from analyses.commands._shared import parse_steps, setup
 
 
 def _phases(run, out: Path):
@@ -74,9 +52,9 @@ def _attention(args: argparse.Namespace) -> int:
     from analyses.views import save_attention_views
     from analyses.walk import across_checkpoints, select_steps
 
-    run, out, batch = _setup(args)
+    run, out, batch = setup(args)
     phases = _phases(run, out)
-    steps = select_steps(run, _steps(args.steps))
+    steps = select_steps(run, parse_steps(args.steps))
     taxonomy = across_checkpoints(run, head_taxonomy, steps=steps, batch=batch)
     taxonomy.to_csv(out / "taxonomy.csv", index=False)
     structured = across_checkpoints(run, structured_taxonomy, steps=steps, batch=batch, data_cfg=run.config.data)
@@ -97,7 +75,7 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _phases_cmd(args: argparse.Namespace) -> int:
-    run, out, _ = _setup(args)
+    run, out, _ = setup(args)
     _phases(run, out)
     return 0
 
@@ -106,8 +84,8 @@ def _copy(args: argparse.Namespace) -> int:
     from analyses.copying import DEFAULT_VALUES, copy_check, plot_copy, summarize_copy
     from analyses.walk import across_checkpoints
 
-    run, out, batch = _setup(args)
-    copies = across_checkpoints(run, copy_check, steps=_steps(args.steps), batch=batch,
+    run, out, batch = setup(args)
+    copies = across_checkpoints(run, copy_check, steps=parse_steps(args.steps), batch=batch,
                                 data_cfg=run.config.data, values=tuple(args.values or DEFAULT_VALUES))
     copies.to_csv(out / "copy.csv", index=False)
     summary = summarize_copy(copies)
@@ -121,8 +99,8 @@ def _ablation(args: argparse.Namespace) -> int:
     from analyses.ablation import head_ablation_sweep, plot_ablation
     from analyses.walk import across_checkpoints
 
-    run, out, batch = _setup(args)
-    sweep = across_checkpoints(run, head_ablation_sweep, steps=_steps(args.steps), batch=batch,
+    run, out, batch = setup(args)
+    sweep = across_checkpoints(run, head_ablation_sweep, steps=parse_steps(args.steps), batch=batch,
                                kinds=tuple(args.kinds))
     sweep.to_csv(out / "ablation.csv", index=False)
     plot_ablation(sweep, kind=args.kinds[0]).write_html(out / "ablation.html", include_plotlyjs=True)

@@ -18,30 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analyses.commands._shared import parse_steps, setup
+
 FREEZE_STEPS = 1500  # cpu preset: ~2-3 min per run on one thread (analyses.freeze.DEFAULT_STEPS)
-
-
-def _steps(values: list[str]):
-    if len(values) == 1 and values[0] in ("all", "around_drop"):
-        return values[0]
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise SystemExit(f"mechlrmc: error: --steps {values} is invalid: allowed all, around_drop or step numbers")
-
-
-def _setup(args: argparse.Namespace):
-    import torch
-
-    from analyses.walk import analysis_batch
-    from mechlrmc.runs import Run
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = Run(args.run)
-    out = Path(args.out) if args.out else Path("out") / run.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    return run, out, analysis_batch(run, args.batch_size)
 
 
 def _save(fig, path: Path) -> None:
@@ -55,9 +34,9 @@ def _probes(args: argparse.Namespace) -> int:
     from analyses.probes import first_step_encoded, plot_probes, probe, probe_summary
     from analyses.walk import across_checkpoints
 
-    run, out, batch = _setup(args)
+    run, out, batch = setup(args)
     targets = args.targets.split(",")
-    frame = across_checkpoints(run, probe, steps=_steps(args.steps), batch=batch, targets=targets)
+    frame = across_checkpoints(run, probe, steps=parse_steps(args.steps), batch=batch, targets=targets)
     frame.to_csv(out / "probes.csv", index=False)
     summary = pd.concat({p: probe_summary(frame, "r2", p) for p in ("masked", "observed")}, names=["positions"])
     summary.to_csv(out / "probes_summary.csv")
@@ -74,9 +53,9 @@ def _embeddings(args: argparse.Namespace) -> int:
     from analyses.embeddings import embedding_geometry, plot_embedding_geometry, plot_position_tsne, plot_token_embeddings
     from analyses.walk import across_checkpoints
 
-    run, out, batch = _setup(args)
+    run, out, batch = setup(args)
     data = run.config.data
-    frame = across_checkpoints(run, embedding_geometry, steps=_steps(args.steps), batch=batch,
+    frame = across_checkpoints(run, embedding_geometry, steps=parse_steps(args.steps), batch=batch,
                                precision=data.precision, value_max=data.value_max)
     frame.to_csv(out / "embeddings.csv", index=False)
     _save(plot_embedding_geometry(frame), out / "embeddings.html")
@@ -91,8 +70,8 @@ def _patching(args: argparse.Namespace) -> int:
     from analyses.patching import patching, plot_patching, plot_patching_steps
     from analyses.walk import across_checkpoints
 
-    run, out, batch = _setup(args)
-    frame = across_checkpoints(run, patching, steps=_steps(args.steps), batch=batch,
+    run, out, batch = setup(args)
+    frame = across_checkpoints(run, patching, steps=parse_steps(args.steps), batch=batch,
                                data_cfg=run.config.data, corruption=args.corruption)
     frame.to_csv(out / "patching.csv", index=False)
     _save(plot_patching(frame, "z", "layer_head"), out / "patching_heads.html")
@@ -112,7 +91,7 @@ def _swaps(args: argparse.Namespace) -> int:
     from analyses.components import SWAP_SET
     from analyses.swaps import plot_swaps, swap_grid
 
-    run, out, batch = _setup(args)
+    run, out, batch = setup(args)
     components = args.components.split(";") if args.components else SWAP_SET
     frame = swap_grid(run, args.pre, args.post, components, batch=batch)
     frame.to_csv(out / "swaps.csv", index=False)
@@ -125,7 +104,7 @@ def _freeze(args: argparse.Namespace) -> int:
     from analyses.components import FREEZE_SET
     from analyses.freeze import freeze_sweep, plot_freeze
 
-    run, out, _ = _setup(args)
+    run, out, _ = setup(args)
     init = "init" if args.init == "init" else int(args.init)
     sets = args.sets.split(";") if args.sets else FREEZE_SET
     frame = freeze_sweep(run, out / "freeze", sets, args.steps, init, args.reference)
