@@ -190,13 +190,18 @@ class HookedEncoder(HookedRootModule):
         self.setup()
 
     def init_weights(self, seed: int) -> None:
-        """BERT's initialisation: N(0, init_range) weights, zero biases, unit LayerNorm gains, and
-        a zero MASK embedding row when `mask_embedding_zero` (HF's padding row)."""
+        """The reference's initialisation. Inside BERT: N(0, init_range) weights, zero biases,
+        unit LayerNorm gains, and a zero MASK embedding row when `mask_embedding_zero` (HF's
+        padding row). The read-out is a plain `Linear(d_model, 1)` outside BERT, so it gets
+        PyTorch's default: weight and bias uniform in +-1/sqrt(d_model)."""
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.split(".")[-1].startswith("W_"):
+                if name.split(".")[-1].startswith("W_") and name != "W_U":
                     p.copy_(torch.randn(p.shape, generator=generator) * self.cfg.init_range)
+            bound = 1 / math.sqrt(self.cfg.d_model)
+            for p in (self.W_U, self.b_U):
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
             if self.cfg.mask_embedding_zero:
                 self.W_E[0].zero_()
 
