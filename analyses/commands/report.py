@@ -18,11 +18,14 @@ import sys
 from pathlib import Path
 
 
-def _threads(args: argparse.Namespace) -> None:
-    if args.threads:
+def _threads(args: argparse.Namespace, run=None) -> None:
+    """--threads, else the run's `train.threads` (the cpu preset's 1: its models are too small to
+    gain from more), else torch's default."""
+    threads = args.threads if args.threads is not None else (run.config.train.threads if run else 0)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
 
 
 def _out(args: argparse.Namespace, run) -> Path:
@@ -35,8 +38,9 @@ def _report(args: argparse.Namespace) -> int:
     from analyses.report import write_report
     from mechlrmc.runs import Run
 
-    _threads(args)
-    report = write_report(Run(args.run), args.output, quick=args.quick, device=args.device,
+    run = Run(args.run)
+    _threads(args, run)
+    report = write_report(run, args.output, quick=args.quick, device=args.device,
                           interventions=args.interventions, progress=not args.quiet)
     size = Path(args.output).stat().st_size / 2**20
     print(f"wrote {args.output} ({size:.1f} MiB, {sum(report.seconds.values()):.0f} s)")
@@ -49,8 +53,8 @@ def _baselines(args: argparse.Namespace) -> int:
     from analyses.baselines import compare_baselines, evaluate_ood, plot_baselines, plot_ood
     from mechlrmc.runs import Run
 
-    _threads(args)
     run = Run(args.run)
+    _threads(args, run)
     out = _out(args, run)
     step = run.nearest_step(args.step) if args.step is not None else run.steps[-1]
     model = run.load_model(step)
@@ -62,7 +66,7 @@ def _baselines(args: argparse.Namespace) -> int:
     plot_ood(ood).write_html(out / "ood.html", include_plotlyjs=True)
     print(f"step {step}: masked-entry MSE (mse_mask) and mean nuclear norm")
     print(frame.pivot(index="p_mask", columns="predictor", values=["mse_mask", "nuclear_norm"]).round(4).to_string())
-    print(ood.pivot(index="variant", columns="predictor", values="mse_mask").round(4).to_string())
+    print(ood.pivot(index="variant", columns="predictor", values="mse_mask").loc[ood.variant.unique()].round(4).to_string())
     print(f"wrote {out}")
     return 0
 
@@ -72,8 +76,8 @@ def _dynamics(args: argparse.Namespace) -> int:
     from analyses.walk import analysis_batch
     from mechlrmc.runs import Run
 
-    _threads(args)
     run = Run(args.run)
+    _threads(args, run)
     out = _out(args, run)
     steps = args.steps[0] if args.steps[0] in ("all", "around_drop") else [int(s) for s in args.steps]
     frames = track_dynamics(run, steps=steps, batch=analysis_batch(run, args.batch_size))
@@ -92,8 +96,9 @@ def _intervention(args: argparse.Namespace) -> int:
     from analyses.dynamics import compare_interventions, plot_interventions
     from mechlrmc.config import RunConfig, preset
 
-    _threads(args)
     cfg = (RunConfig.from_yaml(args.config) if args.config else preset(args.preset)).override(args.set)
+    if args.threads:
+        cfg = cfg.override({"train.threads": args.threads})
     steps = args.train_steps or cfg.train.steps
     out = Path(args.out or "out/intervention")
     frame = compare_interventions(cfg, args.scales, steps, out, start=args.start, progress=not args.quiet)
@@ -111,7 +116,7 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.add_argument("--quick", action="store_true", help="small batches and few checkpoints (smoke test)")
     p.add_argument("--interventions", help="a `mechlrmc analyze intervention` folder to add as a section")
     p.add_argument("--device", default="cpu", help="torch device for the analyses (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_report)
 
@@ -123,7 +128,7 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.add_argument("--p-masks", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--layout", default="pad", choices=["pad", "gather"],
                    help="how smaller matrices meet the trained position grid (analyses.baselines)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
     p.set_defaults(func=_baselines)
 
     p = analyze.add_parser("dynamics", help="repetition, collapse, attention progress (PAPER.md section 2)")
@@ -131,7 +136,7 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.add_argument("-o", "--out", help="output folder (default out/<run name>)")
     p.add_argument("--steps", nargs="+", default=["all"], help="all, around_drop or step numbers (default all)")
     p.add_argument("--batch-size", type=int, default=256, help="matrices per checkpoint (fixed seed)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads)")
     p.set_defaults(func=_dynamics)
 
     p = analyze.add_parser("intervention", help="train with attention scaled toward the optimal map by c")
@@ -142,6 +147,6 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.add_argument("--train-steps", type=int, help="training steps per run (default: the config's)")
     p.add_argument("--start", type=int, default=0, help="step from which the intervention acts")
     p.add_argument("-o", "--out", help="folder of the runs (default out/intervention)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the config's)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the config's train.threads)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_intervention)
