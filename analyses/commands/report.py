@@ -72,6 +72,7 @@ def _baselines(args: argparse.Namespace) -> int:
 
 
 def _dynamics(args: argparse.Namespace) -> int:
+    from analyses.commands._shared import parse_steps
     from analyses.dynamics import plot_dynamics, track_dynamics
     from analyses.walk import analysis_batch
     from mechlrmc.runs import Run
@@ -79,8 +80,7 @@ def _dynamics(args: argparse.Namespace) -> int:
     run = Run(args.run)
     _threads(args, run)
     out = _out(args, run)
-    steps = args.steps[0] if args.steps[0] in ("all", "around_drop") else [int(s) for s in args.steps]
-    frames = track_dynamics(run, steps=steps, batch=analysis_batch(run, args.batch_size))
+    frames = track_dynamics(run, steps=parse_steps(args.steps), batch=analysis_batch(run, args.batch_size))
     for name, frame in frames.items():
         frame.to_csv(out / f"{name}.csv", index=False)
     plot_dynamics(frames, run.metrics).write_html(out / "dynamics.html", include_plotlyjs=True)
