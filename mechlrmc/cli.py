@@ -60,7 +60,9 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol, until=args.until)
     size = sum(p.stat().st_size for p in out.path.rglob("*") if p.is_file())
-    print(f"exported {len(out.steps)} checkpoints in {args.dtype} to {out.path} ({size / 2**20:.1f} MiB)")
+    kept = [s for s, d in out.export_dtypes.items() if d != f"torch.{args.dtype}"]
+    print(f"exported {len(out.steps)} checkpoints in {args.dtype} to {out.path} ({size / 2**20:.1f} MiB)"
+          + (f"; kept the original precision at steps {kept} (outputs moved more than {args.atol})" if kept else ""))
     return 0
 
 
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed change of any output")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest change of any output in the new dtype; checkpoints beyond it keep their precision")
     p.add_argument("--until", type=int, help="keep only checkpoints and metrics up to this step")
     p.set_defaults(func=_export)
 
