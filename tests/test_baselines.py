@@ -87,7 +87,11 @@ def test_reference_model_beats_copy_zero_only_after_the_drop(reference_run):
     mse = {name: f.pivot(index="p_mask", columns="predictor", values="mse_mask") for name, f in
            (("plateau", plateau), ("final", final))}
     assert ((mse["plateau"].model / mse["plateau"].copy_zero - 1).abs() < 0.1).all()
-    assert (mse["final"].model < 0.7 * mse["final"].copy_zero).all()
+    final_mse = mse["final"]
+    # it beats copy-and-zero everywhere, and closes at least half of the gap between copy-and-zero
+    # and nuclear norm (at p_mask 0.6 only ~6 of 16 entries are seen and even nuclear norm is poor)
+    assert (final_mse.model < 0.9 * final_mse.copy_zero).all()
+    assert (final_mse.copy_zero - final_mse.model > 0.5 * (final_mse.copy_zero - final_mse.nuclear_norm)).all()
     to_nn = final[final.predictor == "model"].mse_mask_to_nuclear
     assert (to_nn > 1e-3).all()  # not the nuclear-norm solution
 

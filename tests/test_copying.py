@@ -63,13 +63,20 @@ def test_needs_masked_entries():
         copy_check(Copier(), batch, CFG)
 
 
-def test_reference_run_copies_before_the_drop_and_completes_after(reference_run):
-    """PAPER.md finding 2 / Table 1 on the shipped run."""
+def test_reference_run_copies_before_the_drop_and_checks_consistency_after(reference_run):
+    """PAPER.md finding 2 / Table 1 on the shipped run. Before the drop the output at a replaced
+    MASK is the inserted value (to ~1e-3). After it the model still mostly copies (an inserted
+    token looks observed, and observed entries are copied) but pulls the entry toward the value the
+    rest of the matrix implies: the error against the inserted value grows by an order of
+    magnitude, while true MASK positions are now completed."""
     phases = detect_phases(reference_run).iloc[0]
     batch = analysis_batch(reference_run, 256)
-    before = copy_check(reference_run.load_model(reference_run.nearest_step(phases.plateau_end)), batch,
-                        reference_run.config.data).dropna(subset=["inserted"])
-    after = copy_check(reference_run.load_model(reference_run.steps[-1]), batch,
-                       reference_run.config.data).dropna(subset=["inserted"])
-    assert before.follows_inserted.all()
-    assert not after.follows_inserted.any()
+    data = reference_run.config.data
+    before = copy_check(reference_run.load_model(reference_run.nearest_step(phases.plateau_end)), batch, data)
+    after = copy_check(reference_run.load_model(reference_run.steps[-1]), batch, data)
+    inserted_before, inserted_after = before.dropna(subset=["inserted"]), after.dropna(subset=["inserted"])
+    assert inserted_before.follows_inserted.all() and inserted_before.mse_vs_inserted.max() < 0.01
+    assert inserted_after.mse_vs_inserted.mean() > 10 * inserted_before.mse_vs_inserted.mean()
+    masked_before = before[before.inserted.isna()].mse_vs_truth.item()
+    masked_after = after[after.inserted.isna()].mse_vs_truth.item()
+    assert masked_after < 0.5 * masked_before
