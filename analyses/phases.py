@@ -122,10 +122,11 @@ def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
                         line=dict(color=colors[col], width=2.5), marker=dict(size=4))
     fig.add_hline(y=p.analytic_loss_mask, line_dash="dash", line_color=colors["loss_mask"],
                   annotation_text="copy-and-zero E[X²]", annotation_position="bottom right")
-    for name in ("plateau_start", "plateau_end", "drop_step"):
+    label_at = {"plateau_start": "top right", "plateau_end": "top left", "drop_step": "bottom right"}
+    for name, position in label_at.items():
         if not pd.isna(p[name]):
             fig.add_vline(x=p[name], line_dash="dot", line_color="gray",
-                          annotation_text=name.replace("_", " "), annotation_position="top left")
+                          annotation_text=name.replace("_", " "), annotation_position=position)
     drop = f"drop at step {int(p.drop_step)}" if p.dropped else "no drop"
     fig.update_layout(title=f"Losses of {run.path.name}: L_mask plateau {p.plateau_loss_mask:.3g} "
                             f"({p.plateau_over_analytic:.2f} x analytic), {drop}",

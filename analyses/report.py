@@ -254,8 +254,9 @@ SECTIONS: list[tuple[str, str, str, str, Callable[[Context], list[Part]]]] = [
     ("phases", "Loss curves and phases", "finding 1",
      "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", _phases),
     ("copy", "Copy check", "finding 2",
-     "MASK replaced by a value token: before the drop the output follows the inserted value (copying), "
-     "after it the truth.", _copy),
+     "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
+     "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
+     "the rest of the matrix implies, so the error against the inserted value grows.", _copy),
     ("baselines", "Nuclear norm and copy-and-zero across p_mask", "finding 3",
      "The final model against nuclear-norm minimisation and copy-and-zero for p_mask 0.1-0.6: MSE on masked "
      "entries and nuclear norm of the completed matrices.", _baselines),

@@ -342,6 +342,7 @@ def _tiny() -> RunConfig:
         train=TrainConfig(
             steps=40, batch_size=16, lr=1e-3, log_every=5, eval_every=10, eval_batch_size=64,
             checkpoint_every=20, checkpoint_every_early=10, checkpoint_early_until=10,
+            threads=1,
         ),
     )
 
