@@ -120,4 +120,6 @@ def plot_ablation(sweep: pd.DataFrame, kind: str = "zero", measure: str = "delta
     else:
         fig = px.imshow(cube.to_numpy(), color_continuous_scale="Reds", labels=dict(x="head", y="layer", color=measure))
     fig.update_layout(title=f"{kind} ablation of each head alone: {measure}", template="plotly_white")
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(dtick=1)
     return fig
