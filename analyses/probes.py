@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from mechlrmc.data import Batch
+from mechlrmc.data import Batch, row_col_index
 from mechlrmc.model import HookedEncoder
 
 TARGETS = ("value", "row", "col", "u", "v", "sigma")
@@ -51,7 +51,7 @@ def probe_targets(batch: Batch, targets: Iterable[str] = DEFAULT_TARGETS) -> dic
     b, m, n = len(batch), batch.m, batch.n
     x = batch.matrices.double()  # [b, m, n]
     x_in = (batch.values * batch.observed).double().view(b, m, n)
-    rows, cols = torch.arange(m * n) // n, torch.arange(m * n) % n
+    rows, cols = row_col_index(m, n)
     out = {}
     for name in targets:
         if name not in TARGETS:

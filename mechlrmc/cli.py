@@ -60,7 +60,7 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol, until=args.until)
     size = sum(p.stat().st_size for p in out.path.rglob("*") if p.is_file())
-    kept = [s for s, d in out.export_dtypes.items() if d != f"torch.{args.dtype}"]
+    kept = [s for s in out.steps if out.state_dict(s)["W_E"].dtype != getattr(torch, args.dtype)]
     print(f"exported {len(out.steps)} checkpoints in {args.dtype} to {out.path} ({size / 2**20:.1f} MiB)"
           + (f"; kept the original precision at steps {kept} (outputs moved more than {args.atol})" if kept else ""))
     return 0

@@ -30,8 +30,8 @@ def bias_pattern(pattern: torch.Tensor, on_map: torch.Tensor, scale: float) -> t
 
 
 class AttentionIntervention:
-    """A TransformerLens hook pair for training: remember the batch's mask at `hook_embed`
-    (observed = token is not MASK) and bias every `hook_pattern` toward the optimal map."""
+    """A training hook: `set_tokens` takes the batch's mask (observed = token is not MASK), then
+    every `hook_pattern` is biased toward that batch's optimal map."""
 
     def __init__(self, scale: float, m: int, n: int):
         self.scale, self.m, self.n = scale, m, n

@@ -203,7 +203,6 @@ class Run:
         return model.to(device).eval()
 
 
-
 def export_run(
     source: Run, dest: str | Path, dtype: torch.dtype = torch.float16, atol: float = 1e-3, until: int | None = None
 ) -> Run:
@@ -212,8 +211,7 @@ def export_run(
     The config, metrics and float32 resume state are copied unchanged; `until` keeps only steps up
     to that one (and then the resume state only if it is not later). A checkpoint is stored in
     `dtype` only where, on the run's evaluation batch, its outputs stay within `atol` of the
-    original's; otherwise it keeps its original precision. Returns the new run; its
-    `export_dtypes` attribute lists each step's stored dtype.
+    original's; otherwise it keeps its original precision (`Run.state_dict` shows which).
     """
     from mechlrmc.train import eval_batch
 
@@ -222,14 +220,12 @@ def export_run(
     if last < config.train.steps:
         config = config.override([f"train.steps={last}"])
     out = Run.create(Path(dest), config)
-    rows = [line for line in (source.path / "metrics.csv").read_text().splitlines()[1:]
-            if int(line.split(",", 1)[0]) <= last]
-    atomic_write(out.path / "metrics.csv", ("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n").encode())
+    atomic_write(out.path / "metrics.csv", (source.path / "metrics.csv").read_bytes())
+    out.truncate_metrics(last)
     resume = source.path / "resume.safetensors"
     if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
         atomic_write(out.path / "resume.safetensors", resume.read_bytes())
     tokens = eval_batch(source.config, size=256).tokens
-    out.export_dtypes = {}
     for step in [s for s in source.steps if s <= last]:
         state = source.state_dict(step)
         out.save_checkpoint(step, state, dtype=dtype)
@@ -237,5 +233,4 @@ def export_run(
             diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()
         if diff > atol:
             out.save_checkpoint(step, state)
-        out.export_dtypes[step] = str(next(iter(out.state_dict(step).values())).dtype)
     return out

@@ -16,6 +16,13 @@ def parse_steps(values: list[str]):
         raise SystemExit(f"mechlrmc: error: --steps {values} is invalid: allowed all, around_drop or step numbers")
 
 
+def output_dir(args: argparse.Namespace, run) -> Path:
+    """--out, else out/<run name>; created if missing."""
+    out = Path(args.out) if args.out else Path("out") / run.path.name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def setup(args: argparse.Namespace):
     import torch
 
@@ -25,6 +32,4 @@ def setup(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Run(args.run)
-    out = Path(args.out) if args.out else Path("out") / run.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    return run, out, analysis_batch(run, args.batch_size)
+    return run, output_dir(args, run), analysis_batch(run, args.batch_size)

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from analyses.commands._shared import output_dir
+
 
 def _threads(args: argparse.Namespace, run=None) -> None:
     """--threads, else the run's `train.threads` (the cpu preset's 1: its models are too small to
@@ -26,12 +28,6 @@ def _threads(args: argparse.Namespace, run=None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _out(args: argparse.Namespace, run) -> Path:
-    out = Path(args.out) if args.out else Path("out") / run.path.name
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -55,7 +51,7 @@ def _baselines(args: argparse.Namespace) -> int:
 
     run = Run(args.run)
     _threads(args, run)
-    out = _out(args, run)
+    out = output_dir(args, run)
     step = run.nearest_step(args.step) if args.step is not None else run.steps[-1]
     model = run.load_model(step)
     frame = compare_baselines(model, run.config.data, tuple(args.p_masks), args.n_matrices)
@@ -79,7 +75,7 @@ def _dynamics(args: argparse.Namespace) -> int:
 
     run = Run(args.run)
     _threads(args, run)
-    out = _out(args, run)
+    out = output_dir(args, run)
     frames = track_dynamics(run, steps=parse_steps(args.steps), batch=analysis_batch(run, args.batch_size))
     for name, frame in frames.items():
         frame.to_csv(out / f"{name}.csv", index=False)
