@@ -297,6 +297,7 @@ class Report:
     html: str
     errors: dict[str, str] = field(default_factory=dict)  # section id -> error message
     seconds: dict[str, float] = field(default_factory=dict)
+    context: object = None  # the sections' shared context (its cached tables)
 
 
 def _render(part: Part, index: int) -> str:
@@ -310,18 +311,17 @@ def _render(part: Part, index: int) -> str:
     return part
 
 
-def build_report(
-    run: Run, quick: bool = False, device: str = "cpu", interventions: str | Path | None = None,
-    progress: bool = True,
-) -> Report:
-    """Compute every section and assemble the HTML (see module docstring)."""
+Section = tuple[str, str, str, str, Callable]  # (id, title, finding, caption, builder(ctx) -> parts)
+
+
+def assemble(title: str, intro: str, sections: list[Section], ctx, progress: bool = True) -> Report:
+    """Compute each section's parts with `builder(ctx)` and lay them out as one offline HTML page:
+    a table of contents, then one `<section>` per entry with its caption, finding tag and time."""
     import plotly.offline
 
-    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None)
-    sections = [s for s in SECTIONS if s[0] != "interventions" or ctx.interventions is not None]
-    report = Report(html="")
+    report = Report(html="", context=ctx)
     bodies, figure_index = [], 0
-    for key, title, finding, caption, builder in tqdm(sections, desc="report", unit="section", disable=not progress):
+    for key, heading, finding, caption, builder in tqdm(sections, desc="report", unit="section", disable=not progress):
         start = time.perf_counter()
         try:
             with torch.no_grad():
@@ -337,20 +337,30 @@ def build_report(
                        f"<pre>{html.escape(traceback.format_exc(limit=-3))}</pre></div>")
             status = "error"
         report.seconds[key] = time.perf_counter() - start
-        bodies.append(f'<section id="{key}" data-status="{status}"><h2>{html.escape(title)}</h2>'
+        bodies.append(f'<section id="{key}" data-status="{status}"><h2>{html.escape(heading)}</h2>'
                       f'<p class="caption">{html.escape(caption)} <span class="finding">{html.escape(finding)}'
                       f'</span> <span class="time">{report.seconds[key]:.1f} s</span></p>{content}</section>')
     toc = "".join(f'<li><a href="#{k}">{html.escape(t)}</a> <span class="finding">{html.escape(f)}</span>'
                   f'{" (failed)" if k in report.errors else ""}</li>' for k, t, f, _, _ in sections)
-    title = f"mechlrmc report: {run.path.name}"
     report.html = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>Run directory <code>{html.escape(str(run.path))}</code>"
-        f"{' (quick mode)' if quick else ''}. Sections follow PAPER.md's findings.</p>"
+        f"<h1>{html.escape(title)}</h1><p>{intro}</p>"
         f"<nav><ol>{toc}</ol></nav>{''.join(bodies)}</body></html>"
     )
     return report
+
+
+def build_report(
+    run: Run, quick: bool = False, device: str = "cpu", interventions: str | Path | None = None,
+    progress: bool = True,
+) -> Report:
+    """Compute every section and assemble the HTML (see module docstring)."""
+    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None)
+    sections = [s for s in SECTIONS if s[0] != "interventions" or ctx.interventions is not None]
+    intro = (f"Run directory <code>{html.escape(str(run.path))}</code>{' (quick mode)' if quick else ''}. "
+             "Sections follow PAPER.md's findings.")
+    return assemble(f"mechlrmc report: {run.path.name}", intro, sections, ctx, progress)
 
 
 def write_report(run: Run, path: str | Path, **kwargs) -> Report:

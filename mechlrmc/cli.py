@@ -3,6 +3,7 @@
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
     mechlrmc info RUN
     mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
+    mechlrmc sweep SPEC.yaml --out DIR [--address ADDR]
 
 Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
 `analyses.commands`; the core itself never imports the analysis layer.
@@ -66,6 +67,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from mechlrmc.sweep import sweep
+
+    summary = sweep(args.spec, args.out, address=args.address, progress=not args.quiet)
+    shown = summary.drop(columns=["error"] if not summary.error.any() else [])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    failed = summary[summary.status != "finished"]
+    for row in failed.itertuples():
+        print(f"trial {row.run!r} {row.status}" + (f": {row.error}" if row.error else ""), file=sys.stderr)
+    print(f"{len(summary) - len(failed)} of {len(summary)} trials finished; summary in {Path(args.out) / 'summary.csv'}")
+    return 0 if failed.empty else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechlrmc", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-3, help="largest change of any output in the new dtype; checkpoints beyond it keep their precision")
     p.add_argument("--until", type=int, help="keep only checkpoints and metrics up to this step")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("sweep", help="train a family of runs (seeds x settings) on Ray Tune")
+    p.add_argument("spec", help="sweep spec (YAML): preset|config, steps, set, grid, seeds, resources")
+    p.add_argument("--out", required=True, help="sweep directory: one run directory per trial, summary.csv")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.set_defaults(func=_sweep)
 
     try:
         from analyses.commands import register
