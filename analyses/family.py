@@ -326,3 +326,55 @@ def plot_drop_steps(summary: pd.DataFrame) -> go.Figure:
     return fig.update_layout(
         template="plotly_white", height=380, yaxis_title="drop step", margin=dict(t=40, b=40),
         title=f"Drop step per setting: {n_drop} of {len(summary)} runs dropped (open red: no drop by that step)")
+
+
+# ----- a run within its family ---------------------------------------------------------------
+
+SHIPPED_FAMILIES = Path(__file__).resolve().parents[1] / "checkpoints"
+_MACHINE_KEYS = ("train.seed", "train.device", "train.threads", "train.dtype", "train.compile")
+
+
+def _recipe(config) -> dict:
+    flat = {f"{s}.{k}": v for s, d in config.to_dict().items() for k, v in d.items()}
+    return {k: v for k, v in flat.items() if k not in _MACHINE_KEYS}
+
+
+def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:
+    """A shipped family summary (`<root>/*/family_summary.csv` beside the `sweep.yaml` it came from)
+    whose trials have `run`'s recipe (its config, seed and machine settings aside); None if none."""
+    from mechlrmc.sweep import SweepSpec
+
+    for folder in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
+        if not ((folder / "family_summary.csv").is_file() and (folder / "sweep.yaml").is_file()):
+            continue
+        trials = SweepSpec.from_yaml(folder / "sweep.yaml").trials()
+        if trials and _recipe(trials[0].config) == _recipe(run.config):
+            return folder
+    return None
+
+
+def plot_run_in_family(family: pd.DataFrame, run_row: dict) -> go.Figure:
+    """Drop step and final L_mask of every run of a family (dots; open marker: no drop) with one
+    run marked by a star: where that run sits in the family's distribution."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("drop step", "final eval L_mask"))
+    for col, key in ((1, "drop_step"), (2, "final_loss_mask")):
+        dropped = family[family.drop_step.notna()]
+        fig.add_scatter(x=dropped[key], y=[0] * len(dropped), mode="markers", name="family seeds",
+                        marker=dict(size=11, color="#1f77b4", opacity=0.7), showlegend=col == 1,
+                        text=[f"seed {s}" for s in dropped.seed], hoverinfo="text+x", row=1, col=col)
+        never = family[family.drop_step.isna()]
+        if len(never):
+            x = never.final_step if key == "drop_step" else never[key]
+            fig.add_scatter(x=x, y=[0] * len(never), mode="markers", name="no drop (at last step)",
+                            marker=dict(size=11, symbol="circle-open", color="#d62728"), showlegend=col == 1,
+                            text=[f"seed {s}" for s in never.seed], hoverinfo="text+x", row=1, col=col)
+        value = run_row.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            fig.add_scatter(x=[value], y=[0], mode="markers", name="this run", showlegend=col == 1,
+                            marker=dict(size=20, symbol="star", color="#ff7f0e", line=dict(width=1, color="black")),
+                            row=1, col=col)
+    fig.update_yaxes(visible=False, range=[-1, 1])
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_xaxes(title_text="L_mask", type="log", row=1, col=2)
+    return fig.update_layout(template="plotly_white", height=260, margin=dict(t=40, b=50))

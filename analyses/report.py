@@ -53,6 +53,7 @@ class Context:
     device: str = "cpu"
     progress: bool = True
     interventions: Path | None = None
+    family: Path | None = None  # a shipped family summary this run's recipe belongs to
 
     @cached_property
     def phases(self) -> pd.Series:
@@ -120,6 +121,29 @@ def _overview(ctx: Context) -> list[Part]:
          else "no drop detected"),
     ], columns=["", "value"])
     return [facts]
+
+
+def _family(ctx: Context) -> list[Part]:
+    from analyses.family import family_summary, plot_run_in_family
+
+    family = pd.read_csv(ctx.family / "family_summary.csv")
+    this = family_summary([ctx.run]).iloc[0].to_dict()
+    dropped = family.drop_step.dropna()
+    n = len(family)
+    lines = [f"The family <code>{html.escape(str(ctx.family))}</code>: {n} seeds of the same recipe, "
+             f"{len(dropped)} of which dropped (steps {', '.join(f'{d:.0f}' for d in sorted(dropped))}; "
+             f"median {dropped.median():.0f})."]
+    if this.get("dropped"):
+        earlier, later = int((dropped < this["drop_step"]).sum()), int((dropped > this["drop_step"]).sum())
+        lines.append(f"This run (seed {this['seed']}) dropped at step {this['drop_step']:.0f}: {earlier} of the "
+                     f"family's runs dropped earlier, {later} later.")
+    else:
+        lines.append(f"This run (seed {this['seed']}) has not dropped by step {this.get('final_step', 0):.0f}.")
+    share = float((family.final_loss_mask < this["final_loss_mask"]).mean())
+    lines.append(f"Its final eval L_mask {this['final_loss_mask']:.4f} is above {share:.0%} of the family's "
+                 f"final values (median {family.final_loss_mask.median():.4f}).")
+    cols = ["run", "seed", "drop_step", "drop_sharpness", "final_step", "final_loss_mask"]
+    return ["<p>" + " ".join(lines) + "</p>", plot_run_in_family(family, this), family[[c for c in cols if c in family]]]
 
 
 def _phases(ctx: Context) -> list[Part]:
@@ -251,6 +275,9 @@ SECTIONS: list[tuple[str, str, str, str, Callable[[Context], list[Part]]]] = [
     # (id, title, finding, one line: what it shows, builder)
     ("overview", "Run", "PAPER.md section 1", "The task, model and training recipe, and the detected phases.",
      _overview),
+    ("family", "In its family", "run families",
+     "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family summary).",
+     _family),
     ("phases", "Loss curves and phases", "finding 1",
      "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", _phases),
     ("copy", "Copy check", "finding 2",
@@ -353,11 +380,17 @@ def assemble(title: str, intro: str, sections: list[Section], ctx, progress: boo
 
 def build_report(
     run: Run, quick: bool = False, device: str = "cpu", interventions: str | Path | None = None,
-    progress: bool = True,
+    progress: bool = True, family: str | Path | None = None,
 ) -> Report:
-    """Compute every section and assemble the HTML (see module docstring)."""
-    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None)
-    sections = [s for s in SECTIONS if s[0] != "interventions" or ctx.interventions is not None]
+    """Compute every section and assemble the HTML (see module docstring). `family`: a folder with
+    a `family_summary.csv` to place the run in (default: the shipped family of its recipe, if any)."""
+    from analyses.family import find_family
+
+    family = Path(family) if family is not None else find_family(run)
+    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None,
+                  family)
+    optional = {"interventions": ctx.interventions, "family": ctx.family}
+    sections = [s for s in SECTIONS if s[0] not in optional or optional[s[0]] is not None]
     intro = (f"Run directory <code>{html.escape(str(run.path))}</code>{' (quick mode)' if quick else ''}. "
              "Sections follow PAPER.md's findings.")
     return assemble(f"mechlrmc report: {run.path.name}", intro, sections, ctx, progress)

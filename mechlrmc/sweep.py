@@ -52,6 +52,7 @@ class Trial:
     name: str
     config: RunConfig
     varied: dict[str, Any]  # grid keys and "seed"
+    factory: Callable | None = None  # trainer_factory of this trial (default: launch's)
 
 
 @dataclass
@@ -316,7 +317,8 @@ def launch(
 ) -> pd.DataFrame:
     """Train every unfinished trial into `out/<name>` on Ray Tune; returns the summary (also
     written to `out/summary.csv`). `trainer_factory(config, path, resume) -> Trainer` builds each
-    trial's trainer (a top-level function or a `functools.partial` of one, so Ray can ship it)."""
+    trial's trainer unless the trial has its own `factory` (a top-level function or a
+    `functools.partial` of one, so Ray can ship it); the freeze sweep uses that for a `FreezeTrainer`."""
     out = Path(out).resolve()
     names = [t.name for t in trials]
     if len(set(names)) != len(names):
@@ -330,7 +332,7 @@ def launch(
         status = _Status(len(trials), len(trials) - len(pending), progress)
         try:
             space = [{"name": t.name, "config": t.config.to_dict(), "out": str(out / t.name),
-                      "factory": trainer_factory} for t in pending]
+                      "factory": t.factory or trainer_factory} for t in pending]
             tuner = tune.Tuner(
                 tune.with_resources(_trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
                 param_space={"trial": tune.grid_search(space)},

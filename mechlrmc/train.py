@@ -110,6 +110,8 @@ class Trainer:
         names = dict(self.model.named_parameters())
         state = {}
         for name, p in names.items():
+            if f"adam.{name}.step" not in tensors:  # not trained (a frozen parameter): no Adam state
+                continue
             state[p] = {
                 "step": tensors[f"adam.{name}.step"],
                 "exp_avg": tensors[f"adam.{name}.exp_avg"].to(self.device),
