@@ -15,16 +15,19 @@ spec sets it. Every config is validated before anything starts.
 
 Re-running the same command skips finished trials and resumes unfinished ones through the run
 directory's own exact resume, whatever was killed. A trial that fails is recorded with its error
-and the others go on. `DIR/sweep.yaml` is the spec as launched, `DIR/summary.csv` one row per trial.
+(one line in the summary, its traceback in `DIR/errors/<name>.txt`) and the others go on. `DIR/sweep.yaml` is the spec as launched, `DIR/summary.csv` one row per trial.
 A core module: it uses config, train and runs, never the analysis layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,8 +299,10 @@ def _init_ray(address: str | None, progress: bool) -> bool:
     if ray.is_initialized():
         return False
     logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # a failed trial is one line, its traceback a file
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 starves trials on a busy machine
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **quiet)
@@ -333,12 +338,13 @@ def launch(
         try:
             space = [{"name": t.name, "config": t.config.to_dict(), "out": str(out / t.name),
                       "factory": t.factory or trainer_factory} for t in pending]
+            experiment = time.strftime("launch-%Y%m%d-%H%M%S")
             tuner = tune.Tuner(
                 tune.with_resources(_trainable, {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
                 param_space={"trial": tune.grid_search(space)},
                 tune_config=tune.TuneConfig(reuse_actors=True),  # one worker process (and import) per slot
                 run_config=tune.RunConfig(
-                    storage_path=str(out / ".tune"), name=time.strftime("launch-%Y%m%d-%H%M%S"), verbose=0,
+                    storage_path=str(out / ".tune"), name=experiment, verbose=0,
                     callbacks=[status.callback], failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
@@ -346,13 +352,21 @@ def launch(
         finally:
             status.close()
         for result in results:
+            name = result.config["trial"]["name"]
+            log = out / "errors" / f"{name}.txt"
             if result.error is not None:
-                name = result.config["trial"]["name"]
-                errors[name] = _one_line(result.error)
+                errors[name] = f"{_one_line(result.error)} (traceback: {log.relative_to(out)})"
+                atomic_write(log, re.sub(r"\x1b\[[0-9;]*m", "", str(result.error)).encode())
+            else:
+                log.unlink(missing_ok=True)
         if started:
             import ray
 
             ray.shutdown()
+        # Tune's own records duplicate the run directories (which hold everything): drop them
+        shutil.rmtree(out / ".tune" / experiment, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (out / ".tune").rmdir()
     summary = summarize(out, trials, errors)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "summary.csv", summary.to_csv(index=False).encode())

@@ -100,11 +100,14 @@ def test_sweep_on_local_ray_equals_plain_runs(tmp_path):
                        check=True, capture_output=True)
         _same_metrics(trial, plain)
         assert Run(trial).config == Run(plain).config
-    # a second launch finds everything finished and starts nothing
+    # a second launch finds everything finished and touches nothing
+    family = tmp_path / "family"
+    stamps = {p: p.stat().st_mtime_ns for p in family.rglob("*") if p.is_file() and p.parent != family}
     again = subprocess.run([*CLI, "sweep", str(spec), "--out", str(tmp_path / "family"), "--quiet"],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "4 of 4 trials finished" in again.stdout
-    assert not list((tmp_path / "family" / ".tune").glob("launch-*"))[1:], "the second launch started Ray trials"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert not (tmp_path / "family" / ".tune").exists()  # Tune's own records are not kept
 
 
 @pytest.mark.slow
@@ -146,4 +149,7 @@ def test_a_failing_trial_is_reported_while_the_others_finish(tmp_path):
     summary = pd.read_csv(tmp_path / "family" / "summary.csv").set_index("run")
     assert summary.status.to_dict() == {"train.device=cuda,seed=0": "failed", "train.device=cpu,seed=0": "finished"}
     assert "CUDA" in summary.error["train.device=cuda,seed=0"]
+    log = (tmp_path / "family" / "errors" / "train.device=cuda,seed=0.txt").read_text()
+    assert 'File "' in log and "RuntimeError" in log and "\x1b" not in log  # the whole error, no colour codes
+    assert "Traceback" not in done.stderr
     assert "trial 'train.device=cuda,seed=0' failed" in done.stderr and "1 of 2 trials finished" in done.stdout
