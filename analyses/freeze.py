@@ -21,6 +21,7 @@ import torch
 from analyses.components import FREEZE_SET, component_params, parse_spec
 from analyses.swaps import swap_state
 from mechlrmc.config import RunConfig
+from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run, atomic_write
 from mechlrmc.train import Trainer
 
@@ -32,12 +33,13 @@ class FreezeTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, out: str | Path, start_state: dict[str, torch.Tensor],
                  trainable: Iterable[str], progress: bool = True):
-        super().__init__(cfg, out, resume=False, progress=progress)
+        super().__init__(cfg, out, resume=False, progress=progress)  # holds the run's writer lock
         trainable = set(trainable)
         names = dict(self.model.named_parameters())
         unknown = trainable - set(names)
         if unknown or not trainable:
-            raise ValueError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
+            self.close()
+            raise OptionError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
                              f"allowed {sorted(names)}")
         self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
         for name, p in names.items():
@@ -61,17 +63,17 @@ def freeze_train(
     an int starts them from that checkpoint. `overrides` are config assignments (`train.lr=1e-3`).
     """
     if init != "init" and not isinstance(init, int):
-        raise ValueError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
+        raise OptionError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
     reference = run.steps[-1] if reference is None else run.nearest_step(reference)
     init_step = run.steps[0] if init == "init" else run.nearest_step(init)
     if init == "init" and init_step != 0:
-        raise ValueError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
+        raise OptionError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
     ref_state, init_state = run.state_dict(reference), run.state_dict(init_step)
     n_layers = run.config.model.n_layers
     names = parse_spec(components)
     trainable = component_params(names, ref_state, n_layers)
     if not trainable:
-        raise ValueError(f"components {names} select no parameters")
+        raise OptionError(f"components {names} select no parameters")
     cfg = run.config.override([f"train.steps={steps}", *overrides])
     trainer = FreezeTrainer(cfg, out, swap_state(init_state, ref_state, names, n_layers), trainable, progress)
     meta = {"source_run": str(run.path), "components": names, "init_step": init_step,
