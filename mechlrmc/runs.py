@@ -136,7 +136,7 @@ class RunLock:
             self._handle = None
 
     def __enter__(self) -> RunLock:
-        return self.acquire()
+        return self if self.held else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -158,6 +158,8 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path} does not exist: allowed a run directory (one with config.yaml)")
         if not (self.path / "config.yaml").is_file():
             raise CheckpointError(f"{self.path} is not a run directory: it has no config.yaml")
         self.config = RunConfig.from_yaml(self.path / "config.yaml")

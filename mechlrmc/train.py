@@ -76,6 +76,7 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+        self.resumed = resume  # from a resume state (which comes after step 0's evaluation and checkpoint)
         self.model = HookedEncoder(cfg, seed=cfg.train.seed).to(self.device)
         self.model.cfg.device = str(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
@@ -237,7 +238,7 @@ class Trainer:
 
     def _train(self) -> Run:
         tc = self.cfg.train
-        if self.step == 0:
+        if self.step == 0 and not self.resumed:
             self.run.append_metrics([{"step": 0, **self._eval_row(), "wall_time": 0.0}])
             self._checkpoint()
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
