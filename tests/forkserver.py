@@ -18,7 +18,10 @@ SERVER = r'''
 import glob, json, os, resource, signal, sys, time, traceback
 import torch
 torch.set_num_threads(1)
-from mechlrmc.cli import main
+import mechlrmc.train  # noqa: F401  (the heavy imports happen once, here)
+from mechlrmc.cli import build_parser, main
+build_parser()  # imports the analysis commands
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first construction imports torch._dynamo
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -54,7 +57,8 @@ for line in sys.stdin:
             status = os.waitpid(pid, 0)[1]
         else:
             time.sleep(0.0003 if job.get("on_write") or job.get("on_file") else 0.002)
-    print(json.dumps({"stderr": open(job["stderr"]).read(), "killed": killed, "during_write": tmp_seen, "status": status,
+    err = open(job["stderr"]).read() if os.path.exists(job["stderr"]) else ""  # killed before opening it
+    print(json.dumps({"stderr": err, "killed": killed, "during_write": tmp_seen, "status": status,
                       "seconds": time.perf_counter() - start}), flush=True)
 '''
 
