@@ -258,7 +258,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         if not isinstance(raw, dict):
-            raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"a run config of type {type(raw).__name__} is invalid: allowed a mapping with sections data, model, train")
         unknown = set(raw) - {"data", "model", "train"}
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}: allowed data, model, train")
@@ -266,7 +266,7 @@ class RunConfig:
         for name, kind in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
             values = raw.get(name) or {}
             if not isinstance(values, dict):
-                raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
+                raise ConfigError(f"config section {name}={values!r} is invalid: allowed a mapping of keys to values")
             allowed = {f.name for f in fields(kind)}
             bad = sorted(set(values) - allowed, key=str)
             if bad:
@@ -285,11 +285,12 @@ class RunConfig:
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from e
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror or e}): allowed a readable YAML file") from e
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from e
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({' '.join(str(e).split())}): "
+                              f"allowed a mapping with sections data, model, train") from e
         return cls.from_dict(raw)
 
     def override(self, assignments: list[str] | dict[str, Any]) -> RunConfig:
@@ -303,7 +304,7 @@ class RunConfig:
             pairs = []
             for item in assignments:
                 if "=" not in item:
-                    raise ConfigError(f"override {item!r} must look like section.key=value")
+                    raise ConfigError(f"override {item!r} is invalid: allowed section.key=value, e.g. train.lr=1e-3")
                 key, text = item.split("=", 1)
                 try:
                     value = yaml.safe_load(text)
@@ -314,7 +315,7 @@ class RunConfig:
         for key, value in pairs:
             section, _, name = key.partition(".")
             if section not in raw or not name:
-                raise ConfigError(f"override key {key!r} must be data.*, model.* or train.*")
+                raise ConfigError(f"override key {key!r} is invalid: allowed data.*, model.* or train.*")
             if name not in raw[section]:
                 raise ConfigError(f"unknown key {key!r}: allowed {sorted(raw[section])}")
             if isinstance(value, str) and isinstance(raw[section][name], float):
