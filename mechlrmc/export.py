@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mechlrmc.data import eval_batch
-from mechlrmc.runs import Run, atomic_write
+from mechlrmc.runs import Run, RunLock, atomic_write
 
 
 def export_run(
@@ -28,20 +28,25 @@ def export_run(
     config = source.config
     if last < config.train.steps:
         config = config.override([f"train.steps={last}"])
-    out = Run.create(Path(dest), config)
-    atomic_write(out.path / "metrics.csv", (source.path / "metrics.csv").read_bytes())
-    out.truncate_metrics(last)
-    if (source.path / "provenance.json").is_file():
-        atomic_write(out.path / "provenance.json", (source.path / "provenance.json").read_bytes())
-    resume = source.path / "resume.safetensors"
-    if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
-        atomic_write(out.path / "resume.safetensors", resume.read_bytes())
-    tokens = eval_batch(source.config, size=256).tokens
-    for step in [s for s in source.steps if s <= last]:
-        state = source.state_dict(step)
-        out.save_checkpoint(step, state, dtype=dtype)
-        with torch.no_grad():
-            diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()
-        if diff > atol:
-            out.save_checkpoint(step, state)
+    steps = [s for s in source.steps if s <= last]
+    for step in steps:  # a damaged source fails here, before anything is written
+        source.verify(step)
+    Run.check_new(dest)
+    with RunLock(dest):
+        out = Run.create(Path(dest), config)
+        atomic_write(out.path / "metrics.csv", (source.path / "metrics.csv").read_bytes())
+        out.truncate_metrics(last)
+        if (source.path / "provenance.json").is_file():
+            atomic_write(out.path / "provenance.json", (source.path / "provenance.json").read_bytes())
+        resume = source.path / "resume.safetensors"
+        if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
+            atomic_write(out.path / "resume.safetensors", resume.read_bytes())
+        tokens = eval_batch(source.config, size=256).tokens
+        for step in steps:
+            state = source.state_dict(step)
+            out.save_checkpoint(step, state, dtype=dtype)
+            with torch.no_grad():
+                diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()
+            if diff > atol:
+                out.save_checkpoint(step, state)
     return out

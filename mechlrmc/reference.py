@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mechlrmc.config import ConfigError, RunConfig
-from mechlrmc.convert import from_reference_state_dict, reference_shapes, reference_tensors
+from mechlrmc.convert import from_reference_state_dict, reference_shapes, reference_tensors, strip_prefix
 from mechlrmc.runs import CheckpointError, Run, RunLock
 from mechlrmc.train import DATA_SEED_OFFSET
 
@@ -73,7 +73,10 @@ def check_file(path: Path, obj: dict, cfg: RunConfig) -> int:
     if shapes["n_ctx"] < cfg.data.seq_len:
         wrong.append(f"positions: the config's matrices need data.m * data.n = {cfg.data.seq_len}, "
                      f"the file has {shapes['n_ctx']}")
-    query = next(v for k, v in obj["model"].items() if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    query = {strip_prefix(k): v for k, v in obj["model"].items()}.get("encoder.layer.0.attention.self.query.weight")
+    if query is None:
+        raise CheckpointError(f"{path}: the model has no encoder.layer.0.attention.self.query.weight: "
+                              f"allowed HF BertModel keys plus read_out")
     if query.shape[0] % cfg.model.n_heads:
         wrong.append(f"model.n_heads is {cfg.model.n_heads} in the config, which does not divide the file's "
                      f"query width {query.shape[0]}")

@@ -187,8 +187,11 @@ class Run:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{path} is a file: --out must be a directory (new or empty)")
+        if (path / "config.yaml").is_file():
+            raise RunExistsError(f"{path} is already a run: pass --resume to continue it, or another --out")
         if path.exists() and any(not _bookkeeping(p.name) for p in path.iterdir()):
-            raise RunExistsError(f"{path} exists and is not empty: pass --resume or another --out")
+            raise RunExistsError(f"{path} is not empty and not a run (it has no config.yaml): allowed a new or "
+                                 f"empty directory (--resume continues a run)")
         return path
 
     def restart(self) -> None:

@@ -28,12 +28,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mechlrmc import provenance
 from mechlrmc.config import ConfigError, RunConfig
 from mechlrmc.data import Batch, eval_batch, sample
 from mechlrmc.intervention import AttentionIntervention
 from mechlrmc.metrics import masked_correlation, split_losses
 from mechlrmc.model import HookedEncoder
-from mechlrmc import provenance
 from mechlrmc.runs import CheckpointError, Run, RunLock
 
 DATA_SEED_OFFSET = 1_000_003  # data and init draw from different generators of the same seed

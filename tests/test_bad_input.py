@@ -143,6 +143,7 @@ def test_paths_steps_and_checkpoints_that_are_not_there(run_copy, tmp_path, caps
     file.write_bytes(file.read_bytes()[:1000])
     _one_line(capsys, ["analyze", "copy", path, "--steps", "10", *out], str(file), "truncated")
     _one_line(capsys, ["export", path, "--out", str(tmp_path / "export")], str(file), "truncated")
+    assert not (tmp_path / "export").exists()
 
 
 def test_bad_freeze_train_options_create_nothing(run_copy, tmp_path, capsys):
@@ -158,7 +159,7 @@ def test_train_out_that_is_a_file_or_a_non_run_directory(tmp_path, capsys):
     _one_line(capsys, ["train", "--preset", "tiny", "--out", str(tmp_path / "file"), "--quiet"], "is a file")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
-    _one_line(capsys, ["train", "--preset", "tiny", "--out", str(tmp_path / "notes"), "--quiet"], "not empty")
+    _one_line(capsys, ["train", "--preset", "tiny", "--out", str(tmp_path / "notes"), "--quiet"], "not empty and not a run")
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["a.txt"]
 
 
