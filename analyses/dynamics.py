@@ -28,6 +28,7 @@ from analyses.baselines import copy_zero_predict
 from analyses.walk import Steps, across_checkpoints, analysis_batch
 from mechlrmc.config import RunConfig
 from mechlrmc.data import Batch
+from mechlrmc.errors import OptionError
 from mechlrmc.intervention import optimal_attention_map
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
@@ -222,7 +223,7 @@ def load_interventions(out_dir: str | Path) -> pd.DataFrame:
     `compare_interventions` directory, plus any plain run copied beside it as c = 1)."""
     paths = sorted(p for p in Path(out_dir).iterdir() if (p / "config.yaml").is_file())
     if not paths:
-        raise FileNotFoundError(f"{out_dir} holds no run directories")
+        raise OptionError(f"{out_dir} holds no run directories: allowed a folder of runs, e.g. from `mechlrmc analyze intervention`")
     return intervention_summary([Run(p) for p in paths])
 
 

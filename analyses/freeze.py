@@ -22,6 +22,7 @@ import torch
 from analyses.components import FREEZE_SET, component_params, parse_spec
 from analyses.swaps import swap_state
 from mechlrmc.config import RunConfig
+from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run, atomic_write
 from mechlrmc.train import Trainer
 
@@ -36,36 +37,37 @@ class FreezeTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, out: str | Path, start_state: dict[str, torch.Tensor],
                  trainable: Iterable[str], progress: bool = True, resume: bool = False):
-        super().__init__(cfg, out, resume=resume, progress=progress)
+        super().__init__(cfg, out, resume=resume, progress=progress)  # holds the run's writer lock
         trainable = set(trainable)
         names = dict(self.model.named_parameters())
         unknown = trainable - set(names)
         if unknown or not trainable:
-            raise ValueError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
+            self.close()
+            raise OptionError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
                              f"allowed {sorted(names)}")
-        if not resume:
+        if not self.resumed:  # a fresh run (also a --resume that found nothing to resume)
             self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
         for name, p in names.items():
             p.requires_grad_(name in trainable)
         self.optimizer = torch.optim.Adam([p for n, p in names.items() if n in trainable], lr=cfg.train.lr)
-        if resume:
+        if self.resumed:  # Trainer loaded Adam state into its own optimizer: load it into this one
             self._load_resume_state()
 
 
 def _plan(run: Run, components: str | Iterable[str], init: str | int, reference: int | None):
     """(start state, trainable parameter names, freeze.json metadata) of a component-wise run."""
     if init != "init" and not isinstance(init, int):
-        raise ValueError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
+        raise OptionError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
     reference = run.steps[-1] if reference is None else run.nearest_step(reference)
     init_step = run.steps[0] if init == "init" else run.nearest_step(init)
     if init == "init" and init_step != 0:
-        raise ValueError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
+        raise OptionError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
     ref_state, init_state = run.state_dict(reference), run.state_dict(init_step)
     n_layers = run.config.model.n_layers
     names = parse_spec(components)
     trainable = component_params(names, ref_state, n_layers)
     if not trainable:
-        raise ValueError(f"components {names} select no parameters")
+        raise OptionError(f"components {names} select no parameters")
     meta = {"source_run": str(run.path), "components": names, "init_step": init_step,
             "reference_step": reference, "trainable": trainable}
     return swap_state(init_state, ref_state, names, n_layers), trainable, meta
@@ -77,7 +79,7 @@ def freeze_trainer(cfg: RunConfig, out: str | Path, resume: bool, *, source: str
     `mechlrmc.sweep.launch`: bind everything after `resume` with `functools.partial`)."""
     start, trainable, meta = _plan(Run(source), components, init, reference)
     trainer = FreezeTrainer(cfg, out, start, trainable, progress=progress, resume=resume)
-    if not resume:
+    if not trainer.resumed:
         atomic_write(trainer.run.path / "freeze.json", json.dumps(meta, indent=1).encode())
     return trainer
 

@@ -18,9 +18,9 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mechlrmc.config import preset
+from mechlrmc.convert import from_reference_state_dict
 from mechlrmc.data import sample
 from mechlrmc.metrics import split_losses
-from mechlrmc.model import HookedEncoder
 
 
 class Reference(torch.nn.Module):
@@ -74,7 +74,7 @@ def main() -> None:
                           ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
     reference = Reference(cfg)
-    ours = HookedEncoder.from_reference_state_dict(reference.state_dict(), cfg)
+    ours = from_reference_state_dict(reference.state_dict(), cfg)
     reference.to(device).train()
     ours.to(device).train()
     gen = torch.Generator().manual_seed(0)

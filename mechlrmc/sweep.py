@@ -41,6 +41,7 @@ from mechlrmc.runs import Run, atomic_write
 
 SPEC_KEYS = ("preset", "config", "steps", "set", "grid", "seeds", "resources")
 RESOURCE_KEYS = ("cpus_per_trial", "gpus_per_trial")
+LOCK_WAIT = 60.0  # seconds a trial waits for its run's lock before failing
 SUMMARY_COLUMNS = ("run", "status", "step", "eval_loss", "eval_loss_mask", "eval_corr_mask", "wall_time", "error")
 
 
@@ -225,9 +226,19 @@ def _trainable(space: dict) -> None:
     from ray import tune
 
     params = space["trial"]
+    from mechlrmc.runs import RunLockedError
+
     config = RunConfig.from_dict(params["config"])
     out = Path(params["out"])
-    trainer = params["factory"](config, out, (out / "config.yaml").is_file())
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:  # a writer of a killed sweep may take a moment to die and free the run's lock
+        try:
+            trainer = params["factory"](config, out, (out / "config.yaml").is_file())
+            break
+        except RunLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     every = config.train.log_every
 
     def report(t) -> None:
