@@ -256,30 +256,46 @@ class _Status:
         from ray import tune
         from tqdm.auto import tqdm
 
-        status = self
-
         class Callback(tune.Callback):
+            """Feeds the status line. Tune pickles its callbacks with the experiment; the status
+            (a tqdm bar, a notebook widget in Jupyter) stays with the driver and is left out."""
+
+            def __init__(self, status: _Status | None):
+                self.status = status
+
+            def __getstate__(self) -> dict:
+                return {"status": None}
+
             def on_trial_start(self, iteration, trials, trial, **info):
-                status.running[trial.config["trial"]["name"]] = (0, math.nan)
-                status.refresh(force=True)
+                if self.status:
+                    self.status.start(trial.config["trial"]["name"])
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                status.running[trial.config["trial"]["name"]] = (result.get("step", 0),
-                                                                 result.get("eval_loss_mask", math.nan))
-                status.refresh()
+                if self.status:
+                    self.status.update(trial.config["trial"]["name"], result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                status.finish(trial.config["trial"]["name"], failed=False)
+                if self.status:
+                    self.status.finish(trial.config["trial"]["name"], failed=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                status.finish(trial.config["trial"]["name"], failed=True)
+                if self.status:
+                    self.status.finish(trial.config["trial"]["name"], failed=True)
 
-        self.callback = Callback()
+        self.callback = Callback(self)
         self.running: dict[str, tuple[int, float]] = {}
         self.failed = 0
         self.shown = 0.0
         self.bar = tqdm(total=total, initial=done, unit="trial", desc="sweep", disable=not progress,
                         dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} done {postfix} [{elapsed}]")
+        self.refresh()
+
+    def start(self, name: str) -> None:
+        self.running[name] = (0, math.nan)
+        self.refresh(force=True)
+
+    def update(self, name: str, result: dict) -> None:
+        self.running[name] = (result.get("step", 0), result.get("eval_loss_mask", math.nan))
         self.refresh()
 
     def finish(self, name: str, failed: bool) -> None:
