@@ -80,7 +80,7 @@ def test_exact_where_the_output_is_linear_in_the_site():
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, norm="pre"))
     model = HookedEncoder(cfg, seed=3).to(torch.float64)
     model.ln_final = None
-    clean = sample(cfg.data, 8, torch.Generator().manual_seed(0))
+    clean = sample(cfg.data, 8, torch.Generator().manual_seed(5))  # corrupt() resamples from seed 0
     corrupted = corrupt(clean, "resample", cfg.data)
     last = model.cfg.n_layers - 1
     for site in ("mlp_out", "resid_post"):
