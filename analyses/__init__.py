@@ -17,3 +17,6 @@ from analyses.patching import batched_outputs, batched_sweep, corrupt, patching,
 from analyses.swaps import plot_swaps, swap_grid, swap_state, swapped_model  # noqa: F401
 from analyses.freeze import FreezeTrainer, drop_step, freeze_info, freeze_sweep, freeze_train, plot_freeze  # noqa: F401
 from analyses.report import build_report, write_report  # noqa: F401
+from analyses.attribution import attribution, attribution_agreement, attribution_sweep, compare_with_patching, plot_attribution_vs_patching  # noqa: F401
+from analyses.llc import SGLDConfig, llc_from_traces, local_learning_coefficient, plot_llc, plot_sgld_traces, sgld_traces  # noqa: F401
+from analyses.scrubber import pattern_frame, plot_attention_scrubber, save_attention_scrubber, scrub_data  # noqa: F401

@@ -147,9 +147,11 @@ def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_ma
     fig = px.scatter(part, x="exact", y="attribution", color=color, facet_col="panel", facet_col_wrap=4,
                      hover_data=["layer", "pos", "head"], opacity=0.6,
                      title=f"Attribution patching against exact patching: {metric} (PAPER.md finding 6)")
-    lo = float(min(part.exact.min(), part.attribution.min()))
-    hi = float(max(part.exact.max(), part.attribution.max()))
-    fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(color="grey", dash="dot"), row="all", col="all")
+    for trace_x, trace_y in {(t.xaxis, t.yaxis) for t in fig.data}:  # the diagonal in each panel's own range
+        points = [v for t in fig.data if (t.xaxis, t.yaxis) == (trace_x, trace_y) for v in (*t.x, *t.y)]
+        lo, hi = float(min(points)), float(max(points))
+        fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(color="grey", dash="dot"),
+                      xref=trace_x, yref=trace_y)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     return fig.update_xaxes(matches=None).update_yaxes(matches=None).update_layout(template="plotly_white")
 

@@ -40,6 +40,7 @@ from mechlrmc.data import Batch
 from mechlrmc.metrics import split_losses
 
 Data = Batch | tuple[torch.Tensor, torch.Tensor] | Iterable
+_COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3")
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,15 @@ def plot_sgld_traces(traces: pd.DataFrame) -> go.Figure:
     for col, step in enumerate(steps, start=1):
         part = traces if step is None else traces[traces.step == step]
         for chain, rows in part.groupby("chain"):
+            colour = _COLOURS[int(chain) % len(_COLOURS)]
             fig.add_scatter(x=rows.sgld_step, y=rows.loss, mode="lines", name=f"chain {chain}", row=1, col=col,
-                            line=dict(width=1), legendgroup=str(chain), showlegend=col == 1)
+                            line=dict(width=1, color=colour), legendgroup=str(chain), showlegend=col == 1)
         burnin = part[part.burnin].sgld_step.max()
         if not pd.isna(burnin):
             fig.add_vrect(x0=0, x1=burnin, fillcolor="grey", opacity=0.12, line_width=0, row=1, col=col)
         fig.add_hline(y=float(part.init_loss.iloc[0]), line_dash="dot", line_color="black", row=1, col=col)
     fig.update_xaxes(title_text="SGLD step")
-    fig.update_yaxes(title_text="minibatch loss", col=1)
+    fig.update_yaxes(type="log").update_yaxes(title_text="minibatch loss (log)", col=1)
     return fig.update_layout(title="SGLD loss traces (burn-in shaded, L(w*) dotted)", template="plotly_white",
                              height=380)
 

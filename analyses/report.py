@@ -246,7 +246,7 @@ def _attribution(ctx: Context) -> list[Part]:
               for moment, step in ctx.moments.items()]
     frame = pd.concat(frames, ignore_index=True)
     agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])
-    table = agreement.pivot(index=["site", "granularity"], columns="step", values=["pearson", "spearman"])
+    table = agreement.pivot(index=["site", "granularity"], columns="step", values=["pearson", "spearman", "slope"])
     return [f"<p>Clean X against -X, {len(batch)} matrices, recovery at masked positions; checkpoints "
             f"{', '.join(f'{m} {s}' for m, s in ctx.moments.items())}. Dotted line: attribution = exact.</p>",
             _attribution_verdict(agreement, ctx.moments),

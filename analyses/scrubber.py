@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -82,7 +83,8 @@ def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: i
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False, autorange="reversed")
     return fig.update_layout(
         title="Average attention of every head across training (queries down, keys across; title: taxonomy label)",
-        coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=float(grids.max()), colorbar=dict(title="weight")),
+        coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=float(np.quantile(grids, 0.995)),
+                       colorbar=dict(title="weight<br>(top 0.5 %<br>saturated)")),
         sliders=[dict(active=0, steps=slider_steps, currentvalue=dict(prefix="checkpoint "), pad=dict(t=30))],
         template="plotly_white", height=170 * layers + 200, margin=dict(l=30, r=30, t=80, b=30))
 
