@@ -35,8 +35,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings of attribution")
     args = parser.parse_args()
-    if args.batch_size < 1 or args.threads < 1 or args.repeats < 1:
-        raise SystemExit("attribution_sweep: --batch-size, --threads and --repeats must be >= 1")
+    for name in ("batch_size", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: allowed an integer >= 1")
     torch.set_num_threads(args.threads)
 
     import transformer_lens.patching as tl_patching
