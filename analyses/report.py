@@ -151,6 +151,9 @@ def _llc(ctx: Context) -> list[Part]:
             f"{per_checkpoint:.1f} s per checkpoint here. The traces below (checkpoints before, at and after "
             f"the drop) should be flat after the shaded burn-in; the LLC is n&beta; x (mean drawn loss - "
             f"L(w*)).</p>")
+    trend = ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_std[s]:.2f}"
+                      for m, s in ctx.moments.items() if s in table.index)
+    note += f"<p>Mean LLC across chains: {trend}.</p>"
     return [note, plot_llc(llc, ctx.run.metrics, ctx.phases.drop_step),
             plot_sgld_traces(traces[traces.step.isin(moments)]), table]
 
