@@ -19,3 +19,6 @@ from analyses.freeze import FreezeTrainer, drop_step, freeze_info, freeze_sweep,
 from analyses.report import build_report, write_report  # noqa: F401
 from analyses.family import across_runs, family_findings, family_runs, family_summary, findings_table, plot_drop_steps, plot_family_curves, varied_keys  # noqa: F401
 from analyses.family_report import build_family_report, write_family_report  # noqa: F401
+from analyses.attribution import attribution, attribution_agreement, attribution_sweep, compare_with_patching, plot_attribution_vs_patching  # noqa: F401
+from analyses.llc import SGLDConfig, llc_from_traces, local_learning_coefficient, plot_llc, plot_sgld_traces, sgld_traces  # noqa: F401
+from analyses.scrubber import pattern_frame, plot_attention_scrubber, save_attention_scrubber, scrub_data  # noqa: F401

@@ -123,7 +123,7 @@ def batched_outputs(
     _, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in wanted)
     _, corrupt_cache = model.run_with_cache(corrupted_tokens, names_filter=lambda n: n in corrupt_wanted)
     masks = _masks(patches, pos, model.cfg.n_heads, site).to(corrupted_tokens.device)
-    out = torch.empty(len(patches), b, pos, device=corrupted_tokens.device)
+    out = torch.empty(len(patches), b, pos, device=corrupted_tokens.device, dtype=model.W_U.dtype)
     chunk = max(1, max_rows // b)
     layer_of = torch.tensor([l for l, _, _ in patches])
     pos_of = torch.tensor([p for _, p, _ in patches])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -85,6 +85,10 @@ class Context:
         before = self.run.nearest_step((start + p.drop_step) / 2)
         return {"plateau": before, "drop": self.run.nearest_step(p.drop_step), "after": steps[-1]}
 
+    @property
+    def quick(self) -> bool:
+        return self.budget is QUICK
+
     def model(self, step: int):
         return self.run.load_model(step, device=self.device)
 
@@ -152,6 +156,32 @@ def _phases(ctx: Context) -> list[Part]:
     return [plot_phases(ctx.run, ctx.phases.to_frame().T).update_layout(width=None)]
 
 
+def _llc(ctx: Context) -> list[Part]:
+    from analyses.llc import DEFAULTS, llc_from_traces, plot_llc, plot_sgld_traces, sgld_traces
+
+    steps = ctx.run.steps if not ctx.quick else ctx.steps
+    draws = DEFAULTS if not ctx.quick else replace(DEFAULTS, num_chains=2, num_burnin=5, num_draws=10)
+    start = time.perf_counter()
+    traces = across_checkpoints(ctx.run, sgld_traces, steps=steps, batch=ctx.batch, device=ctx.device,
+                                progress=ctx.progress, config=draws)
+    per_checkpoint = (time.perf_counter() - start) / len(steps)
+    llc = traces.groupby("step", group_keys=False)[list(traces.columns)].apply(
+        lambda t: llc_from_traces(t).assign(step=int(t.step.iloc[0])))
+    moments = [s for s in ctx.moments.values() if s in set(steps)]
+    table = llc.groupby("step").agg(llc_mean=("llc", "mean"), llc_std=("llc", "std"), init_loss=("init_loss", "first"))
+    note = (f"<p>SGLD (devinterp) on the {len(ctx.batch)}-matrix analysis batch: {draws.num_chains} chains x "
+            f"({draws.num_burnin} burn-in + {draws.num_draws} draws), step size {draws.lr:g}, localization "
+            f"{draws.localization:g}, n&beta; {draws.inverse_temperature:.3g} (batch {draws.batch_size}); "
+            f"{per_checkpoint:.1f} s per checkpoint here. The traces below (checkpoints before, at and after "
+            f"the drop) should be flat after the shaded burn-in; the LLC is n&beta; x (mean drawn loss - "
+            f"L(w*)).</p>")
+    trend = ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_std[s]:.2f}"
+                      for m, s in ctx.moments.items() if s in table.index)
+    note += f"<p>Mean LLC across chains: {trend}.</p>"
+    return [note, plot_llc(llc, ctx.run.metrics, ctx.phases.drop_step),
+            plot_sgld_traces(traces[traces.step.isin(moments)]), table]
+
+
 def _copy(ctx: Context) -> list[Part]:
     from analyses.copying import copy_check, plot_copy, summarize_copy
 
@@ -205,6 +235,16 @@ def _attention_views(ctx: Context) -> list[Part]:
     return parts
 
 
+def _attention_scrubber(ctx: Context) -> list[Part]:
+    from analyses.scrubber import plot_attention_scrubber, scrub_data
+
+    data = ctx.run.config.data
+    patterns, taxonomy = scrub_data(ctx.run, steps="all", batch=ctx.batch[:256], progress=ctx.progress)
+    return [f"<p>Every checkpoint ({len(ctx.run.steps)}), patterns averaged over {min(256, len(ctx.batch))} random "
+            "masks. Drag the slider: titles give each head's label at that step (row heads blue, column heads "
+            "red).</p>", plot_attention_scrubber(patterns, taxonomy, data.m, data.n, ctx.phases.drop_step)]
+
+
 def _ablation(ctx: Context) -> list[Part]:
     from analyses.ablation import head_ablation_sweep, plot_ablation
 
@@ -223,6 +263,40 @@ def _patching(ctx: Context) -> list[Part]:
                                                           values=["recovery_mask", "recovery_obs"])
     return [f"<p>Clean X, corrupted -X (same mask), step {ctx.final}, {len(batch)} matrices.</p>",
             plot_patching(frame, "z", "layer_head"), plot_patching(frame, "attn_out", "layer_pos"), per_layer]
+
+
+def _attribution(ctx: Context) -> list[Part]:
+    from analyses.attribution import attribution_agreement, compare_with_patching, plot_attribution_vs_patching
+
+    batch = ctx.batch[: ctx.budget.patch_batch]
+    frames = [compare_with_patching(ctx.model(step), batch, ctx.run.config.data).assign(step=step, moment=moment)
+              for moment, step in ctx.moments.items()]
+    frame = pd.concat(frames, ignore_index=True)
+    agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])
+    table = agreement.pivot(index=["site", "granularity"], columns="step", values=["pearson", "spearman", "slope"])
+    return [f"<p>Clean X against -X, {len(batch)} matrices, recovery at masked positions; checkpoints "
+            f"{', '.join(f'{m} {s}' for m, s in ctx.moments.items())}. Dotted line: attribution = exact.</p>",
+            _attribution_verdict(agreement, ctx.moments),
+            plot_attribution_vs_patching(frame, step=ctx.moments[list(ctx.moments)[0]]).update_layout(
+                title=f"Attribution against exact patching at step {ctx.moments[list(ctx.moments)[0]]}"),
+            plot_attribution_vs_patching(frame, step=ctx.final).update_layout(
+                title=f"Attribution against exact patching at step {ctx.final}"),
+            table]
+
+
+def _attribution_verdict(agreement: pd.DataFrame, moments: dict[str, int]) -> str:
+    """Where the linear estimate holds (Pearson >= 0.9) and where it fails (< 0.5), per checkpoint."""
+    lines = []
+    for moment, step in moments.items():
+        at = agreement[agreement.step == step].dropna(subset=["pearson"])
+        good = [f"{r.site}/{r.granularity} ({r.pearson:.2f})" for r in at.itertuples() if r.pearson >= 0.9]
+        bad = [f"{r.site}/{r.granularity} ({r.pearson:.2f})" for r in at.itertuples() if r.pearson < 0.5]
+        lines.append(f"<li><b>{moment} (step {step})</b>: holds for {', '.join(good) or 'no site'}; "
+                     f"fails for {', '.join(bad) or 'no site'}.</li>")
+    return ("<p>Pearson correlation of attribution with exact patching. -X is not a small perturbation: where "
+            "the path from -X to X crosses LayerNorm, GELU and softmax curvature the first-order estimate "
+            "misses, most where whole layers or residual streams are patched (exact recovery near 1, the "
+            "estimate far from it).</p><ul>" + "".join(lines) + "</ul>")
 
 
 def _probes(ctx: Context) -> list[Part]:
@@ -280,6 +354,9 @@ SECTIONS: list[tuple[str, str, str, str, Callable[[Context], list[Part]]]] = [
      _family),
     ("phases", "Loss curves and phases", "finding 1",
      "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", _phases),
+    ("llc", "Local learning coefficient", "finding 1",
+     "The LLC (SGLD estimate of the effective dimension, halved) at every checkpoint under the loss curves: "
+     "does the drop show as a change in the model's effective complexity?", _llc),
     ("copy", "Copy check", "finding 2",
      "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
      "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
@@ -296,11 +373,18 @@ SECTIONS: list[tuple[str, str, str, str, Callable[[Context], list[Part]]]] = [
     ("views", "Attention before, at and after the drop", "finding 4",
      "circuitsvis patterns of every head averaged over random masks and for one example, at three checkpoints.",
      _attention_views),
+    ("scrubber", "Attention across training", "finding 4",
+     "Every head's average attention pattern at every checkpoint behind one slider, titled with its "
+     "taxonomy label: the row and column heads forming.", _attention_scrubber),
     ("ablation", "Head ablation", "finding 5",
      "Change in L_mask when one head of the final model is zeroed: which heads the completion needs.", _ablation),
     ("patching", "Activation patching", "finding 6",
      "Recovery of the clean output when clean activations of one head / layer / position are patched into "
      "the run on -X.", _patching),
+    ("attribution", "Attribution patching", "finding 6",
+     "The first-order estimate of patching, (clean - corrupted activation) x gradient, against exact "
+     "patching for every site before, at and after the drop: where the linear estimate holds and fails.",
+     _attribution),
     ("probes", "Linear probes", "finding 7",
      "Test R^2 of linear probes at masked positions, per layer and checkpoint: which layer stores the entry, "
      "its row and column and the singular vectors, and from when.", _probes),

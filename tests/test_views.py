@@ -41,3 +41,5 @@ def test_analyze_attention_command(tiny_run, tmp_path):
     assert (out / "taxonomy.html").stat().st_size > 1e5 and (out / "phases.csv").is_file()
     views = sorted((out / "views").glob("attention_step_*.html"))
     assert views and "CircuitsVis.render(" in views[-1].read_text()
+    scrubber = (out / "scrubber.html").read_text()
+    assert all(f'"label":"{s}"' in scrubber for s in tiny_run.steps)  # one slider step per checkpoint

@@ -2,7 +2,8 @@
 
     mechlrmc analyze attention RUN [-o OUT] [--steps all|around_drop|S ...] [--views S ...]
         phases.csv/.html, taxonomy.csv (random masks), taxonomy_structured.csv (PAPER.md
-        finding 4's fixed mask), taxonomy.html (heatmap over steps), views/attention_step_S.html
+        finding 4's fixed mask), taxonomy.html (heatmap over steps), views/attention_step_S.html,
+        scrubber.html (every head's average pattern and label, a slider over the steps)
     mechlrmc analyze phases RUN      phases.csv, phases.html
     mechlrmc analyze copy RUN        copy.csv, copy_summary.csv, copy.html
     mechlrmc analyze ablation RUN    ablation.csv, ablation.html (default steps: around the drop)
@@ -49,6 +50,7 @@ def _attention(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from analyses.heads import head_taxonomy, plot_taxonomy, structured_taxonomy
+    from analyses.scrubber import pattern_frame, plot_attention_scrubber
     from analyses.views import save_attention_views
     from analyses.walk import across_checkpoints, select_steps
 
@@ -60,6 +62,9 @@ def _attention(args: argparse.Namespace) -> int:
     structured = across_checkpoints(run, structured_taxonomy, steps=steps, batch=batch, data_cfg=run.config.data)
     structured.to_csv(out / "taxonomy_structured.csv", index=False)
     plot_taxonomy(taxonomy, drop_step=phases.drop_step).write_html(out / "taxonomy.html", include_plotlyjs=True)
+    patterns = across_checkpoints(run, pattern_frame, steps=steps, batch=batch)
+    plot_attention_scrubber(patterns, taxonomy, run.config.data.m, run.config.data.n, phases.drop_step).write_html(
+        out / "scrubber.html", include_plotlyjs=True)
     plateau_end = run.steps[0] if pd.isna(phases.plateau_end) else phases.plateau_end
     view_steps = [int(s) for s in args.views] if args.views else sorted({run.nearest_step(plateau_end), run.steps[-1]})
     for step in view_steps:
@@ -120,7 +125,7 @@ def _common(p: argparse.ArgumentParser, steps: str = "all") -> None:
 
 
 def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersAction) -> None:
-    p = analyze.add_parser("attention", help="drop detection, head taxonomy over steps, attention views")
+    p = analyze.add_parser("attention", help="drop detection, head taxonomy over steps, attention views, attention scrubber")
     _common(p)
     p.add_argument("--views", nargs="+", help="steps to draw attention views of (default: plateau end, last)")
     p.set_defaults(func=_attention)

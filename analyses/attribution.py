@@ -1,0 +1,157 @@
+"""Attribution patching (PAPER.md finding 6, first order): activation patching by one gradient.
+
+Patching the clean activation a_clean of a site into the corrupted run moves the recovery metric
+of `analyses.patching` by approximately
+
+    attribution = sum over the patched entries of (a_clean - a_corrupt) * d recovery / d a,
+
+the gradient taken at the corrupted run. One forward and one backward of the corrupted batch give
+the gradient at every site at once; one cached clean forward gives the differences. Every patch
+of every site and granularity of `analyses.patching` is then a sum over its entries. The two
+recovery metrics (masked and observed positions) are handled in the same pass: the corrupted
+batch is stacked twice and each copy is back-propagated from one metric.
+
+The estimate is exact when the output is linear in the patched activation (e.g. the last MLP's
+output with no final LayerNorm). Where LayerNorm, GELU or softmax bend the path it can miss
+badly; `compare_with_patching` and `attribution_agreement` measure by how much.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import torch
+from scipy import stats
+
+from analyses.patching import _frame, _masks, _patch_grid, corrupt, hook_name, patching
+from mechlrmc.config import DataConfig
+from mechlrmc.data import Batch
+from mechlrmc.model import HookedEncoder
+
+DEFAULT_SITES = {"resid_pre": ("layer", "layer_pos"), "attn_out": ("layer", "layer_pos"),
+                 "mlp_out": ("layer", "layer_pos"), "z": ("layer_head", "layer_pos_head")}
+
+
+def metric_weights(clean: torch.Tensor, corrupted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """d recovery / d prediction for the masked and observed metrics [2, batch, pos].
+
+    Recovery is linear in the prediction: <pred - corrupted, w> with w = (clean - corrupted) on the
+    chosen positions divided by its squared norm there. When clean and corrupted outputs coincide
+    there is nothing to recover and w is zero (exact patching would divide 0 by 0)."""
+    direction = clean - corrupted  # [b, pos]
+    weights = []
+    for where in ((~observed).float(), observed.float()):
+        den = (direction.pow(2) * where).sum()
+        weights.append(torch.where(den > 0, direction * where / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0))
+    return torch.stack(weights)
+
+
+def _gradients(model: HookedEncoder, tokens: torch.Tensor, names: list[str], weights: torch.Tensor):
+    """Activations of `names` on `tokens` and the gradients of both metrics there:
+    ({name: [b, ...]}, {name: [2, b, ...]}), from one forward and one backward of 2b rows."""
+    b = tokens.shape[0]
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook) -> torch.Tensor:
+        acts[hook.name] = act
+        return act
+
+    def track(act: torch.Tensor, hook) -> torch.Tensor:  # gradients even for a frozen model
+        return act if act.requires_grad else act.requires_grad_()
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", track), *[(n, keep) for n in names]]):
+        pred = model(torch.cat([tokens, tokens]))  # [2b, pos]: copy 0 masked metric, copy 1 observed
+        total = (pred.view(2, b, -1) * weights).sum()
+        grads = torch.autograd.grad(total, [acts[n] for n in names])
+    values = {n: acts[n][:b].detach() for n in names}
+    return values, {n: g.view(2, b, *g.shape[1:]) for n, g in zip(names, grads)}
+
+
+def attribution_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
+                      sites: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
+    """First-order recovery of every patch of every (site, granularity) in `sites` (default
+    `DEFAULT_SITES`) from one clean forward, one corrupted forward and one backward. One row per
+    (site, granularity, layer, pos, head) as `batched_sweep` (-1: all positions / heads)."""
+    sites = sites or DEFAULT_SITES
+    device = next(model.parameters()).device
+    clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
+    grids = {(s, g): _patch_grid(model, s, g, clean_tokens.shape[1]) for s, grans in sites.items() for g in grans}
+    names = sorted({hook_name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
+    with torch.no_grad():
+        clean_pred, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
+        corrupt_pred = model(corrupt_tokens)
+    weights = metric_weights(clean_pred, corrupt_pred, clean.observed.to(device))
+    corrupt_acts, grads = _gradients(model, corrupt_tokens, names, weights)
+    # per name: the estimate of each entry, summed over the batch and the feature axis [2, pos, (head)]
+    per_entry = {n: ((clean_cache[n] - corrupt_acts[n]) * grads[n]).sum(-1).sum(1) for n in names}
+    frames = []
+    for (site, granularity), grid in grids.items():
+        masks = _masks(grid, clean_tokens.shape[1], model.cfg.n_heads, site).to(device).float()  # [K, pos, (head)]
+        layer_of = [l for l, _, _ in grid]
+        entries = torch.stack([per_entry[hook_name(site, l)] for l in layer_of], 1)  # [2, K, pos, (head)]
+        estimate = (entries * masks).flatten(2).sum(-1)  # [2, K]
+        frame = _frame(grid, {"recovery_mask": estimate[0], "recovery_obs": estimate[1]})
+        frames.append(frame.assign(site=site, granularity=granularity))
+    return pd.concat(frames, ignore_index=True)
+
+
+def attribution(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
+                sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Attribution patching of `batch` against one corruption: the table of `patching` (same
+    columns and rows) with `method="attribution"`. Maps over a run with `across_checkpoints`."""
+    corrupted = corrupt(batch, corruption, data_cfg, seed)
+    return attribution_sweep(model, batch, corrupted, sites).assign(corruption=corruption, method="attribution")
+
+
+def compare_with_patching(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
+                          sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Exact (batched) patching and attribution side by side: one row per patch and metric, with
+    columns `exact` and `attribution`."""
+    keys = ["site", "granularity", "layer", "pos", "head"]
+    exact = patching(model, batch, data_cfg, corruption, sites or DEFAULT_SITES, seed)
+    approx = attribution(model, batch, data_cfg, corruption, sites, seed)
+    long = [f.melt(id_vars=keys, value_vars=["recovery_mask", "recovery_obs"], var_name="metric", value_name=name)
+            for f, name in ((exact, "exact"), (approx, "attribution"))]
+    return long[0].merge(long[1], on=[*keys, "metric"]).assign(corruption=corruption)
+
+
+def attribution_agreement(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (step,) site, granularity and metric: Pearson and Spearman correlation of attribution
+    with exact patching, the largest miss and the slope of attribution on exact."""
+    by = [c for c in ("step", "site", "granularity", "metric") if c in frame]
+
+    def agree(part: pd.DataFrame) -> pd.Series:
+        x, y = part.exact.to_numpy(), part.attribution.to_numpy()
+        varied = len(part) > 2 and x.std() > 0 and y.std() > 0
+        return pd.Series({
+            "patches": len(part),
+            "pearson": stats.pearsonr(x, y)[0] if varied else float("nan"),
+            "spearman": stats.spearmanr(x, y)[0] if varied else float("nan"),
+            "max_abs_error": float(abs(y - x).max()),
+            "slope": float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else float("nan"),
+        })
+
+    return frame.groupby(by, sort=False)[["exact", "attribution"]].apply(agree).reset_index()
+
+
+def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_mask", step: int | None = None):
+    """Scatter of attribution against exact recovery, one panel per site / granularity, the
+    diagonal marking perfect agreement; with a `step` column, one colour per step (or only `step`)."""
+    part = frame[frame.metric == metric].copy()
+    if step is not None:
+        part = part[part.step == step]
+    part["panel"] = part.site + " / " + part.granularity
+    color = "step" if "step" in part and part.step.nunique() > 1 else None
+    if color:
+        part["step"] = part.step.astype(str)
+    fig = px.scatter(part, x="exact", y="attribution", color=color, facet_col="panel", facet_col_wrap=4,
+                     hover_data=["layer", "pos", "head"], opacity=0.6,
+                     title=f"Attribution patching against exact patching: {metric} (PAPER.md finding 6)")
+    for trace_x, trace_y in {(t.xaxis, t.yaxis) for t in fig.data}:  # the diagonal in each panel's own range
+        points = [v for t in fig.data if (t.xaxis, t.yaxis) == (trace_x, trace_y) for v in (*t.x, *t.y)]
+        lo, hi = float(min(points)), float(max(points))
+        fig.add_shape(type="line", x0=lo, y0=lo, x1=hi, y1=hi, line=dict(color="grey", dash="dot"),
+                      xref=trace_x, yref=trace_y)
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+    return fig.update_xaxes(matches=None).update_yaxes(matches=None).update_layout(template="plotly_white")
+

@@ -1,0 +1,101 @@
+"""Attention across training, scrubbed: one figure whose slider walks through the checkpoints.
+
+Every head's attention pattern averaged over a batch of random masks ([layer, head, query, key]),
+drawn as a layers x heads grid of heatmaps, each titled with the head's taxonomy label at that
+checkpoint (`analyses.heads.head_taxonomy`). Moving the slider swaps the patterns and labels, so a
+reader watches the row and column heads of PAPER.md finding 4 form around the drop. The figure is
+plain plotly (slider steps restyle the heatmaps), so it works offline wherever plotly.js is
+inlined once; all checkpoints' patterns travel in the file, rounded to 3 decimals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analyses.cache import mean_patterns
+from analyses.heads import head_taxonomy
+from analyses.walk import Steps, across_checkpoints
+from mechlrmc.data import Batch
+from mechlrmc.model import HookedEncoder
+from mechlrmc.runs import Run
+
+LABEL_COLOURS = {"row": "#1f77b4", "column": "#d62728", "self": "#2ca02c", "observed-only": "#9467bd"}
+
+
+def pattern_frame(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
+    """Average attention pattern of every head as a long table (layer, head, query, key, weight)."""
+    patterns = mean_patterns(model, batch.tokens)  # [layer, head, q, k]
+    index = pd.MultiIndex.from_product([range(s) for s in patterns.shape], names=["layer", "head", "query", "key"])
+    return pd.DataFrame({"weight": patterns.flatten().numpy()}, index=index).reset_index()
+
+
+def scrub_data(run: Run, steps: Steps = None, batch: Batch | None = None, progress: bool = True
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(average patterns, taxonomy over all queries) at every selected checkpoint (default: all)."""
+    patterns = across_checkpoints(run, pattern_frame, steps=steps, batch=batch, progress=progress)
+    taxonomy = across_checkpoints(run, head_taxonomy, steps=steps, batch=batch, progress=progress, queries="all")
+    return patterns, taxonomy
+
+
+def _title(layer: int, head: int, label: str) -> str:
+    return f"L{layer}H{head} {label}"
+
+
+def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: int, n: int,
+                            drop_step: float | None = None) -> go.Figure:
+    """Layers x heads grid of average attention patterns with a slider over checkpoints; subplot
+    titles carry each head's label at that step (row heads blue, column heads red)."""
+    steps = sorted(patterns.step.unique())
+    layers, heads, pos = int(patterns.layer.max()) + 1, int(patterns["head"].max()) + 1, m * n
+    found = patterns["query"].max() + 1
+    if found != pos:
+        raise ValueError(f"patterns have {found} positions: expected m*n = {pos}")
+    grids = (patterns.sort_values(["step", "layer", "head", "query", "key"]).weight.to_numpy()
+             .astype(float).reshape(len(steps), layers, heads, pos, pos).round(3))
+    labels = taxonomy[taxonomy.queries == "all"].set_index(["step", "layer", "head"]).label
+    names = [f"r{i}c{j}" for i in range(m) for j in range(n)]
+    fig = make_subplots(rows=layers, cols=heads, horizontal_spacing=0.012, vertical_spacing=0.05,
+                        subplot_titles=[_title(l, h, labels.get((steps[0], l, h), "")) for l in range(layers)
+                                        for h in range(heads)])
+    for l in range(layers):
+        for h in range(heads):
+            fig.add_heatmap(z=grids[0, l, h], x=names, y=names, coloraxis="coloraxis", row=l + 1, col=h + 1,
+                            hovertemplate=f"L{l}H{h}<br>query %{{y}}<br>key %{{x}}<br>weight %{{z:.3f}}<extra></extra>")
+    relative = "" if drop_step is None or pd.isna(drop_step) else "drop {:+d}"
+    slider_steps = []
+    for k, step in enumerate(steps):
+        titles = {}
+        for i, (l, h) in enumerate((l, h) for l in range(layers) for h in range(heads)):
+            label = labels.get((step, l, h), "")
+            titles[f"annotations[{i}].text"] = _title(l, h, label)
+            titles[f"annotations[{i}].font.color"] = LABEL_COLOURS.get(label, "#444")
+        tag = f"{step}" + (f" ({relative.format(int(step - drop_step))})" if relative else "")
+        slider_steps.append(dict(method="update", label=tag,
+                                 args=[{"z": [grids[k, l, h].tolist() for l in range(layers) for h in range(heads)]},
+                                       titles]))
+    for i, (l, h) in enumerate((l, h) for l in range(layers) for h in range(heads)):
+        fig.layout.annotations[i].font = dict(size=10, color=LABEL_COLOURS.get(labels.get((steps[0], l, h)), "#444"))
+    fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False, autorange="reversed")
+    return fig.update_layout(
+        title="Average attention of every head across training (queries down, keys across; title: taxonomy label)",
+        coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=float(np.quantile(grids, 0.995)),
+                       colorbar=dict(title="weight<br>(top 0.5 %<br>saturated)")),
+        sliders=[dict(active=0, steps=slider_steps, currentvalue=dict(prefix="checkpoint "), pad=dict(t=30))],
+        template="plotly_white", height=170 * layers + 200, margin=dict(l=30, r=30, t=80, b=30))
+
+
+def save_attention_scrubber(run: Run, path: str | Path, steps: Steps = None, batch: Batch | None = None,
+                            drop_step: float | None = None, progress: bool = True) -> Path:
+    """Compute `scrub_data` and write the scrubber as one offline HTML file (plotly.js inlined)."""
+    patterns, taxonomy = scrub_data(run, steps, batch, progress)
+    data = run.config.data
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_attention_scrubber(patterns, taxonomy, data.m, data.n, drop_step).write_html(path, include_plotlyjs=True)
+    return path
+
