@@ -225,9 +225,9 @@ def _trainable(space: dict) -> None:
     """Ray Tune function trainable: train (or resume) one trial, reporting its step and L_mask."""
     from ray import tune
 
-    params = space["trial"]
     from mechlrmc.runs import RunLockedError
 
+    params = space["trial"]
     config = RunConfig.from_dict(params["config"])
     out = Path(params["out"])
     deadline = time.monotonic() + LOCK_WAIT
