@@ -118,12 +118,15 @@ class Trainer:
         state = {}
         for name, p in names.items():
             state[p] = {
-                "step": tensors[f"adam.{name}.step"].to(self.device if self.cfg.train.adam == "fused" else "cpu"),
+                "step": tensors[f"adam.{name}.step"],
                 "exp_avg": tensors[f"adam.{name}.exp_avg"].to(self.device),
                 "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(self.device),
             }
         self.optimizer.state.clear()
         self.optimizer.state.update(state)
+        if self.cfg.train.adam == "fused":  # the fused kernel keeps its step counts on the device
+            for st in self.optimizer.state.values():
+                st["step"] = st["step"].to(self.device)
         self.generator.set_state(tensors["rng.data"])
         self.step = int(meta["step"])
         self.wall_time = float(meta["wall_time"])
