@@ -172,8 +172,8 @@ class TrainConfig:
     Speed switches: `compile` runs the forward and backward through `torch.compile`, and `adam`
     picks PyTorch's Adam kernel: "foreach" (multi-tensor, bitwise the same as the per-tensor loop)
     or "fused" (one kernel, ~2 ms/step less on the `cpu` preset, float results differ in the last
-    bits). Both change the speed only; `compile` and "fused" change the float trajectory, so a run
-    with them does not reproduce a run without them bit for bit."""
+    bits). `compile` and "fused" are for speed but change the float trajectory: a run with them does
+    not reproduce a run without them bit for bit (the default does)."""
 
     steps: int = 50_000
     batch_size: int = 256
