@@ -17,3 +17,5 @@ from analyses.patching import batched_outputs, batched_sweep, corrupt, patching,
 from analyses.swaps import plot_swaps, swap_grid, swap_state, swapped_model  # noqa: F401
 from analyses.freeze import FreezeTrainer, drop_step, freeze_info, freeze_sweep, freeze_train, plot_freeze  # noqa: F401
 from analyses.report import build_report, write_report  # noqa: F401
+from analyses.family import across_runs, family_findings, family_runs, family_summary, findings_table, plot_drop_steps, plot_family_curves, varied_keys  # noqa: F401
+from analyses.family_report import build_family_report, write_family_report  # noqa: F401

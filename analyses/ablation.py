@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechlrmc.data import Batch
+from mechlrmc.errors import OptionError
 from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
 
@@ -29,7 +30,7 @@ def _check_heads(model: HookedEncoder, heads: Heads) -> None:
     cfg = model.cfg
     bad = [(l, h) for l, h in heads if not (0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads)]
     if bad:
-        raise ValueError(f"heads {bad} are out of range: allowed layer < {cfg.n_layers}, head < {cfg.n_heads}")
+        raise OptionError(f"heads {bad} are out of range: allowed layer < {cfg.n_layers}, head < {cfg.n_heads}")
 
 
 def mean_z(model: HookedEncoder, batch: Batch) -> dict[int, torch.Tensor]:
@@ -56,9 +57,9 @@ def _set_uniform(pattern, hook, heads):  # pattern [batch, head, q, k]
 def ablation_hooks(heads: Heads, kind: str, means: dict[int, torch.Tensor] | None = None) -> list:
     """Forward hooks ablating `heads` ((layer, head) pairs); "mean" needs `means` from `mean_z`."""
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is invalid: allowed one of {KINDS}")
+        raise OptionError(f"kind={kind!r} is invalid: allowed one of {KINDS}")
     if kind == "mean" and means is None:
-        raise ValueError("kind='mean' needs the reference means: pass means=mean_z(model, batch)")
+        raise OptionError("kind='mean' needs the reference means: pass means=mean_z(model, batch)")
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mechlrmc.config import DataConfig
 from mechlrmc.data import Batch, sample
+from mechlrmc.errors import OptionError
 from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
 
@@ -76,7 +77,7 @@ def nuclear_norms(pred: torch.Tensor, m: int, n: int) -> torch.Tensor:
 def _grid_positions(batch: Batch, trained: DataConfig) -> torch.Tensor:
     """Positions in the trained m x n grid of the entries of `batch`'s m' x n' matrices: [m'*n']."""
     if batch.m > trained.m or batch.n > trained.n:
-        raise ValueError(
+        raise OptionError(
             f"a {batch.m} x {batch.n} matrix does not fit the model's {trained.m} x {trained.n} "
             f"position grid: allowed rows <= {trained.m} and columns <= {trained.n} "
             f"(larger matrices need position embeddings the model never learned)"
@@ -90,7 +91,7 @@ def model_predict(model: HookedEncoder, batch: Batch, trained: DataConfig, layou
     """The model's completion of `batch` [batch, m'*n'], placing m' x n' matrices in the top-left
     block of the trained m x n grid (module docstring)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is invalid: allowed {LAYOUTS}")
+        raise OptionError(f"layout={layout!r} is invalid: allowed {LAYOUTS}")
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device)
     if (batch.m, batch.n) == (trained.m, trained.n):
@@ -154,7 +155,7 @@ def compare_baselines(
     frames = []
     for p in tqdm(p_masks, desc="p_mask", disable=not progress):
         if not 0 <= p < 1:
-            raise ValueError(f"p_mask={p} is invalid: allowed 0 <= p_mask < 1")
+            raise OptionError(f"p_mask={p} is invalid: allowed 0 <= p_mask < 1")
         cfg = dataclasses.replace(data_cfg, p_mask=float(p))
         batch = sample(cfg, n_matrices, torch.Generator().manual_seed(seed))
         frames.append(evaluate_predictors(model, batch, data_cfg, progress=False).assign(p_mask=p))

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from transformer_lens import ActivationCache
 
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
 Names = str | list[str] | Callable[[str], bool]
@@ -65,7 +66,7 @@ def chunked_cache(
     """Yield (rows of the batch, output, cache of `names`) chunk by chunk; only one chunk's
     activations are alive at a time, so memory stays bounded whatever the batch size."""
     if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
+        raise OptionError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
     for start in range(0, tokens.shape[0], chunk_size):
         rows = slice(start, min(start + chunk_size, tokens.shape[0]))
         out, cache = cache_hooks(model, tokens[rows], names, device)
@@ -78,7 +79,7 @@ def pattern_names(model: HookedEncoder, layers: list[int] | None = None) -> list
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise ValueError(f"layers {bad} are out of range: allowed 0 <= layer < {n_layers}")
+        raise OptionError(f"layers {bad} are out of range: allowed 0 <= layer < {n_layers}")
     return [f"blocks.{l}.attn.hook_pattern" for l in layers]
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from mechlrmc.errors import OptionError
+
 _LAYERED = {
     "attn": r"attn\.\w+",
     "mlp": r"mlp\.\w+",
@@ -49,13 +51,13 @@ def _patterns(name: str, n_layers: int) -> list[str]:
     if base in _GLOBAL and not layer:
         return _GLOBAL[base]
     if base not in _LAYERED:
-        raise ValueError(f"component {name!r} is unknown: allowed {list(COMPONENTS)}, a layered one "
+        raise OptionError(f"component {name!r} is unknown: allowed {list(COMPONENTS)}, a layered one "
                          f"with '.layer' (e.g. attn.0), and '~' for the complement")
     if not layer:
         out = [rf"blocks\.\d+\.{_LAYERED[base]}"]
         return out + [r"ln_embed\.[wb]", r"ln_final\.[wb]"] if base == "ln" else out
     if not layer.isdigit() or not 0 <= int(layer) < n_layers:
-        raise ValueError(f"layer {layer!r} of component {name!r} is out of range: allowed 0..{n_layers - 1}")
+        raise OptionError(f"layer {layer!r} of component {name!r} is out of range: allowed 0..{n_layers - 1}")
     return [rf"blocks\.{int(layer)}\.{_LAYERED[base]}"]
 
 
@@ -64,7 +66,7 @@ def parse_spec(spec: str | Iterable[str]) -> list[str]:
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [s.strip() for s in names if s.strip()]
     if not names:
-        raise ValueError(f"component spec {spec!r} is empty: name at least one of {list(COMPONENTS)}")
+        raise OptionError(f"component spec {spec!r} is empty: name at least one of {list(COMPONENTS)}")
     return names
 
 

@@ -19,6 +19,7 @@ import torch
 
 from mechlrmc.config import DataConfig
 from mechlrmc.data import Batch, decode_tokens, encode_values
+from mechlrmc.errors import OptionError
 from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
 
@@ -33,7 +34,7 @@ def copy_check(
     `follows_inserted` = MSE vs inserted < MSE vs truth."""
     masked = batch.masked  # [batch, pos]
     if not masked.any():
-        raise ValueError("the batch has no masked entries: the copy check needs some")
+        raise OptionError("the batch has no masked entries: the copy check needs some")
     rows = []
     for value in (math.nan, *values):
         if math.isnan(value):

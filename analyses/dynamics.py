@@ -28,6 +28,7 @@ from analyses.baselines import copy_zero_predict
 from analyses.walk import Steps, across_checkpoints, analysis_batch
 from mechlrmc.config import RunConfig
 from mechlrmc.data import Batch
+from mechlrmc.errors import OptionError
 from mechlrmc.intervention import optimal_attention_map
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
@@ -170,30 +171,23 @@ def plot_dynamics(frames: dict[str, pd.DataFrame], metrics: pd.DataFrame | None 
     return fig
 
 
-def _finished_run(path: Path, cfg: RunConfig) -> Run | None:
-    """The run at `path` if it was trained with exactly `cfg` to the end, else None."""
-    if not (path / "config.yaml").is_file():
-        return None
-    run = Run(path)
-    return run if run.config.to_dict() == cfg.to_dict() and run.steps and run.steps[-1] == cfg.train.steps else None
-
-
 def intervention_runs(
     cfg: RunConfig, scales: list[float], steps: int, out_dir: str | Path, start: int = 0, progress: bool = True
 ) -> dict[float, Run]:
     """Train `cfg` for `steps` steps once per attention scale c (`train.attn_intervention_scale`,
-    from step `start`) into `out_dir/c{c}`; runs already finished with the same config are reused,
-    interrupted ones are resumed."""
-    from mechlrmc.train import train
+    from step `start`) into `out_dir/c{c}`, as one family on Ray Tune (`mechlrmc.sweep.launch`):
+    runs already finished are reused, interrupted ones resumed, and the runs train side by side."""
+    from mechlrmc.sweep import Trial, launch
 
-    runs = {}
-    for scale in scales:
-        run_cfg = cfg.override({"train.steps": steps, "train.attn_intervention_scale": float(scale),
-                                "train.attn_intervention_start": start})
-        path = Path(out_dir) / f"c{scale:g}"
-        runs[scale] = _finished_run(path, run_cfg) or train(
-            run_cfg, path, resume=(path / "resume.safetensors").is_file(), progress=progress)
-    return runs
+    threads = cfg.train.threads or 1
+    trials = [Trial(f"c{scale:g}", cfg.override({
+        "train.steps": steps, "train.attn_intervention_scale": float(scale), "train.attn_intervention_start": start,
+        "train.threads": threads}), {"scale": float(scale)}) for scale in scales]
+    summary = launch(trials, out_dir, cpus_per_trial=threads, progress=progress)
+    failed = summary[summary.status != "finished"]
+    if len(failed):
+        raise RuntimeError(f"intervention runs did not finish: {dict(zip(failed.run, failed.error))}")
+    return {float(scale): Run(Path(out_dir) / trial.name) for scale, trial in zip(scales, trials)}
 
 
 def intervention_summary(runs: list[Run]) -> pd.DataFrame:
@@ -229,7 +223,7 @@ def load_interventions(out_dir: str | Path) -> pd.DataFrame:
     `compare_interventions` directory, plus any plain run copied beside it as c = 1)."""
     paths = sorted(p for p in Path(out_dir).iterdir() if (p / "config.yaml").is_file())
     if not paths:
-        raise FileNotFoundError(f"{out_dir} holds no run directories")
+        raise OptionError(f"{out_dir} holds no run directories: allowed a folder of runs, e.g. from `mechlrmc analyze intervention`")
     return intervention_summary([Run(p) for p in paths])
 
 

@@ -11,6 +11,7 @@ in the optimizer, so they stay bitwise equal to the reference. `freeze_sweep` ru
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +22,7 @@ import torch
 from analyses.components import FREEZE_SET, component_params, parse_spec
 from analyses.swaps import swap_state
 from mechlrmc.config import RunConfig
+from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run, atomic_write
 from mechlrmc.train import Trainer
 
@@ -28,21 +30,58 @@ DEFAULT_STEPS = 1500  # cpu preset: ~2 min per run on one thread, the 5-run swee
 
 
 class FreezeTrainer(Trainer):
-    """A `Trainer` whose model starts from `start_state` and whose optimizer holds only `trainable`."""
+    """A `Trainer` whose model starts from `start_state` and whose optimizer holds only `trainable`.
+
+    With `resume=True` it continues its own run directory exactly, like any run: the resume state
+    holds the whole model (frozen parts included) and Adam's state of the trained parameters."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, start_state: dict[str, torch.Tensor],
-                 trainable: Iterable[str], progress: bool = True):
-        super().__init__(cfg, out, resume=False, progress=progress)
+                 trainable: Iterable[str], progress: bool = True, resume: bool = False):
+        super().__init__(cfg, out, resume=resume, progress=progress)  # holds the run's writer lock
         trainable = set(trainable)
         names = dict(self.model.named_parameters())
         unknown = trainable - set(names)
         if unknown or not trainable:
-            raise ValueError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
+            self.close()
+            raise OptionError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
                              f"allowed {sorted(names)}")
-        self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
+        if not self.resumed:  # a fresh run (also a --resume that found nothing to resume)
+            self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
         for name, p in names.items():
             p.requires_grad_(name in trainable)
         self.optimizer = torch.optim.Adam([p for n, p in names.items() if n in trainable], lr=cfg.train.lr)
+        if self.resumed:  # Trainer loaded Adam state into its own optimizer: load it into this one
+            self._load_resume_state()
+
+
+def _plan(run: Run, components: str | Iterable[str], init: str | int, reference: int | None):
+    """(start state, trainable parameter names, freeze.json metadata) of a component-wise run."""
+    if init != "init" and not isinstance(init, int):
+        raise OptionError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
+    reference = run.steps[-1] if reference is None else run.nearest_step(reference)
+    init_step = run.steps[0] if init == "init" else run.nearest_step(init)
+    if init == "init" and init_step != 0:
+        raise OptionError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
+    ref_state, init_state = run.state_dict(reference), run.state_dict(init_step)
+    n_layers = run.config.model.n_layers
+    names = parse_spec(components)
+    trainable = component_params(names, ref_state, n_layers)
+    if not trainable:
+        raise OptionError(f"components {names} select no parameters")
+    meta = {"source_run": str(run.path), "components": names, "init_step": init_step,
+            "reference_step": reference, "trainable": trainable}
+    return swap_state(init_state, ref_state, names, n_layers), trainable, meta
+
+
+def freeze_trainer(cfg: RunConfig, out: str | Path, resume: bool, *, source: str, components: str | Iterable[str],
+                   init: str | int = "init", reference: int | None = None, progress: bool = False) -> FreezeTrainer:
+    """The `FreezeTrainer` of one component-wise run of the run at `source` (a trainer factory for
+    `mechlrmc.sweep.launch`: bind everything after `resume` with `functools.partial`)."""
+    start, trainable, meta = _plan(Run(source), components, init, reference)
+    trainer = FreezeTrainer(cfg, out, start, trainable, progress=progress, resume=resume)
+    if not trainer.resumed:
+        atomic_write(trainer.run.path / "freeze.json", json.dumps(meta, indent=1).encode())
+    return trainer
 
 
 def freeze_train(
@@ -60,24 +99,9 @@ def freeze_train(
     `init="init"` starts the trained components from the step-0 checkpoint (their initial values);
     an int starts them from that checkpoint. `overrides` are config assignments (`train.lr=1e-3`).
     """
-    if init != "init" and not isinstance(init, int):
-        raise ValueError(f"init={init!r} is invalid: allowed 'init' or a checkpoint step")
-    reference = run.steps[-1] if reference is None else run.nearest_step(reference)
-    init_step = run.steps[0] if init == "init" else run.nearest_step(init)
-    if init == "init" and init_step != 0:
-        raise ValueError(f"{run.path} has no step-0 checkpoint: pass init=<step> instead")
-    ref_state, init_state = run.state_dict(reference), run.state_dict(init_step)
-    n_layers = run.config.model.n_layers
-    names = parse_spec(components)
-    trainable = component_params(names, ref_state, n_layers)
-    if not trainable:
-        raise ValueError(f"components {names} select no parameters")
     cfg = run.config.override([f"train.steps={steps}", *overrides])
-    trainer = FreezeTrainer(cfg, out, swap_state(init_state, ref_state, names, n_layers), trainable, progress)
-    meta = {"source_run": str(run.path), "components": names, "init_step": init_step,
-            "reference_step": reference, "trainable": trainable}
-    atomic_write(trainer.run.path / "freeze.json", json.dumps(meta, indent=1).encode())
-    return trainer.train()
+    return freeze_trainer(cfg, out, False, source=str(run.path), components=components, init=init,
+                          reference=reference, progress=progress).train()
 
 
 def freeze_info(run: Run) -> dict | None:
@@ -102,14 +126,26 @@ def freeze_sweep(
     reference: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """`freeze_train` for each component set into `out_dir/<set>`, reusing finished runs; returns
-    the evaluation curves (step, eval losses, wall_time, `components`, `drop_step`)."""
+    """One component-wise run per component set into `out_dir/<set>`, launched together on Ray
+    Tune (`mechlrmc.sweep.launch`: finished runs reused, interrupted ones resumed); returns the
+    evaluation curves (step, eval losses, wall_time, `components`, `drop_step`)."""
+    from mechlrmc.sweep import Trial, launch
+
+    sets = list(sets)
+    threads = run.config.train.threads or 1
+    cfg = run.config.override({"train.steps": steps, "train.threads": threads})
+    source = str(Path(run.path).resolve())
+    trials = [Trial(comps.replace("~", "not_").replace(",", "+"), cfg, {"components": comps},
+                    factory=partial(freeze_trainer, source=source, components=comps, init=init, reference=reference))
+              for comps in sets]
+    summary = launch(trials, out_dir, cpus_per_trial=threads, progress=progress)
+    failed = summary[summary.status != "finished"]
+    if len(failed):
+        raise RuntimeError(f"freeze runs did not finish: {dict(zip(failed.run, failed.error))}")
     frames = []
     plateau = run.config.data.plateau_mask_loss
-    for comps in sets:
-        out = Path(out_dir) / comps.replace("~", "not_").replace(",", "+")
-        done = (out / "config.yaml").is_file() and Run(out).steps and Run(out).steps[-1] == steps
-        sub = Run(out) if done else freeze_train(run, comps, out, init, reference, steps, progress=progress)
+    for comps, trial in zip(sets, trials):
+        sub = Run(Path(out_dir) / trial.name)
         evals = sub.metrics.dropna(subset=["eval_loss"])
         frames.append(evals.assign(components=comps, drop_step=drop_step(evals, plateau), run=str(sub.path)))
     return pd.concat(frames, ignore_index=True)

@@ -39,6 +39,7 @@ import torch
 from analyses.cache import chunked_cache, pattern_names
 from mechlrmc.config import DataConfig
 from mechlrmc.data import Batch, row_col_index, structured_mask, with_observed
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
 LIFT = 0.5
@@ -73,12 +74,12 @@ def _score_sums(
     """Sums over examples and chosen queries of every score, {score: [head]}, and the number of
     (example, query) pairs summed, plus that of the observed-key fraction under key "chance"."""
     if queries not in QUERIES:
-        raise ValueError(f"queries={queries!r} is invalid: allowed one of {QUERIES}")
+        raise OptionError(f"queries={queries!r} is invalid: allowed one of {QUERIES}")
     if pattern.dim() == 3:
         pattern = pattern[None]
     b, _, q, k = pattern.shape  # [batch, head, query, key]
     if q != m * n or k != m * n:
-        raise ValueError(f"pattern has {q} queries and {k} keys: expected m*n = {m * n} each")
+        raise OptionError(f"pattern has {q} queries and {k} keys: expected m*n = {m * n} each")
     observed = observed.to(pattern.device).bool().expand(b, k)
     weight = {"all": torch.ones_like(observed), "masked": ~observed, "observed": observed}[queries]
     weight = weight.to(pattern.dtype)[:, None, :]  # [b, 1, q]
@@ -162,7 +163,7 @@ def default_structured_mask(m: int, n: int) -> torch.Tensor:
     """PAPER.md finding 4's mask adapted to m x n: the last two rows masked except one entry each
     (first column in the second-to-last row, the middle column in the last row) [m*n]."""
     if m < 3:
-        raise ValueError(f"the default structured mask needs m >= 3 rows, got m={m}")
+        raise OptionError(f"the default structured mask needs m >= 3 rows, got m={m}")
     return structured_mask(m, n, rows=[m - 2, m - 1], keep=[(m - 2, 0), (m - 1, n // 2)])
 
 
@@ -189,7 +190,7 @@ def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float
     (`across_checkpoints(run, head_taxonomy)`)."""
     frame = taxonomy[taxonomy.queries == queries]
     if frame.empty:
-        raise ValueError(f"no rows with queries={queries!r}: available {sorted(taxonomy.queries.unique())}")
+        raise OptionError(f"no rows with queries={queries!r}: available {sorted(taxonomy.queries.unique())}")
     frame = frame.assign(name=[f"L{l}H{h}" for l, h in zip(frame["layer"], frame["head"])])
     heads = list(dict.fromkeys(frame.sort_values(["layer", "head"]).name))
     steps = sorted(frame.step.unique())

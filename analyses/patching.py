@@ -28,6 +28,7 @@ from transformer_lens import patching as tl_patching
 
 from mechlrmc.config import DataConfig
 from mechlrmc.data import Batch, sample, with_values
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
 CORRUPTIONS = ("negate", "resample", "shuffle_rows")
@@ -37,7 +38,7 @@ GRANULARITIES = ("layer", "layer_pos", "layer_head", "layer_pos_head")
 
 def hook_name(site: str, layer: int) -> str:
     if site not in SITES:
-        raise ValueError(f"site={site!r} is unknown: allowed {SITES}")
+        raise OptionError(f"site={site!r} is unknown: allowed {SITES}")
     return f"blocks.{layer}.attn.hook_z" if site == "z" else f"blocks.{layer}.hook_{site}"
 
 
@@ -52,7 +53,7 @@ def corrupt(batch: Batch, kind: str, cfg: DataConfig, seed: int = 0) -> Batch:
         perm = torch.stack([torch.randperm(batch.m, generator=generator) for _ in range(len(batch))])  # [b, m]
         values = batch.matrices.gather(1, perm[:, :, None].expand(-1, -1, batch.n)).reshape(len(batch), -1)
     else:
-        raise ValueError(f"corruption {kind!r} is unknown: allowed {CORRUPTIONS}")
+        raise OptionError(f"corruption {kind!r} is unknown: allowed {CORRUPTIONS}")
     return with_values(batch, values.to(batch.values.device), cfg)
 
 
@@ -71,9 +72,9 @@ def recovery_metrics(clean: torch.Tensor, corrupted: torch.Tensor, observed: tor
 def _patch_grid(model: HookedEncoder, site: str, granularity: str, pos: int) -> list[tuple[int, int, int]]:
     """(layer, pos, head) of every patch in TransformerLens' sweep order; -1 means all."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is unknown: allowed {GRANULARITIES}")
+        raise OptionError(f"granularity={granularity!r} is unknown: allowed {GRANULARITIES}")
     if "head" in granularity and site != "z":
-        raise ValueError(f"granularity={granularity!r} needs site='z' (per-head activations), got {site!r}")
+        raise OptionError(f"granularity={granularity!r} needs site='z' (per-head activations), got {site!r}")
     heads = range(model.cfg.n_heads) if "head" in granularity else [-1]
     positions = range(pos) if "pos" in granularity else [-1]
     return [(l, p, h) for l in range(model.cfg.n_layers) for p in positions for h in heads]
@@ -214,7 +215,7 @@ def stock_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch, site: str 
     metrics = recovery_metrics(clean_pred, model(corrupt_tokens), clean.observed.to(device))
     if granularity == "layer" or (site, granularity) not in _STOCK:
         if granularity != "layer":
-            raise ValueError(f"no TransformerLens sweep for site={site!r} at {granularity!r}: "
+            raise OptionError(f"no TransformerLens sweep for site={site!r} at {granularity!r}: "
                              f"allowed {sorted(_STOCK)} or granularity='layer'")
         result = tl_patching.generic_activation_patch(
             model, corrupt_tokens, clean_cache, metrics, patch_setter=_whole_layer_setter,

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run
 
 LOSSES = {"loss": "L", "loss_obs": "L_obs", "loss_mask": "L_mask"}
@@ -33,7 +34,7 @@ LOSSES = {"loss": "L", "loss_obs": "L_obs", "loss_mask": "L_mask"}
 def _evals(metrics: pd.DataFrame) -> pd.DataFrame:
     evals = metrics.dropna(subset=["eval_loss_mask"]).sort_values("step").reset_index(drop=True)
     if len(evals) < 3:
-        raise ValueError(f"drop detection needs at least 3 evaluations, the metrics have {len(evals)}")
+        raise OptionError(f"drop detection needs at least 3 evaluations, the metrics have {len(evals)}")
     return evals
 
 
@@ -41,7 +42,7 @@ def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
     """One-row table: plateau start/end/level, drop step, post-drop level and the analytic
     copy-and-zero plateau (PAPER.md finding 1), for L_mask and L."""
     if window < 1 or tol <= 0 or tol >= 0.5:
-        raise ValueError(f"window={window}, tol={tol} are invalid: allowed window >= 1, 0 < tol < 0.5")
+        raise OptionError(f"window={window}, tol={tol} are invalid: allowed window >= 1, 0 < tol < 0.5")
     evals = _evals(run.metrics)
     steps = evals.step.to_numpy()
     log_mask = np.log(evals.eval_loss_mask.to_numpy())
@@ -85,7 +86,7 @@ def steps_around_drop(run: Run, n: int = 7) -> list[int]:
     About half lie evenly between the plateau start and the drop, one at the drop, the rest evenly
     after it; each target maps to its nearest checkpoint. Without a drop: evenly over the run."""
     if n < 1:
-        raise ValueError(f"n={n} is invalid: allowed an integer >= 1")
+        raise OptionError(f"n={n} is invalid: allowed an integer >= 1")
     available = run.steps
     if len(available) <= n:
         return available

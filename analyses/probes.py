@@ -26,6 +26,7 @@ import plotly.express as px
 import torch
 
 from mechlrmc.data import Batch, row_col_index
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
 TARGETS = ("value", "row", "col", "u", "v", "sigma")
@@ -55,7 +56,7 @@ def probe_targets(batch: Batch, targets: Iterable[str] = DEFAULT_TARGETS) -> dic
     out = {}
     for name in targets:
         if name not in TARGETS:
-            raise ValueError(f"probe target {name!r} is unknown: allowed {TARGETS}")
+            raise OptionError(f"probe target {name!r} is unknown: allowed {TARGETS}")
         if name == "value":
             t = x.reshape(b, m * n, 1)
         elif name == "row":
@@ -113,13 +114,13 @@ def probe(
     """Probe every hook for every target; one row per (hook, target, positions) with test r2, mse,
     cos and n_test (positions: all / masked / observed)."""
     if not 0 < test_frac < 1:
-        raise ValueError(f"test_frac={test_frac} is invalid: allowed 0 < test_frac < 1")
+        raise OptionError(f"test_frac={test_frac} is invalid: allowed 0 < test_frac < 1")
     hooks = list(hooks) if hooks is not None else default_hooks(model)
     device = next(model.parameters()).device
     _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=lambda name: name in hooks)
     missing = [h for h in hooks if h not in cache]
     if missing:
-        raise ValueError(f"hook(s) {missing} do not exist: e.g. {default_hooks(model)}")
+        raise OptionError(f"hook(s) {missing} do not exist: e.g. {default_hooks(model)}")
     b, pos = batch.tokens.shape
     order = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
     test_samples = torch.zeros(b, dtype=torch.bool)

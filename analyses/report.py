@@ -53,6 +53,7 @@ class Context:
     device: str = "cpu"
     progress: bool = True
     interventions: Path | None = None
+    family: Path | None = None  # a shipped family summary this run's recipe belongs to
 
     @cached_property
     def phases(self) -> pd.Series:
@@ -120,6 +121,29 @@ def _overview(ctx: Context) -> list[Part]:
          else "no drop detected"),
     ], columns=["", "value"])
     return [facts]
+
+
+def _family(ctx: Context) -> list[Part]:
+    from analyses.family import family_summary, plot_run_in_family
+
+    family = pd.read_csv(ctx.family / "family_summary.csv")
+    this = family_summary([ctx.run]).iloc[0].to_dict()
+    dropped = family.drop_step.dropna()
+    n = len(family)
+    lines = [f"The family <code>{html.escape(str(ctx.family))}</code>: {n} seeds of the same recipe, "
+             f"{len(dropped)} of which dropped (steps {', '.join(f'{d:.0f}' for d in sorted(dropped))}; "
+             f"median {dropped.median():.0f})."]
+    if this.get("dropped"):
+        earlier, later = int((dropped < this["drop_step"]).sum()), int((dropped > this["drop_step"]).sum())
+        lines.append(f"This run (seed {this['seed']}) dropped at step {this['drop_step']:.0f}: {earlier} of the "
+                     f"family's runs dropped earlier, {later} later.")
+    else:
+        lines.append(f"This run (seed {this['seed']}) has not dropped by step {this.get('final_step', 0):.0f}.")
+    share = float((family.final_loss_mask < this["final_loss_mask"]).mean())
+    lines.append(f"Its final eval L_mask {this['final_loss_mask']:.4f} is above {share:.0%} of the family's "
+                 f"final values (median {family.final_loss_mask.median():.4f}).")
+    cols = ["run", "seed", "drop_step", "drop_sharpness", "final_step", "final_loss_mask"]
+    return ["<p>" + " ".join(lines) + "</p>", plot_run_in_family(family, this), family[[c for c in cols if c in family]]]
 
 
 def _phases(ctx: Context) -> list[Part]:
@@ -251,6 +275,9 @@ SECTIONS: list[tuple[str, str, str, str, Callable[[Context], list[Part]]]] = [
     # (id, title, finding, one line: what it shows, builder)
     ("overview", "Run", "PAPER.md section 1", "The task, model and training recipe, and the detected phases.",
      _overview),
+    ("family", "In its family", "run families",
+     "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family summary).",
+     _family),
     ("phases", "Loss curves and phases", "finding 1",
      "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", _phases),
     ("copy", "Copy check", "finding 2",
@@ -297,6 +324,7 @@ class Report:
     html: str
     errors: dict[str, str] = field(default_factory=dict)  # section id -> error message
     seconds: dict[str, float] = field(default_factory=dict)
+    context: object = None  # the sections' shared context (its cached tables)
 
 
 def _render(part: Part, index: int) -> str:
@@ -310,18 +338,17 @@ def _render(part: Part, index: int) -> str:
     return part
 
 
-def build_report(
-    run: Run, quick: bool = False, device: str = "cpu", interventions: str | Path | None = None,
-    progress: bool = True,
-) -> Report:
-    """Compute every section and assemble the HTML (see module docstring)."""
+Section = tuple[str, str, str, str, Callable]  # (id, title, finding, caption, builder(ctx) -> parts)
+
+
+def assemble(title: str, intro: str, sections: list[Section], ctx, progress: bool = True) -> Report:
+    """Compute each section's parts with `builder(ctx)` and lay them out as one offline HTML page:
+    a table of contents, then one `<section>` per entry with its caption, finding tag and time."""
     import plotly.offline
 
-    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None)
-    sections = [s for s in SECTIONS if s[0] != "interventions" or ctx.interventions is not None]
-    report = Report(html="")
+    report = Report(html="", context=ctx)
     bodies, figure_index = [], 0
-    for key, title, finding, caption, builder in tqdm(sections, desc="report", unit="section", disable=not progress):
+    for key, heading, finding, caption, builder in tqdm(sections, desc="report", unit="section", disable=not progress):
         start = time.perf_counter()
         try:
             with torch.no_grad():
@@ -337,20 +364,36 @@ def build_report(
                        f"<pre>{html.escape(traceback.format_exc(limit=-3))}</pre></div>")
             status = "error"
         report.seconds[key] = time.perf_counter() - start
-        bodies.append(f'<section id="{key}" data-status="{status}"><h2>{html.escape(title)}</h2>'
+        bodies.append(f'<section id="{key}" data-status="{status}"><h2>{html.escape(heading)}</h2>'
                       f'<p class="caption">{html.escape(caption)} <span class="finding">{html.escape(finding)}'
                       f'</span> <span class="time">{report.seconds[key]:.1f} s</span></p>{content}</section>')
     toc = "".join(f'<li><a href="#{k}">{html.escape(t)}</a> <span class="finding">{html.escape(f)}</span>'
                   f'{" (failed)" if k in report.errors else ""}</li>' for k, t, f, _, _ in sections)
-    title = f"mechlrmc report: {run.path.name}"
     report.html = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style><script>{plotly.offline.get_plotlyjs()}</script></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>Run directory <code>{html.escape(str(run.path))}</code>"
-        f"{' (quick mode)' if quick else ''}. Sections follow PAPER.md's findings.</p>"
+        f"<h1>{html.escape(title)}</h1><p>{intro}</p>"
         f"<nav><ol>{toc}</ol></nav>{''.join(bodies)}</body></html>"
     )
     return report
+
+
+def build_report(
+    run: Run, quick: bool = False, device: str = "cpu", interventions: str | Path | None = None,
+    progress: bool = True, family: str | Path | None = None,
+) -> Report:
+    """Compute every section and assemble the HTML (see module docstring). `family`: a folder with
+    a `family_summary.csv` to place the run in (default: the shipped family of its recipe, if any)."""
+    from analyses.family import find_family
+
+    family = Path(family) if family is not None else find_family(run)
+    ctx = Context(run, QUICK if quick else FULL, device, progress, Path(interventions) if interventions else None,
+                  family)
+    optional = {"interventions": ctx.interventions, "family": ctx.family}
+    sections = [s for s in SECTIONS if s[0] not in optional or optional[s[0]] is not None]
+    intro = (f"Run directory <code>{html.escape(str(run.path))}</code>{' (quick mode)' if quick else ''}. "
+             "Sections follow PAPER.md's findings.")
+    return assemble(f"mechlrmc report: {run.path.name}", intro, sections, ctx, progress)
 
 
 def write_report(run: Run, path: str | Path, **kwargs) -> Report:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from analyses.components import SWAP_SET, component_params
 from analyses.walk import analysis_batch
 from mechlrmc.data import Batch
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 from mechlrmc.train import evaluate
@@ -28,7 +29,7 @@ def swap_state(
 ) -> dict[str, torch.Tensor]:
     """State dict B with the parameters of `components` taken from A."""
     if set(state_a) != set(state_b):
-        raise ValueError(f"the two state dicts have different keys: {sorted(set(state_a) ^ set(state_b))}")
+        raise OptionError(f"the two state dicts have different keys: {sorted(set(state_a) ^ set(state_b))}")
     from_a = set(component_params(components, state_b, n_layers))
     return {k: (state_a[k] if k in from_a else state_b[k]) for k in state_b}
 

@@ -16,6 +16,7 @@ import torch
 
 from analyses.cache import cache_hooks, mean_patterns, pattern_names
 from mechlrmc.data import Batch, row_col_index
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
 _RENDER = "CircuitsVis.render("
@@ -68,7 +69,7 @@ def attention_page(
     `head_labels` ({(layer, head): label}, e.g. from `head_taxonomy`) are appended to head names."""
     bad = [e for e in examples if not 0 <= e < len(batch)]
     if bad:
-        raise ValueError(f"examples {bad} are out of range: allowed 0 <= example < {len(batch)}")
+        raise OptionError(f"examples {bad} are out of range: allowed 0 <= example < {len(batch)}")
     names = pattern_names(model)
     averaged = mean_patterns(model, batch.tokens, chunk_size=chunk_size)  # [layer, head, q, k]
     chosen = batch[torch.tensor(examples, dtype=torch.long)]

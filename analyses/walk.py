@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mechlrmc.data import Batch, sample
+from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 
@@ -42,7 +43,7 @@ def select_steps(run: Run, steps: Steps = None, n_around: int = 7) -> list[int]:
 
         return steps_around_drop(run, n_around)
     if isinstance(steps, str):
-        raise ValueError(f"steps={steps!r} is invalid: allowed 'all', 'around_drop', an int or a list of ints")
+        raise OptionError(f"steps={steps!r} is invalid: allowed 'all', 'around_drop', an int or a list of ints")
     if isinstance(steps, int):
         steps = [steps]
     return sorted({run.nearest_step(int(s)) for s in steps})

@@ -29,9 +29,9 @@ import torch
 from transformers import BertConfig, BertModel
 
 from mechlrmc.config import RunConfig, preset
+from mechlrmc.convert import from_reference_state_dict
 from mechlrmc.data import sample
 from mechlrmc.metrics import split_losses
-from mechlrmc.model import HookedEncoder
 from mechlrmc.train import make_optimizer
 
 
@@ -147,7 +147,7 @@ def main() -> None:
         if variant and args.no_compile:
             continue
         run_cfg = cfg.override(variant)
-        model = HookedEncoder.from_reference_state_dict(state, run_cfg).to(device).train()
+        model = from_reference_state_dict(state, run_cfg).to(device).train()
         forward = torch.compile(model) if run_cfg.train.compile else model
         contestants[name] = Contestant(model, make_optimizer(model, run_cfg), forward, device, args.bf16)
     for impl, ref in references.items():

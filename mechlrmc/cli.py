@@ -3,6 +3,11 @@
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
     mechlrmc info RUN
     mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
+    mechlrmc sweep SPEC.yaml --out DIR [--address ADDR]
+    mechlrmc import FILES... --out RUN (--preset NAME | --config FILE) [--set key=value ...]
+
+Bad input is one line on stderr and exit code 2 (a failed write: exit code 1); `--debug` or
+MECHLRMC_DEBUG=1 shows the traceback instead.
 
 Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
 `analyses.commands`; the core itself never imports the analysis layer.
@@ -11,10 +16,12 @@ Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from mechlrmc.config import PRESETS, ConfigError, RunConfig, preset
+from mechlrmc.config import PRESETS, RunConfig, preset
+from mechlrmc.errors import UsageError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -44,8 +51,11 @@ def _train(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from mechlrmc.runs import Run
 
+    from mechlrmc.provenance import describe
+
     run = Run(args.run)
     print(run.config.to_yaml(), end="")
+    print(describe(run.provenance))
     print(f"checkpoints ({len(run.steps)}): {run.steps}")
     evals = run.metrics.dropna(subset=["eval_loss"])
     print(evals[["step", "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time"]]
@@ -56,7 +66,8 @@ def _info(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from mechlrmc.runs import Run, export_run
+    from mechlrmc.export import export_run
+    from mechlrmc.runs import Run
 
     out = export_run(Run(args.run), args.out, dtype=getattr(torch, args.dtype), atol=args.atol, until=args.until)
     size = sum(p.stat().st_size for p in out.path.rglob("*") if p.is_file())
@@ -66,8 +77,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from mechlrmc.sweep import sweep
+
+    summary = sweep(args.spec, args.out, address=args.address, progress=not args.quiet)
+    shown = summary.drop(columns=["error"] if not summary.error.any() else [])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    failed = summary[summary.status != "finished"]
+    for row in failed.itertuples():
+        print(f"trial {row.run!r} {row.status}" + (f": {row.error}" if row.error else ""), file=sys.stderr)
+    print(f"{len(summary) - len(failed)} of {len(summary)} trials finished; summary in {Path(args.out) / 'summary.csv'}")
+    return 0 if failed.empty else 1
+def _import(args: argparse.Namespace) -> int:
+    from mechlrmc.reference import import_reference
+
+    cfg = RunConfig.from_yaml(args.config) if args.config else preset(args.preset)
+    run, resumable = import_reference(args.files, args.out, cfg.override(list(args.set)))
+    print(f"imported {len(run.steps)} checkpoints (steps {run.steps[0]}..{run.steps[-1]}) into {run.path}; "
+          + ("`mechlrmc train --resume --out RUN` continues from the last one with its Adam state" if resumable
+             else "no resume state: the files' optimizer state could not be mapped"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mechlrmc", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also MECHLRMC_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (or continue one with --resume)")
@@ -95,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", type=int, help="keep only checkpoints and metrics up to this step")
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("sweep", help="train a family of runs (seeds x settings) on Ray Tune")
+    p.add_argument("spec", help="sweep spec (YAML): preset|config, steps, set, grid, seeds, resources")
+    p.add_argument("--out", required=True, help="sweep directory: one run directory per trial, summary.csv")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("import", help="import the reference implementation's checkpoint files as a run")
+    p.add_argument("files", nargs="+", help="torch.save'd files, e.g. 7x7_p03_r2_l4_h8_grok3999.tar")
+    p.add_argument("--out", required=True, help="new run directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS))
+    source.add_argument("--config", help="a config.yaml describing the files' model and task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.set_defaults(func=_import)
+
     try:
         from analyses.commands import register
     except ImportError:  # the analysis layer is optional for training
@@ -105,12 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("MECHLRMC_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError) as e:
+    except UsageError as e:
+        if debug:
+            raise
         print(f"mechlrmc: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

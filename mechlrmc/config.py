@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mechlrmc.errors import UsageError
+
 DISTRIBUTIONS = ("uniform", "gaussian", "laplace")
 NORMS = ("post", "pre")
 DEVICES = ("auto", "cpu", "cuda")
@@ -22,7 +24,7 @@ DTYPES = ("float32", "bfloat16")
 ADAM_IMPLEMENTATIONS = ("foreach", "fused")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is out of range, of the wrong type, or unknown."""
 
 
@@ -90,8 +92,8 @@ class DataConfig:
             self.distribution in DISTRIBUTIONS,
             "data.distribution", self.distribution, f"one of {DISTRIBUTIONS}",
         )
-        _require(self.precision > 0, "data.precision", self.precision, "a number > 0")
-        _require(self.value_max > 0, "data.value_max", self.value_max, "a number > 0")
+        _require(0 < self.precision < math.inf, "data.precision", self.precision, "a finite number > 0")
+        _require(0 < self.value_max < math.inf, "data.value_max", self.value_max, "a finite number > 0")
         steps = self.value_max / self.precision
         _require(
             abs(steps - round(steps)) < 1e-6,
@@ -152,7 +154,7 @@ class ModelConfig:
         )
         _require(self.norm in NORMS, "model.norm", self.norm, f"one of {NORMS}")
         _require(self.n_ctx >= 0, "model.n_ctx", self.n_ctx, "an integer >= 0 (0 means m*n)")
-        _require(self.init_range > 0, "model.init_range", self.init_range, "a number > 0")
+        _require(0 < self.init_range < math.inf, "model.init_range", self.init_range, "a finite number > 0")
         _require(0 < self.ln_eps < 1, "model.ln_eps", self.ln_eps, "0 < ln_eps < 1")
 
     @property
@@ -204,6 +206,9 @@ class TrainConfig:
         _require(
             self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a finite number > 0"
         )
+        for name in ("seed", "eval_seed"):
+            value = getattr(self, name)
+            _require(0 <= value < 2**62, f"train.{name}", value, "an integer in [0, 2**62)")
         _require(
             self.checkpoint_early_until >= 0,
             "train.checkpoint_early_until", self.checkpoint_early_until, "an integer >= 0",
@@ -215,8 +220,8 @@ class TrainConfig:
         _require(self.adam in ADAM_IMPLEMENTATIONS, "train.adam", self.adam, f"one of {ADAM_IMPLEMENTATIONS}")
         _require(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0: torch's default)")
         _require(
-            self.attn_intervention_scale > 0, "train.attn_intervention_scale",
-            self.attn_intervention_scale, "a number > 0 (1: no intervention)",
+            0 < self.attn_intervention_scale < math.inf, "train.attn_intervention_scale",
+            self.attn_intervention_scale, "a finite number > 0 (1: no intervention)",
         )
         _require(
             self.attn_intervention_start >= 0, "train.attn_intervention_start",
@@ -262,15 +267,17 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         if not isinstance(raw, dict):
-            raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"a run config of type {type(raw).__name__} is invalid: allowed a mapping with sections data, model, train")
         unknown = set(raw) - {"data", "model", "train"}
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}: allowed data, model, train")
+            raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}: allowed data, model, train")
         sections = {}
         for name, kind in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
             values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {name}={values!r} is invalid: allowed a mapping of keys to values")
             allowed = {f.name for f in fields(kind)}
-            bad = sorted(set(values) - allowed)
+            bad = sorted(set(values) - allowed, key=str)
             if bad:
                 raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}: allowed {sorted(allowed)}")
             sections[name] = kind(**values)
@@ -284,7 +291,16 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror or e}): allowed a readable YAML file") from e
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML ({' '.join(str(e).split())}): "
+                              f"allowed a mapping with sections data, model, train") from e
+        return cls.from_dict(raw)
 
     def override(self, assignments: list[str] | dict[str, Any]) -> RunConfig:
         """A copy with dotted keys replaced: `["train.lr=3e-4", "model.n_heads=4"]`.
@@ -297,18 +313,25 @@ class RunConfig:
             pairs = []
             for item in assignments:
                 if "=" not in item:
-                    raise ConfigError(f"override {item!r} must look like section.key=value")
+                    raise ConfigError(f"override {item!r} is invalid: allowed section.key=value, e.g. train.lr=1e-3")
                 key, text = item.split("=", 1)
-                pairs.append((key.strip(), yaml.safe_load(text)))
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    raise ConfigError(f"{key.strip()}={text!r} is not a YAML value: allowed e.g. 3, 1e-3, true, [1, 2], cpu") from None
+                pairs.append((key.strip(), value))
         raw = self.to_dict()
         for key, value in pairs:
             section, _, name = key.partition(".")
             if section not in raw or not name:
-                raise ConfigError(f"override key {key!r} must be data.*, model.* or train.*")
+                raise ConfigError(f"override key {key!r} is invalid: allowed data.*, model.* or train.*")
             if name not in raw[section]:
                 raise ConfigError(f"unknown key {key!r}: allowed {sorted(raw[section])}")
             if isinstance(value, str) and isinstance(raw[section][name], float):
-                value = float(value)  # YAML reads "1e-3" as a string
+                try:
+                    value = float(value)  # YAML reads "1e-3" as a string
+                except ValueError:
+                    raise ConfigError(f"{key}={value!r} has the wrong type: expected float") from None
             raw[section][name] = value
         return RunConfig.from_dict(raw)
 
@@ -329,14 +352,15 @@ def _paper() -> RunConfig:
 def _cpu() -> RunConfig:
     """Plateau-then-drop on a CPU in minutes: the paper's architecture, smaller in every dimension.
 
-    Seed 1 on one thread (deterministic) sits at L_mask = r/9 until ~4.5k steps and drops at
-    ~4.75k; the plateau length varies a lot between seeds (seed 0 is still on it at 4.75k).
+    One thread (deterministic on one machine type). The plateau length varies a lot between seeds:
+    at 8,000 steps only 3 of 5 seeds had dropped, so the preset runs 14,000 steps, by which all
+    five seeds of `sweeps/cpu_seeds.yaml` drop (README, "Many runs"). Seed 1 is the family's median.
     """
     return RunConfig(
         data=DataConfig(m=4, n=4, rank=1, p_mask=0.3),
         model=ModelConfig(d_model=64, n_layers=4, n_heads=8, d_mlp=256),
         train=TrainConfig(
-            steps=8000, batch_size=128, lr=2e-3, seed=1, log_every=50, eval_every=250,
+            steps=14_000, batch_size=128, lr=2e-3, seed=1, log_every=50, eval_every=250,
             eval_batch_size=1024, checkpoint_every=500, checkpoint_every_early=250,
             checkpoint_early_until=1000, threads=1,
         ),

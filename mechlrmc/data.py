@@ -8,11 +8,14 @@ Sampling runs on the CPU from a `torch.Generator`, so one seed gives one data st
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from mechlrmc.config import DataConfig
+
+if TYPE_CHECKING:
+    from mechlrmc.config import RunConfig
 
 MASK_ID = 0
 
@@ -146,3 +149,9 @@ def row_col_index(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column of every position of the flattened m x n matrix, each [m*n]."""
     pos = torch.arange(m * n)
     return pos // n, pos % n
+
+
+def eval_batch(cfg: RunConfig, size: int | None = None, seed: int | None = None) -> Batch:
+    """The fixed evaluation batch of a run: the same matrices for every checkpoint."""
+    generator = torch.Generator().manual_seed(cfg.train.eval_seed if seed is None else seed)
+    return sample(cfg.data, size or cfg.train.eval_batch_size, generator)

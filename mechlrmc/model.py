@@ -259,15 +259,3 @@ class HookedEncoder(HookedRootModule):
         if self.ln_final is not None:
             x = self.ln_final(x)
         return (x @ self.W_U).squeeze(-1) + self.b_U  # [batch, pos]
-
-    @classmethod
-    def from_reference_state_dict(
-        cls, state_dict: dict[str, torch.Tensor], cfg: EncoderConfig | RunConfig | None = None
-    ) -> HookedEncoder:
-        """Import the reference implementation: HF `BertModel` keys (optionally under `_backbone.`)
-        plus `read_out.weight/bias`. Token-type embedding row 0 (every token's type) is folded
-        into the position table; the pooler is dropped. Shapes come from the state dict; `cfg`,
-        when given, supplies everything else (eps, mask_embedding_zero) and is checked against it."""
-        from mechlrmc.convert import reference_to_encoder
-
-        return reference_to_encoder(cls, state_dict, cfg)

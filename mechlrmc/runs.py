@@ -5,18 +5,26 @@
     RUN/manifest.json          every checkpoint's file, size and SHA-256
     RUN/checkpoints/step_000500.safetensors   model weights at step 500
     RUN/resume.safetensors     weights, optimizer and RNG state at the latest checkpoint
+    RUN/provenance.json        versions, device and threads the run was made with
+    RUN/writer.lock            the writer's OS lock (PID and host inside)
 
 Every file is written to a temporary name, flushed to disk and renamed, so a killed process leaves
-either the old file or the new one, never half of one. Weights are safetensors (no pickle);
-`Run.load_model` checks size and hash first, so a truncated or tampered file is an error that
-names the file rather than a silently different model.
+either the old file or the new one, never half of one; a write that fails (full disk, file-size
+limit) removes its temporary file and raises `WriteError` naming the file. Weights are safetensors
+(no pickle); `Run.load_model` checks size and hash first, so a truncated or tampered file is an
+error that names the file rather than a silently different model. One process writes a run at a
+time (`Run.lock`, an `fcntl.flock` the OS drops when its holder dies); readers take no lock.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -24,32 +32,119 @@ import torch
 from safetensors.torch import load_file, save
 
 from mechlrmc.config import RunConfig
+from mechlrmc.errors import UsageError
 
 METRIC_COLUMNS = (
     "step", "loss", "loss_obs", "loss_mask",
     "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time",
 )
 FORMAT_VERSION = 1
+LOCK_FILE = "writer.lock"
+TMP_MARK = ".tmp"  # temporary files are ".NAME.tmpPID"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint or run directory is missing, truncated, tampered with or inconsistent."""
+
+
+class RunLockedError(CheckpointError):
+    """Another process holds the run's writer lock."""
+
+
+class RunExistsError(UsageError, FileExistsError):
+    """A new run was asked for where a run (or anything else) already is."""
+
+
+class WriteError(UsageError, OSError):
+    """A file of the run could not be written (full disk, file-size limit, permissions)."""
+
+    exit_code = 1
+
+
+def _write_failed(path: Path, e: OSError) -> WriteError:
+    reason = {errno.EFBIG: "the file-size limit was reached", errno.ENOSPC: "the disk is full"}.get(
+        e.errno, e.strerror or str(e))
+    return WriteError(f"could not write {path}: {reason}; nothing was left half-written")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers only ever see the old or the complete new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e) from e
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on RUN/writer.lock, recording the holder's PID and host.
+
+    The OS releases the lock when its holder exits or is killed, so a dead writer never blocks a
+    later one; the file itself stays (it is not the lock) and is rewritten by the next holder.
+    """
+
+    def __init__(self, path: str | Path):
+        self.file = Path(path) / LOCK_FILE
+        self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> RunLock:
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.file, "a+")
+        except OSError as e:
+            raise _write_failed(self.file, e) from e
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            try:
+                info = json.loads(holder)
+                who = f"PID {info['pid']} on host {info['host']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not yet recorded its PID and host"
+            raise RunLockedError(
+                f"{self.file.parent} is being written by {who}: one writer per run; "
+                f"wait for it to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> RunLock:
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _bookkeeping(name: str) -> bool:
+    """Files that do not make a directory a run: the lock and temporary files of killed writes."""
+    return name == LOCK_FILE or (name.startswith(".") and TMP_MARK in name)
 
 
 def _format(value: float | int | None) -> str:
@@ -63,6 +158,8 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path} does not exist: allowed a run directory (one with config.yaml)")
         if not (self.path / "config.yaml").is_file():
             raise CheckpointError(f"{self.path} is not a run directory: it has no config.yaml")
         self.config = RunConfig.from_yaml(self.path / "config.yaml")
@@ -73,14 +170,58 @@ class Run:
     # ----- creation and writing (used by the trainer) -----
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> Run:
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path} exists and is not empty: pass --resume or another --out")
-        path.mkdir(parents=True, exist_ok=True)
+        """A new run directory (empty but for a lock file or temporary files of a killed writer)."""
+        path = cls.check_new(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_failed(path, e) from e
         atomic_write(path / "config.yaml", config.to_yaml().encode())
-        atomic_write(path / "metrics.csv", (",".join(METRIC_COLUMNS) + "\n").encode())
-        atomic_write(path / "manifest.json", json.dumps({"format": FORMAT_VERSION, "checkpoints": {}}).encode())
-        return cls(path)
+        run = cls(path)
+        run.restart()
+        return run
+
+    @staticmethod
+    def check_new(path: str | Path) -> Path:
+        """`path` if a new run may be created there, else a `CheckpointError` saying why not."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"{path} is a file: --out must be a directory (new or empty)")
+        if (path / "config.yaml").is_file():
+            raise RunExistsError(f"{path} is already a run: pass --resume to continue it, or another --out")
+        if path.exists() and any(not _bookkeeping(p.name) for p in path.iterdir()):
+            raise RunExistsError(f"{path} is not empty and not a run (it has no config.yaml): allowed a new or "
+                                 f"empty directory (--resume continues a run)")
+        return path
+
+    def restart(self) -> None:
+        """Empty the metrics table and the manifest: training starts again from step 0."""
+        self.remove_temporary_files()
+        atomic_write(self.path / "metrics.csv", (",".join(METRIC_COLUMNS) + "\n").encode())
+        atomic_write(self.path / "manifest.json", json.dumps({"format": FORMAT_VERSION, "checkpoints": {}}).encode())
+
+    def remove_temporary_files(self) -> None:
+        """Delete temporary files left by a killed writer (call only while holding the lock)."""
+        for file in [*self.path.glob(f".*{TMP_MARK}*"), *self.path.glob(f"checkpoints/.*{TMP_MARK}*")]:
+            file.unlink(missing_ok=True)
+
+    def lock(self) -> RunLock:
+        """Take the writer lock (`with run.lock(): ...`); `RunLockedError` if another process has it."""
+        return RunLock(self.path).acquire()
+
+    def save_provenance(self, provenance: dict) -> None:
+        atomic_write(self.path / "provenance.json", json.dumps(provenance, indent=1).encode())
+
+    @property
+    def provenance(self) -> dict | None:
+        """What the run was made with (`mechlrmc.provenance`); None for runs made before it was recorded."""
+        file = self.path / "provenance.json"
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file} is corrupt: {e}") from e
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write(self.path / "config.yaml", config.to_yaml().encode())
@@ -100,23 +241,35 @@ class Run:
         tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()}
         data = save(tensors, metadata={"step": str(step), "format": str(FORMAT_VERSION)})
         rel = f"checkpoints/step_{step:06d}.safetensors"
-        atomic_write(self.path / rel, data)
         manifest = self._manifest()
+        registered = str(step) in manifest["checkpoints"]
+        atomic_write(self.path / rel, data)
         manifest["checkpoints"][str(step)] = {
             "file": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
         }
-        atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())
+        try:
+            atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())
+        except WriteError:
+            if not registered:  # an unregistered file would be a checkpoint nothing vouches for
+                (self.path / rel).unlink(missing_ok=True)
+            raise
         return self.path / rel
 
     def append_metrics(self, rows: list[dict]) -> None:
-        """Append rows to metrics.csv and flush them to disk."""
+        """Append rows to metrics.csv and flush them to disk; a failed write is undone."""
         if not rows:
             return
         text = "".join(",".join(_format(r.get(c)) for c in METRIC_COLUMNS) + "\n" for r in rows)
-        with open(self.path / "metrics.csv", "a") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        file = self.path / "metrics.csv"
+        size = file.stat().st_size
+        try:
+            with open(file, "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            os.truncate(file, size)
+            raise _write_failed(file, e) from e
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only complete rows up to `step` (used on resume)."""
@@ -130,15 +283,22 @@ class Run:
                     metadata={"step": str(step), **meta})
         atomic_write(self.path / "resume.safetensors", data)
 
+    @property
+    def has_resume_state(self) -> bool:
+        return (self.path / "resume.safetensors").is_file()
+
     def load_resume_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         file = self.path / "resume.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: this run cannot be resumed")
         from safetensors import safe_open
 
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata()
-        return load_file(str(file)), meta
+        try:
+            with safe_open(str(file), "pt") as f:
+                meta = f.metadata()
+            return load_file(str(file)), meta
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise CheckpointError(f"{file} is truncated or corrupt ({e}): this run cannot be resumed") from e
 
     # ----- reading (used by analyses) -----
     @property
@@ -148,14 +308,22 @@ class Run:
 
     @property
     def metrics(self) -> pd.DataFrame:
-        """The metrics table, one row per logged step (eval columns are NaN between evaluations)."""
-        return pd.read_csv(self.path / "metrics.csv")
+        """The metrics table, one row per logged step (eval columns are NaN between evaluations).
+
+        Only complete rows: a row the writer is appending at this moment is left out."""
+        file = self.path / "metrics.csv"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        text = file.read_text()
+        return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
 
     def nearest_step(self, step: int) -> int:
         """The checkpointed step closest to `step`."""
         steps = self.steps
         if not steps:
             raise CheckpointError(f"{self.path} has no checkpoints")
+        if not steps[0] <= step <= steps[-1]:
+            raise CheckpointError(f"step {step} is outside {self.path}'s checkpoints: allowed {steps[0]}..{steps[-1]}")
         return min(steps, key=lambda s: (abs(s - step), s))
 
     def checkpoint_path(self, step: int) -> Path:
@@ -202,35 +370,3 @@ class Run:
         model.cfg.device = str(device)
         return model.to(device).eval()
 
-
-def export_run(
-    source: Run, dest: str | Path, dtype: torch.dtype = torch.float16, atol: float = 1e-3, until: int | None = None
-) -> Run:
-    """Copy a run with its checkpoints stored in `dtype` (e.g. float16 to ship it small).
-
-    The config, metrics and float32 resume state are copied unchanged; `until` keeps only steps up
-    to that one (and then the resume state only if it is not later). A checkpoint is stored in
-    `dtype` only where, on the run's evaluation batch, its outputs stay within `atol` of the
-    original's; otherwise it keeps its original precision (`Run.state_dict` shows which).
-    """
-    from mechlrmc.train import eval_batch
-
-    last = source.steps[-1] if until is None else until
-    config = source.config
-    if last < config.train.steps:
-        config = config.override([f"train.steps={last}"])
-    out = Run.create(Path(dest), config)
-    atomic_write(out.path / "metrics.csv", (source.path / "metrics.csv").read_bytes())
-    out.truncate_metrics(last)
-    resume = source.path / "resume.safetensors"
-    if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
-        atomic_write(out.path / "resume.safetensors", resume.read_bytes())
-    tokens = eval_batch(source.config, size=256).tokens
-    for step in [s for s in source.steps if s <= last]:
-        state = source.state_dict(step)
-        out.save_checkpoint(step, state, dtype=dtype)
-        with torch.no_grad():
-            diff = (source.load_model(step)(tokens) - out.load_model(step)(tokens)).abs().max().item()
-        if diff > atol:
-            out.save_checkpoint(step, state)
-    return out

@@ -7,12 +7,19 @@ training steps (not evaluation), e.g. an attention intervention.
 
 Exact resume: at every checkpoint the weights, Adam state, data-generator state and wall time go
 to `resume.safetensors`; a resumed run replays the same batches and reproduces the same metrics
-as an uninterrupted one (same device and thread count).
+as an uninterrupted one on the same machine type and software (`provenance.json` records them; a
+resume elsewhere warns). A run killed before its first resume state restarts from step 0.
+
+One writer per run: the trainer holds the run's `RunLock` from before its first write until
+training ends or fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,12 +28,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from mechlrmc.config import RunConfig
-from mechlrmc.data import Batch, sample
+from mechlrmc import provenance
+from mechlrmc.config import ConfigError, RunConfig
+from mechlrmc.data import Batch, eval_batch, sample
 from mechlrmc.intervention import AttentionIntervention
 from mechlrmc.metrics import masked_correlation, split_losses
 from mechlrmc.model import HookedEncoder
-from mechlrmc.runs import CheckpointError, Run
+from mechlrmc.runs import CheckpointError, Run, RunLock
 
 DATA_SEED_OFFSET = 1_000_003  # data and init draw from different generators of the same seed
 
@@ -35,14 +43,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available: use 'auto' or 'cpu'")
+        raise ConfigError("train.device='cuda' is invalid here: no CUDA device is available; allowed 'auto' or 'cpu'")
     return torch.device(name)
-
-
-def eval_batch(cfg: RunConfig, size: int | None = None, seed: int | None = None) -> Batch:
-    """The fixed evaluation batch of a run: the same matrices for every checkpoint."""
-    generator = torch.Generator().manual_seed(cfg.train.eval_seed if seed is None else seed)
-    return sample(cfg.data, size or cfg.train.eval_batch_size, generator)
 
 
 @torch.no_grad()
@@ -71,9 +73,17 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.run = Run(out) if resume else Run.create(out, cfg)
-        if resume:
-            self._check_resumable(cfg)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write instead of killing
+        if not (resume and Path(out, "config.yaml").is_file()):
+            Run.check_new(out)  # before the lock creates the directory
+        self.lock = RunLock(out).acquire()  # one writer per run, taken before anything is written
+        try:
+            self.run, resume = self._open_run(cfg, Path(out), resume)
+        except BaseException:
+            self.close()
+            raise
+        self.resumed = resume  # from a resume state (which comes after step 0's evaluation and checkpoint)
         self.model = HookedEncoder(cfg, seed=cfg.train.seed).to(self.device)
         self.model.cfg.device = str(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -90,7 +100,11 @@ class Trainer:
         if cfg.train.attn_intervention_scale != 1.0:
             self.intervention = AttentionIntervention(cfg.train.attn_intervention_scale, cfg.data.m, cfg.data.n)
         if resume:
-            self._load_resume_state()
+            try:
+                self._load_resume_state()
+            except BaseException:
+                self.close()
+                raise
 
     def add_callback(self, event: str, fn: Callable[[Trainer], None]) -> None:
         """Events: `on_step_end`, `on_eval`, `on_checkpoint`, `on_train_end`."""
@@ -100,14 +114,59 @@ class Trainer:
         for fn in self.callbacks[event]:
             fn(self)
 
+    def close(self) -> None:
+        """Release the run's writer lock (done by `train()` when training ends or fails)."""
+        self.lock.release()
+
     # ----- resume -----
+    def _open_run(self, cfg: RunConfig, out: Path, resume: bool) -> tuple[Run, bool]:
+        """The run directory, created or reopened; `resume` is False where there is nothing to resume."""
+        if resume and (out / "config.yaml").is_file():
+            run = Run(out)
+            self.run = run
+            self._check_resumable(cfg)
+            run.remove_temporary_files()
+            if run.has_resume_state:
+                self._warn_on_other_provenance(run)
+                return run, True
+            # killed before its step-0 resume state: nothing was trained yet, start again
+            later = [s for s in self._manifest_steps(run) if s > 0]
+            if later:
+                raise CheckpointError(f"{run.path / 'resume.safetensors'} is missing but the run has checkpoints "
+                                      f"up to step {later[-1]}: it cannot be resumed exactly")
+            run.restart()
+        else:
+            run = Run.create(out, cfg)
+        run.save_provenance(provenance.collect(self.device))
+        return run, False
+
+    @staticmethod
+    def _manifest_steps(run: Run) -> list[int]:
+        try:
+            return run.steps
+        except CheckpointError:  # manifest not yet written
+            return []
+
+    def _warn_on_other_provenance(self, run: Run) -> None:
+        saved, current = run.provenance, provenance.collect(self.device)
+        if saved is None:
+            changed = "the run has no provenance.json to compare with"
+        else:
+            diff = provenance.differences(saved, current)
+            if not diff:
+                return
+            changed = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        print(f"mechlrmc: warning: resuming {run.path} on another machine type or software ({changed}): "
+              f"the result will not be bitwise equal to an uninterrupted run", file=sys.stderr)
+
     def _check_resumable(self, cfg: RunConfig) -> None:
         saved = self.run.config.to_dict()
         asked = cfg.to_dict()
         saved["train"].pop("steps"), asked["train"].pop("steps")
         if saved != asked:
             diff = {f"{s}.{k}": (saved[s][k], asked[s][k]) for s in saved for k in saved[s] if saved[s][k] != asked[s][k]}
-            raise ValueError(f"--resume with a config that differs from the run's (saved, asked): {diff}")
+            raise ConfigError(f"--resume with a config that differs from the run's (saved, asked): {diff}; "
+                              f"allowed: the run's own config, except train.steps")
         if cfg.train.steps != self.run.config.train.steps:
             self.run.save_config(cfg)
 
@@ -117,6 +176,8 @@ class Trainer:
         names = dict(self.model.named_parameters())
         state = {}
         for name, p in names.items():
+            if f"adam.{name}.step" not in tensors:  # no Adam state: the step-0 state, or a frozen parameter
+                continue
             state[p] = {
                 "step": tensors[f"adam.{name}.step"],
                 "exp_avg": tensors[f"adam.{name}.exp_avg"].to(self.device),
@@ -127,6 +188,9 @@ class Trainer:
         if self.cfg.train.adam == "fused":  # the fused kernel keeps its step counts on the device
             for st in self.optimizer.state.values():
                 st["step"] = st["step"].to(self.device)
+        if int(meta["step"]) > 0 and not state:
+            raise CheckpointError(f"{self.run.path / 'resume.safetensors'} has no optimizer state after "
+                                  f"step {meta['step']}: it cannot be resumed exactly")
         self.generator.set_state(tensors["rng.data"])
         self.step = int(meta["step"])
         self.wall_time = float(meta["wall_time"])
@@ -176,8 +240,15 @@ class Trainer:
         return {k: v.item() for k, v in losses.items()}
 
     def train(self) -> Run:
+        """Train to `cfg.train.steps`, then release the writer lock (also when training fails)."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> Run:
         tc = self.cfg.train
-        if self.step == 0:
+        if self.step == 0 and not self.resumed:
             self.run.append_metrics([{"step": 0, **self._eval_row(), "wall_time": 0.0}])
             self._checkpoint()
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",

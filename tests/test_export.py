@@ -1,6 +1,7 @@
 import torch
 
-from mechlrmc.runs import Run, export_run
+from mechlrmc.export import export_run
+from mechlrmc.runs import Run
 
 
 def test_float16_export_keeps_outputs_and_can_be_cut(tiny_run, tmp_path):

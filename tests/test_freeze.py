@@ -25,3 +25,21 @@ def test_freeze_from_a_checkpoint_and_sweep(tiny_run, tmp_path):
     curves = freeze_sweep(tiny_run, tmp_path / "sweep", sets=["embed", "all"], steps=10, progress=False)
     assert set(curves.components) == {"embed", "all"}
     assert curves.groupby("components").step.max().eq(10).all()
+
+
+def test_freeze_run_resumes_exactly(tiny_run, tmp_path):
+    """A component-wise run stopped at its step-10 checkpoint and resumed to 20 equals an
+    uninterrupted 20-step run: frozen parameters carry no Adam state and stay the reference."""
+    import pandas as pd
+
+    from analyses.freeze import freeze_trainer
+
+    source = str(tiny_run.path)
+    whole = freeze_train(tiny_run, "attn", tmp_path / "whole", steps=20, progress=False)
+    first = tiny_run.config.override(["train.steps=10"])
+    freeze_trainer(first, tmp_path / "parts", False, source=source, components="attn").train()
+    resumed = freeze_trainer(whole.config, tmp_path / "parts", True, source=source, components="attn").train()
+    pd.testing.assert_frame_equal(whole.metrics.drop(columns="wall_time"), resumed.metrics.drop(columns="wall_time"))
+    a, b = whole.state_dict(20), resumed.state_dict(20)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(freeze_info(resumed)["trainable"]) == sorted(freeze_info(whole)["trainable"])

@@ -3,6 +3,7 @@ import torch
 from transformer_lens import ActivationCache, FactoredMatrix, patching
 
 from mechlrmc.config import preset
+from mechlrmc.convert import from_reference_state_dict
 from mechlrmc.data import sample
 from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
@@ -43,7 +44,7 @@ def test_same_outputs_as_hf_bert(type_vocab_size, prefix):
         with torch.no_grad():
             bert.embeddings.token_type_embeddings.weight.zero_()
     sd["read_out.weight"], sd["read_out.bias"] = read_out.weight, read_out.bias
-    model = HookedEncoder.from_reference_state_dict(sd, cfg).eval()
+    model = from_reference_state_dict(sd, cfg).eval()
     tokens = sample(cfg.data, 16, torch.Generator().manual_seed(0)).tokens
     with torch.no_grad():
         expected = read_out(bert(input_ids=tokens).last_hidden_state).squeeze(-1)
@@ -63,7 +64,7 @@ def test_import_rejects_wrong_shapes():
     bert, read_out = reference_bert(cfg, 2)
     sd = {**bert.state_dict(), "read_out.weight": read_out.weight, "read_out.bias": read_out.bias}
     with pytest.raises(ValueError, match="d_model"):
-        HookedEncoder.from_reference_state_dict(sd, cfg.override(["model.d_model=64", "model.d_mlp=48"]))
+        from_reference_state_dict(sd, cfg.override(["model.d_model=64", "model.d_mlp=48"]))
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mechlrmc.errors import OptionError
+
 
 def parse_steps(values: list[str]):
     """CLI step selection: "all", "around_drop" or step numbers."""
@@ -13,7 +15,25 @@ def parse_steps(values: list[str]):
     try:
         return [int(v) for v in values]
     except ValueError:
-        raise SystemExit(f"mechlrmc: error: --steps {values} is invalid: allowed all, around_drop or step numbers")
+        raise OptionError(f"--steps {' '.join(values)} is invalid: allowed all, around_drop or step numbers") from None
+
+
+def parse_init(value: str) -> str | int:
+    """--init: "init" (the step-0 values) or a checkpoint step."""
+    if value == "init":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise OptionError(f"--init {value} is invalid: allowed init or a checkpoint step") from None
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--batch-size >= 1 and --threads >= 0 where a command has them."""
+    if getattr(args, "batch_size", 1) < 1:
+        raise OptionError(f"--batch-size {args.batch_size} is invalid: allowed an integer >= 1")
+    if (getattr(args, "threads", 0) or 0) < 0:
+        raise OptionError(f"--threads {args.threads} is invalid: allowed an integer >= 0 (0: torch's default)")
 
 
 def output_dir(args: argparse.Namespace, run) -> Path:
@@ -29,6 +49,7 @@ def setup(args: argparse.Namespace):
     from analyses.walk import analysis_batch
     from mechlrmc.runs import Run
 
+    check_counts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Run(args.run)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analyses.commands._shared import parse_steps, setup
+from analyses.commands._shared import check_counts, parse_init, parse_steps, setup
 
 FREEZE_STEPS = 1500  # cpu preset: ~2-3 min per run on one thread (analyses.freeze.DEFAULT_STEPS)
 
@@ -105,7 +105,7 @@ def _freeze(args: argparse.Namespace) -> int:
     from analyses.freeze import freeze_sweep, plot_freeze
 
     run, out, _ = setup(args)
-    init = "init" if args.init == "init" else int(args.init)
+    init = parse_init(args.init)
     sets = args.sets.split(";") if args.sets else FREEZE_SET
     frame = freeze_sweep(run, out / "freeze", sets, args.steps, init, args.reference)
     frame.to_csv(out / "freeze.csv", index=False)
@@ -123,9 +123,10 @@ def _freeze_train(args: argparse.Namespace) -> int:
     from analyses.freeze import freeze_train
     from mechlrmc.runs import Run
 
+    check_counts(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    init = "init" if args.init == "init" else int(args.init)
+    init = parse_init(args.init)
     sub = freeze_train(Run(args.run), args.components, args.out, init, args.reference, args.steps, args.set,
                        progress=not args.quiet)
     last = sub.metrics.dropna(subset=["eval_loss"]).iloc[-1]

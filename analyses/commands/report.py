@@ -34,12 +34,38 @@ def _report(args: argparse.Namespace) -> int:
     from analyses.report import write_report
     from mechlrmc.runs import Run
 
+    if not Path(args.run, "config.yaml").is_file() and Path(args.run).is_dir():
+        return _family_report(args)
     run = Run(args.run)
     _threads(args, run)
     report = write_report(run, args.output, quick=args.quick, device=args.device,
                           interventions=args.interventions, progress=not args.quiet)
     size = Path(args.output).stat().st_size / 2**20
     print(f"wrote {args.output} ({size:.1f} MiB, {sum(report.seconds.values()):.0f} s)")
+    for key, error in report.errors.items():
+        print(f"mechlrmc: section {key!r} failed: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+def _family_report(args: argparse.Namespace) -> int:
+    """A sweep directory: the family report, plus its tables as CSV beside the HTML."""
+    from analyses.family_report import FamilyContext, build_family_report
+
+    _threads(args)
+    if args.threads is None:
+        import torch
+
+        torch.set_num_threads(1)
+    report = build_family_report(args.run, quick=args.quick, progress=not args.quiet)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report.html, encoding="utf-8")
+    ctx: FamilyContext = report.context
+    for name, frame in (("family_summary", ctx.summary), ("findings", ctx.findings)):
+        frame.to_csv(output.with_name(f"{output.stem}_{name}.csv"), index=False)
+    size = output.stat().st_size / 2**20
+    print(f"wrote {output} ({size:.1f} MiB, {sum(report.seconds.values()):.0f} s) and its tables "
+          f"{output.stem}_family_summary.csv, {output.stem}_findings.csv")
     for key, error in report.errors.items():
         print(f"mechlrmc: section {key!r} failed: {error}", file=sys.stderr)
     return 1 if report.errors else 0
@@ -106,8 +132,8 @@ def _intervention(args: argparse.Namespace) -> int:
 
 
 def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersAction) -> None:
-    p = top.add_parser("report", help="write one offline HTML report of a run (every analysis)")
-    p.add_argument("run", help="run directory, e.g. checkpoints/cpu")
+    p = top.add_parser("report", help="write one offline HTML report of a run (every analysis) or of a sweep")
+    p.add_argument("run", help="run directory (e.g. checkpoints/cpu) or sweep directory (a family report)")
     p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--quick", action="store_true", help="small batches and few checkpoints (smoke test)")
     p.add_argument("--interventions", help="a `mechlrmc analyze intervention` folder to add as a section")

@@ -1,0 +1,117 @@
+"""One offline HTML report of a family of runs (`mechlrmc report SWEEP_DIR`): the summary, the
+overlaid and drop-aligned loss curves, the drop-step distribution, and every finding with a numeric
+criterion stated per seed and counted as "reproduced in k of N" (`analyses.family`).
+
+It is laid out by the single-run report's `assemble`, and its phase figures come from the same
+`detect_phases`, so a family reads like one run's report with a column per seed.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from analyses.family import (
+    CRITERIA, family_findings, family_runs, family_summary, findings_table, plot_drop_steps, plot_family_curves,
+    varied_keys,
+)
+from analyses.report import Part, Report, Section, assemble
+from mechlrmc.runs import Run
+
+SUMMARY_COLUMNS = ("status", "plateau_loss_mask", "plateau_over_analytic", "plateau_end", "drop_step",
+                   "drop_sharpness", "final_step", "final_loss", "final_loss_mask", "final_corr_mask", "wall_time")
+
+
+@dataclass
+class FamilyContext:
+    path: Path | None
+    runs: list[Run]
+    batch_size: int
+    n_matrices: int
+    progress: bool = True
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        return family_summary(self.runs)
+
+    @cached_property
+    def findings(self) -> pd.DataFrame:
+        return family_findings(self.runs, self.batch_size, self.n_matrices, progress=self.progress)
+
+
+def _overview(ctx: FamilyContext) -> list[Part]:
+    keys = varied_keys(ctx.runs)
+    cfg = ctx.runs[0].config
+    spec = ctx.path / "sweep.yaml" if ctx.path is not None else None
+    facts = [
+        ("runs", f"{len(ctx.runs)}: " + ", ".join(r.path.name for r in ctx.runs)),
+        ("varied", ", ".join(keys) + (", seed" if keys else "seed")),
+        ("task", f"{cfg.data.m} x {cfg.data.n} rank-{cfg.data.rank} matrices, p_mask {cfg.data.p_mask}; "
+                 f"copy-and-zero level r/9 = {cfg.data.plateau_mask_loss:.4g}"),
+        ("model", f"{cfg.model.norm}-LN, {cfg.model.n_layers} layers x {cfg.model.n_heads} heads, "
+                  f"d_model {cfg.model.d_model}, d_mlp {cfg.model.d_mlp}"),
+    ]
+    parts: list[Part] = [pd.DataFrame(facts, columns=["", "value"])]
+    if spec is not None and spec.is_file():
+        parts.append(f"<pre>{html.escape(spec.read_text())}</pre>")
+    cols = ["run", *keys, "seed", *[c for c in SUMMARY_COLUMNS if c in ctx.summary]]
+    parts.append(ctx.summary[cols])
+    return parts
+
+
+def _curves(ctx: FamilyContext) -> list[Part]:
+    return [plot_family_curves(ctx.runs, ctx.summary)]
+
+
+def _drops(ctx: FamilyContext) -> list[Part]:
+    s = ctx.summary
+    keys = varied_keys(ctx.runs)
+    stats = (s.groupby(keys or (lambda _: "all"), dropna=False)
+             .agg(runs=("run", "size"), dropped=("drop_step", "count"), drop_median=("drop_step", "median"),
+                  drop_min=("drop_step", "min"), drop_max=("drop_step", "max"),
+                  sharpness_median=("drop_sharpness", "median"), final_loss_mask_median=("final_loss_mask", "median")))
+    return [plot_drop_steps(s), stats]
+
+
+def _findings(ctx: FamilyContext) -> list[Part]:
+    table = findings_table(ctx.findings)
+    return ["<p>Each cell: ✓ or ✗ and the measured value. The criteria are those of "
+            "<code>analyses.family.CRITERIA</code>; the plateau checkpoint is mid-plateau, the end is the last "
+            "checkpoint.</p>", table]
+
+
+SECTIONS: list[Section] = [
+    ("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
+     "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
+    ("curves", "Loss curves", "finding 1", "Every run's eval L_mask on the step axis and aligned at its own drop.",
+     _curves),
+    ("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
+    ("findings", "Findings across seeds", "findings 1-5, 8",
+     "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
+]
+
+
+def build_family_report(source, quick: bool = False, progress: bool = True) -> Report:
+    """The family report of a sweep directory or a list of runs (`quick`: smaller batches)."""
+    path = Path(source) if isinstance(source, (str, Path)) else None
+    runs = family_runs(source)
+    ctx = FamilyContext(path, runs, batch_size=128 if quick else 512, n_matrices=16 if quick else 64,
+                        progress=progress)
+    name = path.name if path is not None else f"{len(runs)} runs"
+    criteria = "".join(f"<li><b>{k}</b> {html.escape(t)}: {html.escape(c)}</li>" for k, (t, c) in CRITERIA.items())
+    intro = (f"Family of {len(runs)} runs{f' in <code>{html.escape(str(path))}</code>' if path else ''}. "
+             f"Abrupt learning is stochastic: every claim below is counted over these runs.{' (quick mode)' if quick else ''}"
+             f"</p><p>Criteria:</p><ul>{criteria}</ul><p>")
+    return assemble(f"mechlrmc family report: {name}", intro, SECTIONS, ctx, progress)
+
+
+def write_family_report(source, path: str | Path, **kwargs) -> Report:
+    report = build_family_report(source, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.html, encoding="utf-8")
+    return report

@@ -1,0 +1,69 @@
+"""What a run was made with: software versions, device, threads, deterministic algorithms.
+
+Training on one thread is deterministic on one machine type and software stack, not across them:
+float reductions differ between CPU models and library versions in the last bits, and a plateau
+amplifies such bits into a different drop step. `collect()` records what explains a difference;
+`differences()` says what changed between two records (a resumed run warns about it).
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import torch
+
+# fields whose change breaks bitwise equality of a resumed run with an uninterrupted one
+COMPARED = ("torch", "transformer_lens", "mechlrmc", "python", "device", "threads", "deterministic")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()}"
+
+
+def collect(device: torch.device | str = "cpu") -> dict[str, object]:
+    """The provenance of a run trained on `device` from this process, as a JSON-ready dict."""
+    return {
+        "torch": torch.__version__,
+        "transformer_lens": _version("transformer-lens"),
+        "mechlrmc": _version("mechlrmc"),
+        "python": platform.python_version(),
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "platform": platform.platform(),
+    }
+
+
+def differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """The compared fields that differ, as {field: (saved, current)}."""
+    return {k: (saved.get(k), current.get(k)) for k in COMPARED if saved.get(k) != current.get(k)}
+
+
+def describe(provenance: dict | None) -> str:
+    """A few lines for `mechlrmc info`."""
+    if provenance is None:
+        return "provenance: not recorded (the run was made before runs recorded it)"
+    return "provenance:\n" + "\n".join(f"  {k}: {v}" for k, v in provenance.items())

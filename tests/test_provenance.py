@@ -1,0 +1,56 @@
+"""Every run records what it was made with; `info` prints it; a resume elsewhere warns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+from mechlrmc import provenance
+from mechlrmc.cli import main
+from mechlrmc.runs import Run
+
+
+def test_a_run_records_versions_device_threads_and_determinism(tiny_run, capsys):
+    saved = tiny_run.provenance
+    assert saved["torch"] == torch.__version__ and saved["transformer_lens"] not in ("", "not installed")
+    assert saved["mechlrmc"] not in ("", "not installed") and saved["device"].startswith("cpu: ")
+    assert saved["threads"] == tiny_run.config.train.threads == 1
+    assert saved["deterministic"] == torch.are_deterministic_algorithms_enabled()
+    assert main(["info", str(tiny_run.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"  torch: {torch.__version__}" in out and f"  device: {saved['device']}" in out
+
+
+def test_resume_on_another_machine_type_warns(tiny_run, tmp_path, capsys):
+    run = Run(shutil.copytree(tiny_run.path, tmp_path / "copy"))
+    assert main(["train", "--out", str(run.path), "--resume", "--steps", "45", "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err  # same machine, same software: silent
+    saved = json.loads((run.path / "provenance.json").read_text())
+    saved["device"], saved["torch"] = "cpu: Another CPU", "1.0"
+    (run.path / "provenance.json").write_text(json.dumps(saved))
+    assert main(["train", "--out", str(run.path), "--resume", "--steps", "50", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mechlrmc: warning: ")
+    assert "device cpu: Another CPU -> " in err[0] and "torch 1.0 -> " in err[0] and "bitwise" in err[0]
+    assert json.loads((run.path / "provenance.json").read_text())["device"] == "cpu: Another CPU"  # kept
+
+
+def test_runs_made_before_provenance_load_print_and_resume(reference_run, tmp_path, capsys):
+    assert reference_run.provenance is None  # the shipped run predates provenance
+    assert main(["info", str(reference_run.path)]) == 0
+    assert "provenance: not recorded" in capsys.readouterr().out
+    copy = shutil.copytree(reference_run.path, tmp_path / "cpu")
+    steps = reference_run.config.train.steps + 5
+    assert main(["train", "--out", str(copy), "--resume", "--steps", str(steps), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "no provenance.json to compare with" in err and len(err.strip().splitlines()) == 1
+    assert Run(copy).steps[-1] == steps
+
+
+def test_differences_name_the_changed_fields():
+    a = provenance.collect()
+    assert provenance.differences(a, dict(a)) == {}
+    assert provenance.differences(a, {**a, "threads": a["threads"] + 1, "platform": "x"}) == {
+        "threads": (a["threads"], a["threads"] + 1)}
