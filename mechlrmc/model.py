@@ -248,7 +248,8 @@ class HookedEncoder(HookedRootModule):
             raise ValueError(f"sequence length {pos} exceeds the position table: allowed <= n_ctx={self.cfg.n_ctx}")
         padding_idx = 0 if self.cfg.mask_embedding_zero else None
         x = self.hook_embed(F.embedding(tokens, self.W_E, padding_idx=padding_idx))
-        x = x + self.hook_pos_embed(self.W_pos[:pos].expand_as(x).contiguous())
+        pos_embed = self.W_pos[:pos].expand_as(x)  # a broadcast view; hooks get their own copy
+        x = x + self.hook_pos_embed(pos_embed.contiguous() if _has_hooks(self.hook_pos_embed) else pos_embed)
         return self.ln_embed(x) if self.ln_embed is not None else x
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

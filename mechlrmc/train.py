@@ -58,6 +58,13 @@ def evaluate(model: HookedEncoder, batch: Batch, chunk: int = 4096) -> dict[str,
     return out
 
 
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Adam:
+    """Adam at the constant `train.lr`, with the kernel `train.adam` picks ("foreach" updates every
+    parameter bitwise as the per-tensor loop does, ~0.7 ms/step faster on the `cpu` preset)."""
+    fused = cfg.train.adam == "fused"
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused)
+
+
 class Trainer:
     """Trains `HookedEncoder` on LRMC into a run directory."""
 
@@ -79,7 +86,7 @@ class Trainer:
         self.resumed = resume  # from a resume state (which comes after step 0's evaluation and checkpoint)
         self.model = HookedEncoder(cfg, seed=cfg.train.seed).to(self.device)
         self.model.cfg.device = str(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.optimizer = make_optimizer(self.model, cfg)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
         self.eval_data = eval_batch(cfg)
         self.step = 0
@@ -178,6 +185,9 @@ class Trainer:
             }
         self.optimizer.state.clear()
         self.optimizer.state.update(state)
+        if self.cfg.train.adam == "fused":  # the fused kernel keeps its step counts on the device
+            for st in self.optimizer.state.values():
+                st["step"] = st["step"].to(self.device)
         if int(meta["step"]) > 0 and not state:
             raise CheckpointError(f"{self.run.path / 'resume.safetensors'} has no optimizer state after "
                                   f"step {meta['step']}: it cannot be resumed exactly")
