@@ -24,7 +24,7 @@ from analyses.swaps import swap_state
 from mechlrmc.config import RunConfig
 from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run, atomic_write
-from mechlrmc.train import Trainer
+from mechlrmc.train import Trainer, make_optimizer
 
 DEFAULT_STEPS = 1500  # cpu preset: ~2 min per run on one thread, the 5-run sweep ~10 min
 
@@ -49,7 +49,7 @@ class FreezeTrainer(Trainer):
             self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
         for name, p in names.items():
             p.requires_grad_(name in trainable)
-        self.optimizer = torch.optim.Adam([p for n, p in names.items() if n in trainable], lr=cfg.train.lr)
+        self.optimizer = make_optimizer([p for n, p in names.items() if n in trainable], cfg)
         if self.resumed:  # Trainer loaded Adam state into its own optimizer: load it into this one
             self._load_resume_state()
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -58,11 +58,13 @@ def evaluate(model: HookedEncoder, batch: Batch, chunk: int = 4096) -> dict[str,
     return out
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Adam:
-    """Adam at the constant `train.lr`, with the kernel `train.adam` picks ("foreach" updates every
-    parameter bitwise as the per-tensor loop does, ~0.7 ms/step faster on the `cpu` preset)."""
+def make_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
+    """Adam at the constant `train.lr` over a model's (or the given) parameters, with the kernel
+    `train.adam` picks ("foreach" updates every parameter bitwise as the per-tensor loop does,
+    ~0.7 ms/step faster on the `cpu` preset)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
     fused = cfg.train.adam == "fused"
-    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=not fused, fused=fused)
+    return torch.optim.Adam(params, lr=cfg.train.lr, foreach=not fused, fused=fused)
 
 
 class Trainer:
