@@ -64,25 +64,6 @@ for line in sys.stdin:
 
 
 class Server:
-    def __init__(self, log: Path):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def run(self, argv: list[str], out: Path, after: float | None = None, on_write: bool = False) -> dict:
-        job = {"argv": [*argv, "--out", str(out)], "out": str(out), "after": after, "on_write": on_write,
-               "stderr": str(self.log)}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-class Server:
     """Runs `mechlrmc.cli.main(argv)` in forked children of one process that imported torch once.
 
     `run(argv, out, after=s)` SIGKILLs the child `s` seconds after the fork, `on_write=True` as soon
