@@ -275,23 +275,25 @@ def _setting(row: pd.Series, keys: list[str]) -> str:
 
 def plot_family_curves(source: RunsLike, summary: pd.DataFrame | None = None) -> go.Figure:
     """Every run's eval L_mask (log scale): against the step (left) and aligned at its own drop
-    step (right; runs that never dropped are left out there). One colour per setting."""
+    step (right, from the first trained step; runs that never dropped are left out there). One
+    colour per setting, or per run when all runs share one setting."""
     runs = family_runs(source)
     summary = family_summary(runs) if summary is None else summary
     keys = varied_keys(runs)
     settings = list(dict.fromkeys(_setting(r, keys) for _, r in summary.iterrows()))
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
                         subplot_titles=("eval L_mask against step", "aligned at each run's drop"))
-    for run, (_, row) in zip(runs, summary.iterrows()):
+    for i, (run, (_, row)) in enumerate(zip(runs, summary.iterrows())):
         setting = _setting(row, keys)
-        color = qualitative.D3[settings.index(setting) % len(qualitative.D3)]
+        color = qualitative.D3[(settings.index(setting) if len(settings) > 1 else i) % len(qualitative.D3)]
         evals = run.metrics.dropna(subset=["eval_loss_mask"])
         label = f"{row.run}" + ("" if pd.notna(row.get("drop_step")) else " (no drop)")
         fig.add_scatter(x=evals.step, y=evals.eval_loss_mask, mode="lines", name=label, legendgroup=row.run,
                         line=dict(color=color, width=1.5, dash="solid" if pd.notna(row.get("drop_step")) else "dot"),
                         row=1, col=1)
         if pd.notna(row.get("drop_step")):
-            fig.add_scatter(x=evals.step - row.drop_step, y=evals.eval_loss_mask, mode="lines", name=label,
+            trained = evals[evals.step > 0]  # the untrained model's loss would clutter the aligned axis
+            fig.add_scatter(x=trained.step - row.drop_step, y=trained.eval_loss_mask, mode="lines", name=label,
                             legendgroup=row.run, showlegend=False, line=dict(color=color, width=1.5), row=1, col=2)
     plateau = runs[0].config.data.plateau_mask_loss
     for col in (1, 2):
@@ -300,7 +302,7 @@ def plot_family_curves(source: RunsLike, summary: pd.DataFrame | None = None) ->
     fig.update_yaxes(type="log", title_text="eval L_mask", row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_xaxes(title_text="steps from the drop", row=1, col=2)
-    return fig.update_layout(template="plotly_white", height=430, margin=dict(t=40, b=40),
+    return fig.update_layout(template="plotly_white", height=450, margin=dict(t=90, b=40),
                              title=f"{len(runs)} runs; dashed: copy-and-zero level r/9, dotted lines: no drop")
 
 

@@ -494,7 +494,7 @@ body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1280px;color:#2
 h1{font-size:1.6em} h2{margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:4px}
 .caption{color:#444} .finding{background:#eef3fb;color:#1f4e8c;border-radius:4px;padding:1px 6px;
 font-size:.85em;white-space:nowrap} .time{color:#999;font-size:.8em}
-table.table{border-collapse:collapse;font-size:.85em;margin:10px 0}
+table.table{border-collapse:collapse;font-size:.85em;margin:10px 0;display:block;overflow-x:auto;max-width:100%}
 .table td,.table th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 .error{background:#fdecea;border:1px solid #e0a0a0;padding:8px 12px;border-radius:4px}
 .error pre{white-space:pre-wrap;font-size:.8em}
