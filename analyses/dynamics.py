@@ -177,17 +177,14 @@ def intervention_runs(
     """Train `cfg` for `steps` steps once per attention scale c (`train.attn_intervention_scale`,
     from step `start`) into `out_dir/c{c}`, as one family on Ray Tune (`mechlrmc.sweep.launch`):
     runs already finished are reused, interrupted ones resumed, and the runs train side by side."""
-    from mechlrmc.sweep import Trial, launch
+    from mechlrmc.sweep import Trial, launch_runs
 
     threads = cfg.train.threads or 1
     trials = [Trial(f"c{scale:g}", cfg.override({
         "train.steps": steps, "train.attn_intervention_scale": float(scale), "train.attn_intervention_start": start,
         "train.threads": threads}), {"scale": float(scale)}) for scale in scales]
-    summary = launch(trials, out_dir, cpus_per_trial=threads, progress=progress)
-    failed = summary[summary.status != "finished"]
-    if len(failed):
-        raise RuntimeError(f"intervention runs did not finish: {dict(zip(failed.run, failed.error))}")
-    return {float(scale): Run(Path(out_dir) / trial.name) for scale, trial in zip(scales, trials)}
+    runs = launch_runs(trials, out_dir, cpus_per_trial=threads, progress=progress)
+    return {float(scale): runs[trial.name] for scale, trial in zip(scales, trials)}
 
 
 def intervention_summary(runs: list[Run]) -> pd.DataFrame:

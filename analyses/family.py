@@ -74,8 +74,13 @@ def family_runs(source: RunsLike) -> list[Run]:
     return [r if isinstance(r, Run) else Run(r) for r in source]
 
 
+def _flat_config(config) -> dict:
+    """A RunConfig as one dict of dotted keys (`train.lr`)."""
+    return {f"{s}.{k}": v for s, d in config.to_dict().items() for k, v in d.items()}
+
+
 def _flat(run: Run) -> dict:
-    return {f"{s}.{k}": v for s, d in run.config.to_dict().items() for k, v in d.items()}
+    return _flat_config(run.config)
 
 
 def varied_keys(runs: list[Run]) -> list[str]:
@@ -337,8 +342,7 @@ _MACHINE_KEYS = ("train.seed", "train.device", "train.threads", "train.dtype", "
 
 
 def _recipe(config) -> dict:
-    flat = {f"{s}.{k}": v for s, d in config.to_dict().items() for k, v in d.items()}
-    return {k: v for k, v in flat.items() if k not in _MACHINE_KEYS}
+    return {k: v for k, v in _flat_config(config).items() if k not in _MACHINE_KEYS}
 
 
 def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:

@@ -110,8 +110,7 @@ def build_family_report(source, quick: bool = False, progress: bool = True) -> R
 
 
 def write_family_report(source, path: str | Path, **kwargs) -> Report:
+    """`build_family_report(source, **kwargs)` written to `path` (parents created)."""
     report = build_family_report(source, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.html, encoding="utf-8")
+    report.write(path)
     return report

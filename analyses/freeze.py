@@ -129,7 +129,7 @@ def freeze_sweep(
     """One component-wise run per component set into `out_dir/<set>`, launched together on Ray
     Tune (`mechlrmc.sweep.launch`: finished runs reused, interrupted ones resumed); returns the
     evaluation curves (step, eval losses, wall_time, `components`, `drop_step`)."""
-    from mechlrmc.sweep import Trial, launch
+    from mechlrmc.sweep import Trial, launch_runs
 
     sets = list(sets)
     threads = run.config.train.threads or 1
@@ -138,14 +138,11 @@ def freeze_sweep(
     trials = [Trial(comps.replace("~", "not_").replace(",", "+"), cfg, {"components": comps},
                     factory=partial(freeze_trainer, source=source, components=comps, init=init, reference=reference))
               for comps in sets]
-    summary = launch(trials, out_dir, cpus_per_trial=threads, progress=progress)
-    failed = summary[summary.status != "finished"]
-    if len(failed):
-        raise RuntimeError(f"freeze runs did not finish: {dict(zip(failed.run, failed.error))}")
+    runs = launch_runs(trials, out_dir, cpus_per_trial=threads, progress=progress)
     frames = []
     plateau = run.config.data.plateau_mask_loss
     for comps, trial in zip(sets, trials):
-        sub = Run(Path(out_dir) / trial.name)
+        sub = runs[trial.name]
         evals = sub.metrics.dropna(subset=["eval_loss"])
         frames.append(evals.assign(components=comps, drop_step=drop_step(evals, plateau), run=str(sub.path)))
     return pd.concat(frames, ignore_index=True)

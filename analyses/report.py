@@ -410,6 +410,13 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     context: object = None  # the sections' shared context (its cached tables)
 
+    def write(self, path: str | Path) -> Path:
+        """The HTML written to `path` (parents created)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.html, encoding="utf-8")
+        return path
+
 
 def _render(part: Part, index: int) -> str:
     if isinstance(part, go.Figure):
@@ -483,9 +490,7 @@ def build_report(
 def write_report(run: Run, path: str | Path, **kwargs) -> Report:
     """`build_report(run, **kwargs)` written to `path` (parents created)."""
     report = build_report(run, **kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.html, encoding="utf-8")
+    report.write(path)
     return report
 
 

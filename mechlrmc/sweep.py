@@ -400,6 +400,16 @@ def launch(
     return summary
 
 
+def launch_runs(trials: list[Trial], out: str | Path, **kwargs) -> dict[str, Run]:
+    """`launch` for drivers that need every run: the finished runs by trial name, or a
+    RuntimeError naming each trial that did not finish and its error."""
+    summary = launch(trials, out, **kwargs)
+    failed = summary[summary.status != "finished"]
+    if len(failed):
+        raise RuntimeError(f"runs did not finish: {dict(zip(failed.run, failed.error))}")
+    return {trial.name: Run(Path(out) / trial.name) for trial in trials}
+
+
 def _one_line(error: BaseException) -> str:
     """The innermost message of a (Ray-wrapped) exception, on one line."""
     cause = getattr(error, "cause", None) or error.__cause__ or error

@@ -49,17 +49,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _family_report(args: argparse.Namespace) -> int:
     """A sweep directory: the family report, plus its tables as CSV beside the HTML."""
-    from analyses.family_report import FamilyContext, build_family_report
+    from analyses.family_report import FamilyContext, write_family_report
 
     _threads(args)
     if args.threads is None:
         import torch
 
         torch.set_num_threads(1)
-    report = build_family_report(args.run, quick=args.quick, progress=not args.quiet)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report.html, encoding="utf-8")
+    report = write_family_report(args.run, output, quick=args.quick, progress=not args.quiet)
     ctx: FamilyContext = report.context
     for name, frame in (("family_summary", ctx.summary), ("findings", ctx.findings)):
         frame.to_csv(output.with_name(f"{output.stem}_{name}.csv"), index=False)
