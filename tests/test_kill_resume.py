@@ -13,10 +13,20 @@ import random
 import pytest
 from forkserver import Server, assert_same_run
 
-from mechlrmc.runs import LOCK_FILE, Run, RunLock
+from mechlrmc.runs import LOCK_FILE, CheckpointError, Run, RunLock
 
-TRAIN = ["train", "--preset", "tiny", "--steps", "200", "--quiet", "--set", "train.threads=1",
+STEPS = 200
+KILLS_PER_RUN = 7
+TRAIN = ["train", "--preset", "tiny", "--steps", str(STEPS), "--quiet", "--set", "train.threads=1",
          "--set", "train.checkpoint_every=25", "--set", "train.eval_every=10"]
+
+
+def last_checkpoint(out) -> int:
+    """The step a resume of `out` starts from (0 before its first checkpoint)."""
+    try:
+        return Run(out).steps[-1]
+    except (CheckpointError, IndexError):
+        return 0
 
 
 @pytest.mark.slow
@@ -32,17 +42,23 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         for run_index in range(3):
             out = tmp_path / f"killed{run_index}"
             # first milliseconds (directory creation), first second, while writing, right after the
-            # step-0 resume state (no Adam state yet), then anywhere
+            # step-0 resume state (no Adam state yet), then anywhere in what is left of the run
             plan = [("after", rng.uniform(0.0, 0.03)), ("after", rng.uniform(0.0, 1.0)), ("on_write", None),
-                    ("after", rng.uniform(0.0, 0.2)), ("on_write", None), ("on_write", None),
-                    ("after", rng.uniform(0.0, length)), ("after", rng.uniform(0.0, length))]
+                    ("after", rng.uniform(0.0, 0.2)), ("on_write", None), ("on_write", None)]
             if run_index == 2:
                 plan[0] = ("on_file", None)  # a fresh run's first resume state is the step-0 one
-            for attempt, (kind, after) in enumerate(plan):
+            landed = 0
+            for attempt in range(2 * KILLS_PER_RUN):
+                if landed == KILLS_PER_RUN:
+                    break
+                kind, after = plan[attempt] if attempt < len(plan) else ("after", None)
+                if after is None and kind == "after":
+                    after = rng.uniform(0.0, 0.8 * length * (1 - last_checkpoint(out) / STEPS))
                 argv = TRAIN if attempt == 0 else [*TRAIN, "--resume"]
                 result = server.run(argv, out, after=after, on_write=kind == "on_write",
                                     on_file="resume.safetensors" if kind == "on_file" else None)
                 kills.append((run_index, kind, after, result))
+                landed += result["killed"]
                 if not result["killed"]:
                     assert result["status"] == 0, result
             final = server.run([*TRAIN, "--resume"], out)
