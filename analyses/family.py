@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from analyses.phases import detect_phases
 from analyses.walk import Steps, across_checkpoints, analysis_batch
-from mechlrmc.runs import Run
+from mechlrmc.runs import CheckpointError, Run
 
 RunsLike = str | Path | Iterable[str | Path | Run]
 
@@ -66,10 +66,11 @@ def family_runs(source: RunsLike) -> list[Run]:
         if (path / "config.yaml").is_file():
             return [Run(path)]
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is neither a run nor a sweep directory")
+            raise CheckpointError(f"{path} is not a directory: allowed a run directory or a sweep directory of runs")
         runs = [Run(p) for p in sorted(path.iterdir()) if (p / "config.yaml").is_file()]
         if not runs:
-            raise FileNotFoundError(f"{path} holds no run directories")
+            raise CheckpointError(f"{path} is neither a run nor a sweep directory: it holds no run directory "
+                                  f"(one with config.yaml)")
         return runs
     return [r if isinstance(r, Run) else Run(r) for r in source]
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analyses.walk import across_checkpoints, analysis_batch
-from mechlrmc.runs import Run
+from mechlrmc.runs import Run, atomic_write
 
 Part = go.Figure | pd.DataFrame | str
 
@@ -411,10 +411,10 @@ class Report:
     context: object = None  # the sections' shared context (its cached tables)
 
     def write(self, path: str | Path) -> Path:
-        """The HTML written to `path` (parents created)."""
+        """The HTML written to `path` (parents created), atomically: a reader sees the old file or
+        the whole new one, never half a report."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.html, encoding="utf-8")
+        atomic_write(path, self.html.encode("utf-8"))
         return path
 
 

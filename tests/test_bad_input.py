@@ -130,6 +130,10 @@ def test_paths_steps_and_checkpoints_that_are_not_there(run_copy, tmp_path, caps
     out = ["-o", str(tmp_path / "analysis")]
     _one_line(capsys, ["info", "/nonexistent"], "/nonexistent does not exist", "allowed a run directory")
     _one_line(capsys, ["analyze", "attention", str(tmp_path), *out], f"{tmp_path} is not a run directory")
+    (tmp_path / "empty").mkdir()
+    _one_line(capsys, ["report", str(tmp_path / "empty"), "-o", str(tmp_path / "r.html")], "neither a run nor a sweep")
+    _one_line(capsys, ["report", "/nonexistent", "-o", str(tmp_path / "r.html")], "/nonexistent")
+    assert not (tmp_path / "r.html").exists()
     path = str(run_copy.path)
     _one_line(capsys, ["analyze", "copy", path, "--steps", "500", *out], "step 500", "allowed 0..40")
     _one_line(capsys, ["analyze", "copy", path, "--steps", "ten", *out], "--steps ten", "allowed all")
