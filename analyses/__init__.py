@@ -1,24 +1,48 @@
 """The analysis layer: plain functions from (model, batch) or (run, steps) to tidy DataFrames,
-each with a sibling `plot_*` that draws it. `across_checkpoints` maps any of them over a run."""
+each with a sibling `plot_*` that draws it. `across_checkpoints` maps any of them over a run.
 
-from analyses.walk import across_checkpoints, analysis_batch, models_at, select_steps  # noqa: F401
-from analyses.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names  # noqa: F401
-from analyses.phases import detect_phases, plot_phases, steps_around_drop  # noqa: F401
-from analyses.heads import default_structured_mask, head_taxonomy, label_heads, plot_taxonomy, score_pattern, structured_taxonomy  # noqa: F401
-from analyses.views import attention_page, save_attention_views  # noqa: F401
-from analyses.copying import copy_check, plot_copy, summarize_copy  # noqa: F401
-from analyses.ablation import ablate, ablation_hooks, head_ablation_sweep, mean_z, plot_ablation  # noqa: F401
-from analyses.baselines import compare_baselines, copy_zero_predict, evaluate_ood, model_predict, nuclear_norm_complete, ood_variants, plot_baselines, plot_ood  # noqa: F401
-from analyses.dynamics import attention_progress, collapse, compare_interventions, intervention_runs, load_interventions, plot_dynamics, plot_interventions, repetition, track_dynamics  # noqa: F401
-from analyses.components import COMPONENTS, FREEZE_SET, SWAP_SET, component_params, model_component_params  # noqa: F401
-from analyses.probes import default_hooks, first_step_encoded, fit_probe, plot_probes, probe, probe_summary, probe_targets  # noqa: F401
-from analyses.embeddings import embedding_geometry, permuted_position_losses, plot_embedding_geometry, plot_position_tsne, plot_token_embeddings  # noqa: F401
-from analyses.patching import batched_outputs, batched_sweep, corrupt, patching, plot_patching, plot_patching_steps, recovery_metrics, stock_sweep  # noqa: F401
-from analyses.swaps import plot_swaps, swap_grid, swap_state, swapped_model  # noqa: F401
-from analyses.freeze import FreezeTrainer, drop_step, freeze_info, freeze_sweep, freeze_train, plot_freeze  # noqa: F401
-from analyses.report import build_report, write_report  # noqa: F401
-from analyses.family import across_runs, family_findings, family_runs, family_summary, findings_table, plot_drop_steps, plot_family_curves, varied_keys  # noqa: F401
-from analyses.family_report import build_family_report, write_family_report  # noqa: F401
-from analyses.attribution import attribution, attribution_agreement, attribution_sweep, compare_with_patching, plot_attribution_vs_patching  # noqa: F401
-from analyses.llc import SGLDConfig, llc_from_traces, local_learning_coefficient, plot_llc, plot_sgld_traces, sgld_traces  # noqa: F401
-from analyses.scrubber import pattern_frame, plot_attention_scrubber, save_attention_scrubber, scrub_data  # noqa: F401
+Names load lazily: `import analyses` is instant, and `analyses.head_taxonomy` imports
+`analyses.heads` on first use (so the `mechlrmc` command starts without the whole layer)."""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {  # module -> the names it exports here
+    "walk": ("across_checkpoints", "analysis_batch", "models_at", "select_steps"),
+    "cache": ("cache_hooks", "chunked_cache", "mean_patterns", "pattern_names"),
+    "phases": ("detect_phases", "plot_phases", "steps_around_drop"),
+    "heads": ("default_structured_mask", "head_taxonomy", "label_heads", "plot_taxonomy", "score_pattern", "structured_taxonomy"),
+    "views": ("attention_page", "save_attention_views"),
+    "copying": ("copy_check", "plot_copy", "summarize_copy"),
+    "ablation": ("ablate", "ablation_hooks", "head_ablation_sweep", "mean_z", "plot_ablation"),
+    "baselines": ("compare_baselines", "copy_zero_predict", "evaluate_ood", "model_predict", "nuclear_norm_complete", "ood_variants", "plot_baselines", "plot_ood"),
+    "dynamics": ("attention_progress", "collapse", "compare_interventions", "intervention_runs", "load_interventions", "plot_dynamics", "plot_interventions", "repetition", "track_dynamics"),
+    "components": ("COMPONENTS", "FREEZE_SET", "SWAP_SET", "component_params", "model_component_params"),
+    "probes": ("default_hooks", "first_step_encoded", "fit_probe", "plot_probes", "probe", "probe_summary", "probe_targets"),
+    "embeddings": ("embedding_geometry", "permuted_position_losses", "plot_embedding_geometry", "plot_position_tsne", "plot_token_embeddings"),
+    "patching": ("batched_outputs", "batched_sweep", "corrupt", "patching", "plot_patching", "plot_patching_steps", "recovery_metrics", "stock_sweep"),
+    "swaps": ("plot_swaps", "swap_grid", "swap_state", "swapped_model"),
+    "freeze": ("FreezeTrainer", "drop_step", "freeze_info", "freeze_sweep", "freeze_train", "plot_freeze"),
+    "report": ("build_report", "write_report"),
+    "family": ("across_runs", "family_findings", "family_runs", "family_summary", "findings_table", "plot_drop_steps", "plot_family_curves", "varied_keys"),
+    "family_report": ("build_family_report", "write_family_report"),
+    "attribution": ("attribution", "attribution_agreement", "attribution_sweep", "compare_with_patching", "plot_attribution_vs_patching"),
+    "llc": ("SGLDConfig", "llc_from_traces", "local_learning_coefficient", "plot_llc", "plot_sgld_traces", "sgld_traces"),
+    "scrubber": ("pattern_frame", "plot_attention_scrubber", "save_attention_scrubber", "scrub_data"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'analyses' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"analyses.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

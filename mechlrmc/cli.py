@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mechlrmc: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader went away (`mechlrmc info RUN | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
