@@ -262,20 +262,29 @@ def family_findings(source: RunsLike, batch_size: int = 512, n_matrices: int = 6
 
 def findings_table(findings: pd.DataFrame) -> pd.DataFrame:
     """One row per finding: title, criterion, each run's value (a column per run, a check mark
-    when reproduced) and "reproduced in k of N"."""
+    when reproduced) and "reproduced in k of N"; when settings vary (the columns between `run` and
+    `seed`), also "k of N" within each setting, as `reproduced (train.lr=0.002)`."""
+    keys = list(findings.columns[1:findings.columns.get_loc("seed")])
     rows = []
     for finding, part in findings.groupby("finding", sort=False):
         row = {"finding": finding, "title": part.title.iloc[0], "criterion": part.criterion.iloc[0]}
         for r in part.itertuples():
             row[r.run] = f"{'✓' if r.reproduced else '✗'} {r.value}"
-        row["reproduced"] = f"{int(part.reproduced.sum())} of {len(part)}"
+        if keys:
+            for values, group in part.groupby(keys, sort=False):
+                row[f"reproduced ({_setting(dict(zip(keys, values)), keys)})"] = _k_of_n(group)
+        row["reproduced"] = _k_of_n(part)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _k_of_n(findings: pd.DataFrame) -> str:
+    return f"{int(findings.reproduced.sum())} of {len(findings)}"
+
+
 # ----- figures -------------------------------------------------------------------------------
 
-def _setting(row: pd.Series, keys: list[str]) -> str:
+def _setting(row: pd.Series | dict, keys: list[str]) -> str:
     return ", ".join(f"{k}={row[k]}" for k in keys) or "all runs"
 
 

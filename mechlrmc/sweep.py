@@ -287,7 +287,7 @@ class _Status:
         self.failed = 0
         self.shown = 0.0
         self.bar = tqdm(total=total, initial=done, unit="trial", desc="sweep", disable=not progress,
-                        dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} done {postfix} [{elapsed}]")
+                        dynamic_ncols=True, bar_format="{desc} {n_fmt}/{total_fmt} done{postfix} [{elapsed}]")
         self.refresh()
 
     def start(self, name: str) -> None:

@@ -121,6 +121,19 @@ def test_findings_hold_on_the_shipped_run(shipped_findings):
     assert (table.reproduced == "1 of 1").all()
 
 
+def test_findings_table_counts_within_each_setting():
+    """Two settings of two seeds: the table counts k of N per setting and over the family."""
+    verdicts = {(2e-3, 0): True, (2e-3, 1): True, (4e-3, 0): False, (4e-3, 1): True}
+    findings = pd.DataFrame([{"run": f"train.lr={lr},seed={seed}", "train.lr": lr, "seed": seed, "finding": "1b",
+                              "value": "x", "reproduced": ok, "step": math.nan, "title": "t", "criterion": "c"}
+                             for (lr, seed), ok in verdicts.items()])
+    row = findings_table(findings).iloc[0]
+    assert row["reproduced (train.lr=0.002)"] == "2 of 2"
+    assert row["reproduced (train.lr=0.004)"] == "1 of 2"
+    assert row["reproduced"] == "3 of 4"
+    assert row["train.lr=0.004,seed=0"].startswith("✗")
+
+
 def test_findings_fail_where_the_run_never_dropped(tiny_run):
     """A 40-step run never leaves the plateau: the drop and every after-drop finding fail."""
     findings = family_findings([tiny_run.path], batch_size=64, n_matrices=8, progress=False).set_index("finding")
