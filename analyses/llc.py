@@ -21,8 +21,11 @@ entries), a tuple `(inputs, targets)` of tensors, or an iterable of either (a Da
 1e-3 diverges; with localization 100 and step 3e-4 the traces still climb after 80 steps; with
 localization 300, nbeta 50 and step 3e-4 the minibatch loss reaches its level within ~15 steps
 and stays there within minibatch noise (at plateau checkpoints a slow rise of ~10-20 % remains
-over the 30 draws). Three chains x 45 steps at batch 64 took 8-17 s per checkpoint at one thread
-on a shared 2-core machine under load averages of 6-13 (an idle core was not available to measure). The values are small (1-9) against
+over the 30 draws). Three chains x 45 steps at batch 64 take 5.3 s per checkpoint at one thread on
+a free core of the 2-core machine (9 checkpoints of the shipped run in 47 s; 8-17 s under load
+averages of 6-13). On the shipped run the LLC falls through the plateau (6.5 at step 1000, 3.8 at
+3000, 2.7 at 4500, 2.2 at 5000, with a chain spread of 0.6-0.9) and then settles (2.4 at 5500,
+2.1 at 8000, 1.7 at 14000, spread 0.1-0.3): the drop shows no jump. The values are small (1-9) against
 ~300k parameters: with a strong localization the LLC compares checkpoints, it is not a count.
 """
 
