@@ -37,6 +37,7 @@ import pandas as pd
 import yaml
 
 from mechlrmc.config import ConfigError, RunConfig, preset
+from mechlrmc.errors import UsageError
 from mechlrmc.runs import Run, atomic_write
 
 SPEC_KEYS = ("preset", "config", "steps", "set", "grid", "seeds", "resources")
@@ -47,6 +48,12 @@ SUMMARY_COLUMNS = ("run", "status", "step", "eval_loss", "eval_loss_mask", "eval
 
 class SweepError(ConfigError):
     """A sweep spec or one of its trials is invalid."""
+
+
+class ClusterError(UsageError, ConnectionError):
+    """The Ray cluster named by --address or $RAY_ADDRESS cannot be reached."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -331,8 +338,13 @@ def _init_ray(address: str | None, progress: bool) -> bool:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 starves trials on a busy machine
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **quiet)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            raise ClusterError(f"could not connect to the Ray cluster at {address}: {_one_line(e)}; allowed the "
+                               "address of a running head node (`ray start --head` prints it)") from None
     else:
         ray.init(num_cpus=os.cpu_count(), **quiet)
     return True

@@ -153,3 +153,20 @@ def test_a_failing_trial_is_reported_while_the_others_finish(tmp_path):
     assert "ConfigError" in log and "no CUDA device" in log and "\x1b" not in log  # the error, no colour codes
     assert "Traceback" not in done.stderr
     assert "trial 'train.device=cuda,seed=0' failed" in done.stderr and "1 of 2 trials finished" in done.stdout
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch, capsys):
+    """--address of no running head: one line naming the address, exit code 1, nothing trained."""
+    import ray
+
+    from mechlrmc.cli import main
+
+    def refuse(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    spec = _spec(tmp_path, preset="tiny", steps=5, seeds=1)
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", "10.9.8.7:6379", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mechlrmc: error: could not connect to the Ray cluster at 10.9.8.7:6379")
+    assert not (tmp_path / "out" / "seed=0").exists()
