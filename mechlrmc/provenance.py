@@ -14,7 +14,8 @@ from importlib import metadata
 import torch
 
 # fields whose change breaks bitwise equality of a resumed run with an uninterrupted one
-COMPARED = ("torch", "transformer_lens", "mechlrmc", "python", "device", "threads", "deterministic")
+COMPARED = ("torch", "transformer_lens", "mechlrmc", "python", "device", "cpu_id", "cpu_capability", "threads",
+            "deterministic")
 
 
 def _version(package: str) -> str:
@@ -24,16 +25,34 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def cpu_model() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping (`AuthenticAMD family 25 model 17 stepping 1`): a
+    virtual machine may show only a generic model name ("AMD EPYC") for different processors."""
+    info = _cpuinfo()
+    if "cpu family" not in info:
+        return platform.machine()
+    return (f"{info.get('vendor_id', '?')} family {info['cpu family']} model {info.get('model', '?')} "
+            f"stepping {info.get('stepping', '?')}")
 
 
 def device_name(device: torch.device | str) -> str:
@@ -51,6 +70,10 @@ def collect(device: torch.device | str = "cpu") -> dict[str, object]:
         "mechlrmc": _version("mechlrmc"),
         "python": platform.python_version(),
         "device": device_name(device),
+        "cpu_id": cpu_id(),
+        # the vector ISA torch's CPU kernels were dispatched to (AVX2, AVX512, ...): machines with the
+        # same model name but another ISA (a VM may hide AVX-512) round differently from step 0
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "platform": platform.platform(),

@@ -18,6 +18,8 @@ def test_a_run_records_versions_device_threads_and_determinism(tiny_run, capsys)
     assert saved["mechlrmc"] not in ("", "not installed") and saved["device"].startswith("cpu: ")
     assert saved["threads"] == tiny_run.config.train.threads == 1
     assert saved["deterministic"] == torch.are_deterministic_algorithms_enabled()
+    assert saved["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert saved["cpu_id"] == provenance.cpu_id() and saved["cpu_id"]
     assert main(["info", str(tiny_run.path)]) == 0
     out = capsys.readouterr().out
     assert f"  torch: {torch.__version__}" in out and f"  device: {saved['device']}" in out
@@ -29,11 +31,13 @@ def test_resume_on_another_machine_type_warns(tiny_run, tmp_path, capsys):
     assert "warning" not in capsys.readouterr().err  # same machine, same software: silent
     saved = json.loads((run.path / "provenance.json").read_text())
     saved["device"], saved["torch"] = "cpu: Another CPU", "1.0"
+    saved["cpu_capability"] = "AVX512" if saved["cpu_capability"] != "AVX512" else "AVX2"
     (run.path / "provenance.json").write_text(json.dumps(saved))
     assert main(["train", "--out", str(run.path), "--resume", "--steps", "50", "--quiet"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mechlrmc: warning: ")
     assert "device cpu: Another CPU -> " in err[0] and "torch 1.0 -> " in err[0] and "bitwise" in err[0]
+    assert f"cpu_capability {saved['cpu_capability']} -> {torch.backends.cpu.get_cpu_capability()}" in err[0]
     assert json.loads((run.path / "provenance.json").read_text())["device"] == "cpu: Another CPU"  # kept
 
 
