@@ -143,9 +143,10 @@ def _family(ctx: Context) -> list[Part]:
                      f"family's runs dropped earlier, {later} later.")
     else:
         lines.append(f"This run (seed {this['seed']}) has not dropped by step {this.get('final_step', 0):.0f}.")
-    share = float((family.final_loss_mask < this["final_loss_mask"]).mean())
-    lines.append(f"Its final eval L_mask {this['final_loss_mask']:.4f} is above {share:.0%} of the family's "
-                 f"final values (median {family.final_loss_mask.median():.4f}).")
+    final = this["final_loss_mask"]
+    lower, higher = int((family.final_loss_mask < final).sum()), int((family.final_loss_mask > final).sum())
+    lines.append(f"Its final eval L_mask is {final:.4f} (the family's median {family.final_loss_mask.median():.4f}): "
+                 f"{lower} of the family's runs ended lower, {higher} higher.")
     cols = ["run", "seed", "drop_step", "drop_sharpness", "final_step", "final_loss_mask"]
     return ["<p>" + " ".join(lines) + "</p>", plot_run_in_family(family, this), family[[c for c in cols if c in family]]]
 
