@@ -127,6 +127,23 @@ def _overview(ctx: Context) -> list[Part]:
     return [facts]
 
 
+def _machines(ctx: Context) -> str:
+    """Whether the family was measured on this run's machine type (a seed's numbers match only there)."""
+    from analyses.family import MACHINE_FIELDS, family_provenance, same_machine
+
+    family, mine = family_provenance(ctx.family), ctx.run.provenance
+
+    def name(p: dict) -> str:
+        return f"{p.get('device', '?')}, {', '.join(str(p.get(k, '?')) for k in MACHINE_FIELDS)}"
+
+    if family is None:
+        return "The family's machine type is not recorded."
+    if same_machine(family, mine):
+        return f"It was measured on this run's machine type ({name(family)}), so each seed's numbers apply as they are."
+    return (f"It was measured on {name(family)}, this run on {name(mine) if mine else 'an unrecorded machine'}: "
+            "the same seed rounds differently there, so compare the distributions, not a seed's numbers.")
+
+
 def _family(ctx: Context) -> list[Part]:
     from analyses.family import family_summary, plot_run_in_family
 
@@ -136,7 +153,7 @@ def _family(ctx: Context) -> list[Part]:
     n = len(family)
     lines = [f"The family <code>{html.escape(str(ctx.family))}</code>: {n} seeds of the same recipe, "
              f"{len(dropped)} of which dropped (steps {', '.join(f'{d:.0f}' for d in sorted(dropped))}; "
-             f"median {dropped.median():.0f})."]
+             f"median {dropped.median():.0f}). {html.escape(_machines(ctx))}"]
     if this.get("dropped"):
         earlier, later = int((dropped < this["drop_step"]).sum()), int((dropped > this["drop_step"]).sum())
         lines.append(f"This run (seed {this['seed']}) dropped at step {this['drop_step']:.0f}: {earlier} of the "

@@ -151,3 +151,28 @@ def test_family_report_states_k_of_n(planted, tiny_run, tmp_path):
     assert "Findings across seeds" in report.html and "0 of 2" in report.html and "2 of 2" in report.html
     for title in ("plateau at the copy-and-zero level", "position embeddings matter only after the drop"):
         assert title in report.html
+
+
+def test_find_family_prefers_the_family_of_the_runs_machine_type(tiny_run, tmp_path):
+    """Two shipped families of the tiny recipe: the one whose provenance names this machine type
+    (CPU id and vector ISA) is the run's; without such a record the first one is."""
+    import json
+
+    from analyses.family import find_family
+
+    for name in ("a_elsewhere", "b_here"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "sweep.yaml").write_text("preset: tiny\nseeds: 2\n")
+        (folder / "family_summary.csv").write_text("run,seed,drop_step,final_loss_mask\n")
+    assert find_family(tiny_run, tmp_path) == tmp_path / "a_elsewhere"  # no machine recorded anywhere
+    here = tiny_run.provenance
+    elsewhere = {**here, "cpu_capability": "AVX512" if here["cpu_capability"] != "AVX512" else "AVX2"}
+    (tmp_path / "a_elsewhere" / "provenance.json").write_text(json.dumps(elsewhere))
+    (tmp_path / "b_here" / "provenance.json").write_text(json.dumps(here))
+    assert find_family(tiny_run, tmp_path) == tmp_path / "b_here"
+    (tmp_path / "c_other_recipe").mkdir()
+    (tmp_path / "c_other_recipe" / "sweep.yaml").write_text("preset: cpu\nseeds: 2\n")
+    (tmp_path / "c_other_recipe" / "family_summary.csv").write_text("run\n")
+    (tmp_path / "c_other_recipe" / "provenance.json").write_text(json.dumps(here))
+    assert find_family(tiny_run, tmp_path) == tmp_path / "b_here"
