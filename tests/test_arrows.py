@@ -40,3 +40,16 @@ def test_module_does_not_import_what_it_must_not_know(module):
 def test_the_check_sees_local_imports():
     source = "def f():\n    from mechlrmc import train\n    import mechlrmc.convert as c\n"
     assert {"mechlrmc.train", "mechlrmc.convert"} <= imported_modules(source)
+
+
+def test_the_command_line_starts_without_torch_or_the_analysis_layer():
+    """`mechlrmc --help` builds every subcommand's parser without importing torch, Ray or an
+    analysis module: `import analyses` loads its names on first use."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from mechlrmc.cli import build_parser; build_parser(); import analyses; "
+             "print(sorted(m for m in ('torch', 'ray', 'analyses.heads', 'analyses.report') if m in sys.modules)); "
+             "analyses.head_taxonomy; print('analyses.heads' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True", out
