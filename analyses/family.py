@@ -13,7 +13,6 @@ directories. The varied keys are the config fields whose values differ between r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,7 +26,8 @@ from tqdm.auto import tqdm
 
 from analyses.phases import detect_phases
 from analyses.walk import Steps, across_checkpoints, analysis_batch
-from mechlrmc.runs import CheckpointError, Run
+from mechlrmc.provenance import same_machine
+from mechlrmc.runs import CheckpointError, Run, read_provenance
 
 RunsLike = str | Path | Iterable[str | Path | Run]
 
@@ -359,7 +359,7 @@ def _recipe(config) -> dict:
 def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:
     """A shipped family summary (`<root>/*/family_summary.csv` beside the `sweep.yaml` it came from)
     whose trials have `run`'s recipe (its config, seed and machine settings aside); None if none.
-    Of several, the one measured on `run`'s machine type comes first (`same_machine`): the same
+    Of several, the one measured on `run`'s machine type comes first (`provenance.same_machine`): the same
     recipe and seed round differently on another CPU, so that family is the one the run belongs to."""
     from mechlrmc.sweep import SweepSpec
 
@@ -370,23 +370,8 @@ def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:
         trials = SweepSpec.from_yaml(folder / "sweep.yaml").trials()
         if trials and _recipe(trials[0].config) == _recipe(run.config):
             matches.append(folder)
-    return next((f for f in matches if same_machine(family_provenance(f), run.provenance)), None) or \
-        (matches[0] if matches else None)
-
-
-def family_provenance(folder: str | Path) -> dict | None:
-    """The `provenance.json` a shipped family was measured with (None where it was not recorded)."""
-    file = Path(folder) / "provenance.json"
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-def same_machine(a: dict | None, b: dict | None) -> bool:
-    """Whether two provenance records name one machine type: the same CPU id and vector ISA."""
-    return a is not None and b is not None and all(
-        a.get(k) is not None and a.get(k) == b.get(k) for k in MACHINE_FIELDS)
-
-
-MACHINE_FIELDS = ("cpu_id", "cpu_capability")
+    mine = run.provenance
+    return next((f for f in matches if same_machine(read_provenance(f), mine)), matches[0] if matches else None)
 
 
 def plot_run_in_family(family: pd.DataFrame, run_row: dict) -> go.Figure:

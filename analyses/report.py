@@ -129,9 +129,10 @@ def _overview(ctx: Context) -> list[Part]:
 
 def _machines(ctx: Context) -> str:
     """Whether the family was measured on this run's machine type (a seed's numbers match only there)."""
-    from analyses.family import MACHINE_FIELDS, family_provenance, same_machine
+    from mechlrmc.provenance import MACHINE_FIELDS, same_machine
+    from mechlrmc.runs import read_provenance
 
-    family, mine = family_provenance(ctx.family), ctx.run.provenance
+    family, mine = read_provenance(ctx.family), ctx.run.provenance
 
     def name(p: dict) -> str:
         return f"{p.get('device', '?')}, {', '.join(str(p.get(k, '?')) for k in MACHINE_FIELDS)}"

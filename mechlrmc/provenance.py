@@ -80,6 +80,16 @@ def collect(device: torch.device | str = "cpu") -> dict[str, object]:
     }
 
 
+# fields that name a machine type: the same recipe and seed give the same numbers only on one
+MACHINE_FIELDS = ("cpu_id", "cpu_capability")
+
+
+def same_machine(a: dict | None, b: dict | None) -> bool:
+    """Whether two provenance records name one machine type (both record the same CPU id and ISA)."""
+    return a is not None and b is not None and all(
+        a.get(k) is not None and a.get(k) == b.get(k) for k in MACHINE_FIELDS)
+
+
 def differences(saved: dict, current: dict) -> dict[str, tuple]:
     """The compared fields that differ, as {field: (saved, current)}."""
     return {k: (saved.get(k), current.get(k)) for k in COMPARED if saved.get(k) != current.get(k)}

@@ -153,6 +153,17 @@ def _format(value: float | int | None) -> str:
     return repr(int(value)) if isinstance(value, int) else repr(float(value))
 
 
+def read_provenance(folder: str | Path) -> dict | None:
+    """`folder/provenance.json` (a run's, or a shipped family's): None where none was recorded."""
+    file = Path(folder) / "provenance.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is corrupt: {e}") from e
+
+
 class Run:
     """A training run on disk. `Run(path).load_model(step)` is how analyses get a model."""
 
@@ -215,13 +226,7 @@ class Run:
     @property
     def provenance(self) -> dict | None:
         """What the run was made with (`mechlrmc.provenance`); None for runs made before it was recorded."""
-        file = self.path / "provenance.json"
-        if not file.is_file():
-            return None
-        try:
-            return json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file} is corrupt: {e}") from e
+        return read_provenance(self.path)
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write(self.path / "config.yaml", config.to_yaml().encode())

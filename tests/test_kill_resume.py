@@ -51,9 +51,10 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
             for attempt in range(2 * KILLS_PER_RUN):
                 if landed == KILLS_PER_RUN:
                     break
-                kind, after = plan[attempt] if attempt < len(plan) else ("after", None)
-                if after is None and kind == "after":
-                    after = rng.uniform(0.0, 0.8 * length * (1 - last_checkpoint(out) / STEPS))
+                if attempt < len(plan):
+                    kind, after = plan[attempt]
+                else:
+                    kind, after = "after", rng.uniform(0.0, 0.8 * length * (1 - last_checkpoint(out) / STEPS))
                 argv = TRAIN if attempt == 0 else [*TRAIN, "--resume"]
                 result = server.run(argv, out, after=after, on_write=kind == "on_write",
                                     on_file="resume.safetensors" if kind == "on_file" else None)
