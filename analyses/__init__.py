@@ -1,5 +1,7 @@
 """The analysis layer: plain functions from (model, batch) or (run, steps) to tidy DataFrames,
 each with a sibling `plot_*` that draws it. `across_checkpoints` maps any of them over a run.
+`ANALYSES` (analyses.registry) is the one list of analyses that the report, `mechlrmc analyze`
+and the notebooks share; each takes a `Context` (the run and what its analyses share).
 
 Names load lazily: `import analyses` is instant, and `analyses.head_taxonomy` imports
 `analyses.heads` on first use (so the `mechlrmc` command starts without the whole layer)."""
@@ -9,26 +11,32 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {  # module -> the names it exports here
-    "walk": ("across_checkpoints", "analysis_batch", "models_at", "select_steps"),
+    "walk": ("across_checkpoints", "analysis_batch", "select_steps"),
     "cache": ("cache_hooks", "chunked_cache", "mean_patterns", "pattern_names"),
     "phases": ("detect_phases", "plot_phases", "steps_around_drop"),
-    "heads": ("default_structured_mask", "head_taxonomy", "label_heads", "plot_taxonomy", "score_pattern", "structured_taxonomy"),
+    "heads": ("default_structured_mask", "head_onsets", "head_taxonomy", "label_heads", "plot_taxonomy", "score_pattern", "structured_taxonomy"),
     "views": ("attention_page", "save_attention_views"),
     "copying": ("copy_check", "plot_copy", "summarize_copy"),
     "ablation": ("ablate", "ablation_hooks", "head_ablation_sweep", "mean_z", "plot_ablation"),
     "baselines": ("compare_baselines", "copy_zero_predict", "evaluate_ood", "model_predict", "nuclear_norm_complete", "ood_variants", "plot_baselines", "plot_ood"),
-    "dynamics": ("attention_progress", "collapse", "compare_interventions", "intervention_runs", "load_interventions", "plot_dynamics", "plot_interventions", "repetition", "track_dynamics"),
+    "dynamics": ("attention_progress", "collapse", "compare_interventions", "dynamics_summary", "intervention_runs", "load_interventions", "plot_dynamics", "plot_interventions", "repetition", "track_dynamics"),
     "components": ("COMPONENTS", "FREEZE_SET", "SWAP_SET", "component_params", "model_component_params"),
     "probes": ("default_hooks", "first_step_encoded", "fit_probe", "plot_probes", "probe", "probe_summary", "probe_targets"),
     "embeddings": ("embedding_geometry", "permuted_position_losses", "plot_embedding_geometry", "plot_position_tsne", "plot_token_embeddings"),
     "patching": ("batched_outputs", "batched_sweep", "corrupt", "patching", "plot_patching", "plot_patching_steps", "recovery_metrics", "stock_sweep"),
     "swaps": ("plot_swaps", "swap_grid", "swap_state", "swapped_model"),
-    "freeze": ("FreezeTrainer", "drop_step", "freeze_info", "freeze_sweep", "freeze_train", "plot_freeze"),
+    "freeze": ("freeze_info", "freeze_sweep", "freeze_train", "freeze_trainer", "half_plateau_step", "plot_freeze"),
     "report": ("build_report", "write_report"),
-    "family": ("across_runs", "family_findings", "family_runs", "family_summary", "findings_table", "plot_drop_steps", "plot_family_curves", "varied_keys"),
+    "registry": ("ANALYSES", "Analysis", "applicable", "get"),
+    "context": ("Budget", "Context"),
+    "page": ("Page", "Section", "assemble"),
+    "store": ("cached",),
+    "overview": ("run_facts",),
+    "family": ("across_runs", "drop_sharpness", "family_runs", "family_summary", "find_family", "place_in_family", "plot_drop_steps", "plot_family_curves", "plot_run_in_family", "varied_keys"),
+    "findings": ("CRITERIA", "family_findings", "findings_table", "key_steps"),
     "family_report": ("build_family_report", "write_family_report"),
-    "attribution": ("attribution", "attribution_agreement", "attribution_sweep", "compare_with_patching", "plot_attribution_vs_patching"),
-    "llc": ("SGLDConfig", "llc_from_traces", "local_learning_coefficient", "plot_llc", "plot_sgld_traces", "sgld_traces"),
+    "attribution": ("attribution", "attribution_agreement", "attribution_sweep", "attribution_verdict", "compare_with_patching", "plot_attribution_vs_patching"),
+    "llc": ("SGLDConfig", "llc_from_traces", "llc_per_step", "local_learning_coefficient", "plot_llc", "plot_sgld_traces", "sgld_traces"),
     "scrubber": ("pattern_frame", "plot_attention_scrubber", "save_attention_scrubber", "scrub_data"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

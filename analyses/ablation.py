@@ -1,4 +1,4 @@
-"""Head ablation (PAPER.md finding 5): knock out heads through hooks and measure L, L_obs, L_mask.
+"""Head ablation (finding 5, docs/FINDINGS.md): knock out heads through hooks and measure L, L_obs, L_mask.
 
 Three kinds, each for any set of (layer, head):
 - "zero": the head's output `hook_z` is set to 0 (the paper's head masking);
@@ -92,7 +92,7 @@ def head_ablation_sweep(
     progress: bool = False,
 ) -> pd.DataFrame:
     """Every head ablated alone with every kind: one row per (layer, head, kind) with L, L_obs,
-    L_mask and their deltas vs the intact model (PAPER.md finding 5)."""
+    L_mask and their deltas vs the intact model (finding 5, docs/FINDINGS.md)."""
     means = mean_z(model, batch if reference is None else reference) if "mean" in kinds else None
     base = _losses(model, batch, [])
     heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
@@ -124,3 +124,18 @@ def plot_ablation(sweep: pd.DataFrame, kind: str = "zero", measure: str = "delta
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1)
     return fig
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def ablation_tables(ctx) -> dict[str, pd.DataFrame]:
+    """Every head ablated at the last checkpoint (or at the asked steps)."""
+    steps = ctx.steps if ctx.steps_asked is not None else [ctx.final]
+    return {"ablation": ctx.walk(head_ablation_sweep, steps=steps, kinds=tuple(ctx.option("kinds", ("zero", "mean"))))}
+
+
+def ablation_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    sweep = tables["ablation"]
+    worst = sweep.sort_values("delta_loss_mask", ascending=False).groupby("step").head(8)
+    return {"ablation": plot_ablation(sweep, str(sweep.kind.iloc[0])),
+            "ablation_top": worst[["step", "layer", "head", "kind", "loss_mask", "delta_loss_mask"]]}

@@ -1,4 +1,4 @@
-"""Attribution patching (PAPER.md finding 6, first order): activation patching by one gradient.
+"""Attribution patching (finding 6, docs/FINDINGS.md, first order): activation patching by one gradient.
 
 Patching the clean activation a_clean of a site into the corrupted run moves the recovery metric
 of `analyses.patching` by approximately
@@ -21,15 +21,14 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 import torch
-from scipy import stats
 
-from analyses.patching import _frame, _masks, _patch_grid, corrupt, hook_name, patching
+from analyses.patching import DEFAULT_SITES, _frame, _masks, _patch_grid, corrupt, hook_name, patching
 from mechlrmc.config import DataConfig
 from mechlrmc.data import Batch
 from mechlrmc.model import HookedEncoder
 
-DEFAULT_SITES = {"resid_pre": ("layer", "layer_pos"), "attn_out": ("layer", "layer_pos"),
-                 "mlp_out": ("layer", "layer_pos"), "z": ("layer_head", "layer_pos_head")}
+HOLDS_PEARSON = 0.9  # attribution_verdict: the linear estimate holds at Pearson >= this
+FAILS_PEARSON = 0.5  # ... and fails below this
 
 
 def metric_weights(clean: torch.Tensor, corrupted: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -125,13 +124,29 @@ def attribution_agreement(frame: pd.DataFrame) -> pd.DataFrame:
         varied = len(part) > 2 and x.std() > 0 and y.std() > 0
         return pd.Series({
             "patches": len(part),
-            "pearson": stats.pearsonr(x, y)[0] if varied else float("nan"),
-            "spearman": stats.spearmanr(x, y)[0] if varied else float("nan"),
+            "pearson": part.exact.corr(part.attribution) if varied else float("nan"),
+            "spearman": part.exact.rank().corr(part.attribution.rank()) if varied else float("nan"),  # of ranks
             "max_abs_error": float(abs(y - x).max()),
             "slope": float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else float("nan"),
         })
 
     return frame.groupby(by, sort=False)[["exact", "attribution"]].apply(agree).reset_index()
+
+
+def attribution_verdict(agreement: pd.DataFrame, moments: dict[str, int]) -> pd.DataFrame:
+    """Where the linear estimate holds and where it fails (finding 6), per checkpoint: one row per
+    (moment, step, site, granularity) of `attribution_agreement` at the steps of `moments`
+    ({name: step}, in its order), with its `pearson` and a `verdict`: "holds" (pearson >=
+    HOLDS_PEARSON), "fails" (< FAILS_PEARSON) or "partial". Rows without a Pearson correlation
+    (a constant estimate or exact recovery) are left out. A `metric` column is kept if present."""
+    keys = [c for c in ("site", "granularity", "metric") if c in agreement]
+    frames = [agreement[agreement.step == step].dropna(subset=["pearson"])[[*keys, "pearson"]]
+              .assign(moment=moment, step=step) for moment, step in moments.items()]
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*keys, "pearson", "moment", "step"])
+    verdict = pd.Series("partial", index=out.index)
+    verdict[out.pearson >= HOLDS_PEARSON] = "holds"
+    verdict[out.pearson < FAILS_PEARSON] = "fails"
+    return out.assign(verdict=verdict)[["moment", "step", *keys, "pearson", "verdict"]]
 
 
 def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_mask", step: int | None = None):
@@ -146,7 +161,7 @@ def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_ma
         part["step"] = part.step.astype(str)
     fig = px.scatter(part, x="exact", y="attribution", color=color, facet_col="panel", facet_col_wrap=4,
                      hover_data=["layer", "pos", "head"], opacity=0.6,
-                     title=f"Attribution patching against exact patching: {metric} (PAPER.md finding 6)")
+                     title=f"Attribution patching against exact patching: {metric} (finding 6)")
     for trace_x, trace_y in {(t.xaxis, t.yaxis) for t in fig.data}:  # the diagonal in each panel's own range
         points = [v for t in fig.data if (t.xaxis, t.yaxis) == (trace_x, trace_y) for v in (*t.x, *t.y)]
         lo, hi = float(min(points)), float(max(points))
@@ -155,3 +170,32 @@ def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_ma
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     return fig.update_xaxes(matches=None).update_yaxes(matches=None).update_layout(template="plotly_white")
 
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def attribution_tables(ctx) -> dict[str, pd.DataFrame]:
+    """Attribution and exact patching at the key checkpoints, clean X against -X."""
+    batch = ctx.batch[: ctx.budget.patch_batch]
+    frames = [compare_with_patching(ctx.model(step), batch, ctx.run.config.data).assign(step=step, moment=moment)
+              for moment, step in ctx.key.items()]
+    frame = pd.concat(frames, ignore_index=True)
+    agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])
+    return {"attribution": frame, "attribution_agreement": agreement,
+            "attribution_verdict": attribution_verdict(agreement, ctx.key)}
+
+
+def attribution_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame, agreement = tables["attribution"], tables["attribution_agreement"]
+    first, last = min(ctx.key.values()), max(ctx.key.values())
+    table = agreement.pivot(index=["site", "granularity"], columns="step", values=["pearson", "spearman", "slope"])
+    return {"note": f"<p>Clean X against -X, {min(len(ctx.batch), ctx.budget.patch_batch)} matrices, recovery at "
+                    f"masked positions; checkpoints {', '.join(f'{m} {s}' for m, s in ctx.key.items())}. Dotted line: "
+                    "attribution = exact. -X is not a small perturbation: where the path from -X to X crosses "
+                    "LayerNorm, GELU and softmax curvature the first-order estimate misses.</p>",
+            "attribution_verdict": tables["attribution_verdict"],
+            "attribution_first": plot_attribution_vs_patching(frame, step=first).update_layout(
+                title=f"Attribution against exact patching at step {first}"),
+            "attribution_last": plot_attribution_vs_patching(frame, step=last).update_layout(
+                title=f"Attribution against exact patching at step {last}"),
+            "attribution_table": table}

@@ -1,4 +1,4 @@
-"""Baselines and out-of-distribution evaluation (PAPER.md finding 3).
+"""Baselines and out-of-distribution evaluation (finding 3, docs/FINDINGS.md).
 
 Two reference predictors for the masked entries of a low-rank matrix:
 - **copy-and-zero**: copy every observed entry, predict 0 at masked ones. Its L_mask is the
@@ -37,7 +37,6 @@ from mechlrmc.metrics import split_losses
 from mechlrmc.model import HookedEncoder
 
 P_MASKS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
-PREDICTORS = ("model", "nuclear_norm", "copy_zero", "truth")
 LAYOUTS = ("pad", "gather")
 
 
@@ -150,7 +149,7 @@ def compare_baselines(
     seed: int = 2024,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Model vs nuclear-norm minimisation vs copy-and-zero across p_mask (PAPER.md finding 3):
+    """Model vs nuclear-norm minimisation vs copy-and-zero across p_mask (finding 3, docs/FINDINGS.md):
     one row per (p_mask, predictor), `n_matrices` fresh matrices per p_mask."""
     frames = []
     for p in tqdm(p_masks, desc="p_mask", disable=not progress):
@@ -188,7 +187,7 @@ def evaluate_ood(
     seed: int = 2024,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Model vs baselines on out-of-distribution data (PAPER.md finding 3): one row per
+    """Model vs baselines on out-of-distribution data (finding 3, docs/FINDINGS.md): one row per
     (variant, predictor). `data_cfg` is the training distribution (it fixes the position grid);
     `variants` defaults to `ood_variants(data_cfg)`. Each row also carries the variant's
     copy-and-zero plateau level `plateau_mask_loss` for scale."""
@@ -234,3 +233,41 @@ def plot_ood(frame: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group", height=380, margin=dict(t=30, b=40),
                       yaxis_title="MSE_mask / plateau level (copy-and-zero = 1)")
     return fig
+
+
+# ----- registry entries (analyses.registry) -----------------------------------------------------
+
+def _step(ctx) -> int:
+    return ctx.run.nearest_step(ctx.option("step")) if ctx.option("step") is not None else ctx.final
+
+
+def baselines_tables(ctx) -> dict[str, pd.DataFrame]:
+    step = _step(ctx)
+    frame = compare_baselines(ctx.model(step), ctx.run.config.data, tuple(ctx.option("p_masks", P_MASKS)),
+                              ctx.option("n_matrices", ctx.budget.n_matrices), progress=ctx.progress)
+    return {"baselines": frame.assign(step=step)}
+
+
+def baselines_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["baselines"]
+    table = frame.pivot(index="p_mask", columns="predictor", values=["mse_mask", "nuclear_norm"])
+    table[("mse_mask_to_nuclear", "model")] = frame[frame.predictor == "model"].set_index("p_mask").mse_mask_to_nuclear
+    return {"note": f"<p>Model at step {int(frame.step.iloc[0])}; {ctx.option('n_matrices', ctx.budget.n_matrices)} "
+                    f"matrices per p_mask (trained at p_mask {ctx.run.config.data.p_mask}).</p>",
+            "baselines": plot_baselines(frame), "baselines_table": table.drop(columns=[("mse_mask", "truth")])}
+
+
+def ood_tables(ctx) -> dict[str, pd.DataFrame]:
+    step = _step(ctx)
+    frame = evaluate_ood(ctx.model(step), ctx.run.config.data, n_matrices=ctx.option("n_matrices", ctx.budget.n_matrices),
+                         layout=ctx.option("layout", "pad"), progress=ctx.progress)
+    return {"ood": frame.assign(step=step)}
+
+
+def ood_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["ood"]
+    table = frame.pivot(index="variant", columns="predictor", values="mse_mask").loc[frame.variant.unique()]
+    table["model_to_nuclear"] = frame[frame.predictor == "model"].set_index("variant").mse_mask_to_nuclear
+    return {"note": "<p>Smaller matrices sit in the top-left block of the trained position grid, the rest masked; "
+                    "larger ones have no learned positions and are refused.</p>",
+            "ood": plot_ood(frame), "ood_table": table.drop(columns="truth")}

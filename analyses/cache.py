@@ -91,7 +91,7 @@ def mean_patterns(
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Attention patterns averaged over the batch, [layer, head, query, key], computed chunk by
-    chunk (PAPER.md finding 4 averages patterns over many samples)."""
+    chunk (finding 4 of docs/FINDINGS.md averages patterns over many samples)."""
     names = pattern_names(model, layers)
     total = None
     for _, _, cache in chunked_cache(model, tokens, names, chunk_size, device):

@@ -1,7 +1,7 @@
 """Named components of the encoder -> parameter names: the one vocabulary of swaps and freezing.
 
 A component spec is a comma-separated list of names; a name may carry a layer (`attn.2`) and a
-leading `~` takes the complement (`~attn`: everything but attention, PAPER.md finding 9).
+leading `~` takes the complement (`~attn`: everything but attention, finding 9 of docs/FINDINGS.md).
 
     embed        token embedding W_E            pos_embed   position embedding W_pos
     ln_embed     LayerNorm after the embedding  unembed     read-out W_U, b_U
@@ -41,7 +41,7 @@ _GLOBAL = {
 }
 COMPONENTS = tuple(sorted([*_LAYERED, *_GLOBAL]))
 
-# PAPER.md finding 9 (pre <-> post swaps) and finding 10 (one component trained, the rest fixed).
+# Findings 9 (pre <-> post swaps) and 10 (one component trained, the rest fixed).
 SWAP_SET = ("embed", "pos_embed", "ln", "qkv", "qk", "attn", "mlp", "unembed", "~attn", "all")
 FREEZE_SET = ("embed", "pos_embed", "attn", "mlp", "all")
 

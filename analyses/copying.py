@@ -1,4 +1,4 @@
-"""Copy check: does the model copy whatever token sits at a masked position? (PAPER.md finding 2,
+"""Copy check: does the model copy whatever token sits at a masked position? (finding 2, docs/FINDINGS.md,
 Table 1.)
 
 At every masked position the MASK token is replaced by the token of a chosen value v. A model in
@@ -84,3 +84,14 @@ def plot_copy(copies: pd.DataFrame) -> px.line:
                   title="Copy check: MASK replaced by a value token (mean over inserted values)")
     fig.update_layout(template="plotly_white", width=900, height=450)
     return fig
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def copy_tables(ctx) -> dict[str, pd.DataFrame]:
+    copies = ctx.walk(copy_check, data_cfg=ctx.run.config.data, values=tuple(ctx.option("values", DEFAULT_VALUES)))
+    return {"copy": copies, "copy_summary": summarize_copy(copies)}
+
+
+def copy_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    return {"copy": plot_copy(tables["copy"]).update_layout(width=None), "copy_summary": tables["copy_summary"]}

@@ -1,4 +1,4 @@
-"""What happens during the plateau (PAPER.md section 2, for LRMC), tracked across checkpoints.
+"""What happens during the plateau (docs/FINDINGS.md, P1-P3 and P5, for LRMC), tracked across checkpoints.
 
 - **Repetition**: on the plateau the model writes (nearly) the same value at every masked entry.
   `repetition` measures the spread of its masked predictions within a matrix relative to the true
@@ -89,7 +89,7 @@ def _mean_pairwise_cosine(h: torch.Tensor, keep: torch.Tensor) -> float:
 def collapse(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
     """Per layer (0 = embeddings, l = output of block l): mean pairwise cosine similarity of
     hidden states across the positions of a matrix, over all positions (`cos_all`) and over
-    masked positions only (`cos_masked`). Near 1 = representation collapse (PAPER.md section 2)."""
+    masked positions only (`cos_masked`). Near 1 = representation collapse (docs/FINDINGS.md, P2)."""
     device = next(model.parameters()).device
     names = hidden_state_names(model)
     _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=lambda n: n in names)
@@ -131,6 +131,18 @@ def track_dynamics(
     batch = analysis_batch(run, batch_size) if batch is None else batch
     return {fn.__name__: across_checkpoints(run, fn, steps=steps, batch=batch, progress=progress)
             for fn in (repetition, collapse, attention_progress)}
+
+
+def dynamics_summary(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per step of `track_dynamics` frames: the `repetition` columns, the masked-position
+    collapse of the last hidden state (`cos_masked_last_layer`) and the largest share any head puts
+    on the optimal map (`best_head_share_on_map`): the plateau's three signatures side by side."""
+    collapsed = frames["collapse"]
+    last = collapsed[collapsed.layer == collapsed.layer.max()].set_index("step")
+    table = frames["repetition"].set_index("step")
+    table["cos_masked_last_layer"] = last.cos_masked
+    table["best_head_share_on_map"] = frames["attention_progress"].groupby("step").share_on_map.max()
+    return table.reset_index()
 
 
 def plot_dynamics(frames: dict[str, pd.DataFrame], metrics: pd.DataFrame | None = None) -> go.Figure:
@@ -177,7 +189,8 @@ def intervention_runs(
     """Train `cfg` for `steps` steps once per attention scale c (`train.attn_intervention_scale`,
     from step `start`) into `out_dir/c{c}`, as one family on Ray Tune (`mechlrmc.sweep.launch`):
     runs already finished are reused, interrupted ones resumed, and the runs train side by side."""
-    from mechlrmc.sweep import Trial, launch_runs
+    from mechlrmc.sweep import launch_runs
+    from mechlrmc.trials import Trial
 
     threads = cfg.train.threads or 1
     trials = [Trial(f"c{scale:g}", cfg.override({
@@ -195,7 +208,7 @@ def intervention_summary(runs: list[Run]) -> pd.DataFrame:
 
     rows = []
     for run in runs:
-        last = run.metrics.dropna(subset=["eval_loss_mask"]).iloc[-1]
+        last = run.evals.iloc[-1]
         phases = detect_phases(run).iloc[0]
         tc = run.config.train
         rows.append({"scale": tc.attn_intervention_scale, "start": tc.attn_intervention_start,
@@ -209,7 +222,7 @@ def intervention_summary(runs: list[Run]) -> pd.DataFrame:
 def compare_interventions(
     cfg: RunConfig, scales: list[float], steps: int, out_dir: str | Path, start: int = 0, progress: bool = True
 ) -> pd.DataFrame:
-    """Plateau length against the attention scale c (PAPER.md section 2 and finding 11): trains
+    """Plateau length against the attention scale c (docs/FINDINGS.md, P5, and finding 11): trains
     (or reuses) one run per c (`intervention_runs`) and summarises them (`intervention_summary`).
     c > 1 pulls every head toward the optimal map, c < 1 pushes it away."""
     return intervention_summary(list(intervention_runs(cfg, scales, steps, out_dir, start, progress).values()))
@@ -228,9 +241,32 @@ def plot_interventions(frame: pd.DataFrame) -> go.Figure:
     """Evaluation L_mask of every intervention run (log scale), drop steps marked."""
     fig = go.Figure()
     for row in frame.itertuples():
-        ev = Run(row.run).metrics.dropna(subset=["eval_loss_mask"])
+        ev = Run(row.run).evals
         label = f"c = {row.scale:g}" + (f" (drop at {row.drop_step:g})" if row.dropped else " (no drop)")
         fig.add_scatter(x=ev.step, y=ev.eval_loss_mask, name=label, mode="lines+markers")
     fig.update_layout(height=380, margin=dict(t=30, b=40), xaxis_title="step",
                       yaxis_title="eval L_mask", yaxis_type="log")
     return fig
+
+
+# ----- registry entries (analyses.registry) -----------------------------------------------------
+
+DYNAMICS_BATCH = 256
+
+
+def dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
+    batch = ctx.batch[:DYNAMICS_BATCH]
+    return {fn.__name__: ctx.walk(fn, batch=batch) for fn in (repetition, collapse, attention_progress)}
+
+
+def dynamics_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    return {"dynamics": plot_dynamics(tables, ctx.run.metrics), "dynamics_summary": dynamics_summary(tables)}
+
+
+def interventions_tables(ctx) -> dict[str, pd.DataFrame]:
+    return {"interventions": load_interventions(ctx.interventions)}
+
+
+def interventions_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["interventions"]
+    return {"interventions": plot_interventions(frame), "interventions_table": frame.drop(columns="run")}

@@ -1,4 +1,4 @@
-"""Embedding geometry (PAPER.md finding 8): what the token and position tables learn.
+"""Embedding geometry (finding 8, docs/FINDINGS.md): what the token and position tables learn.
 
 For the value tokens in the range the data actually uses:
 - `norm_symmetry`: correlation of ||E(x)|| with ||E(-x)|| (1: the norm depends on |x| only);
@@ -121,7 +121,7 @@ def plot_embedding_geometry(frame: pd.DataFrame):
     for col in ("loss_mask", "loss_mask_permuted_pos"):
         fig.add_scatter(x=frame.step, y=frame[col], name=col, mode="lines+markers", row=2, col=1)
     fig.update_yaxes(type="log", row=2, col=1)
-    return fig.update_layout(template="plotly_white", height=700, title="Embeddings (PAPER.md finding 8)")
+    return fig.update_layout(template="plotly_white", height=700, title="Embeddings (finding 8)")
 
 
 @torch.no_grad()
@@ -147,3 +147,18 @@ def plot_position_tsne(model: HookedEncoder, m: int, n: int, seed: int = 0):
                           "row": rows.numpy(), "label": [f"({r},{c})" for r, c in zip(rows.tolist(), cols.tolist())]})
     fig = px.scatter(frame, x="x", y="y", color="column", text="label", title="t-SNE of position embeddings")
     return fig.update_traces(textposition="top center").update_layout(template="plotly_white")
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def embeddings_tables(ctx) -> dict[str, pd.DataFrame]:
+    data = ctx.run.config.data
+    return {"embeddings": ctx.walk(embedding_geometry, precision=data.precision, value_max=data.value_max)}
+
+
+def embeddings_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    data = ctx.run.config.data
+    model = ctx.model(int(tables["embeddings"].step.max()))
+    return {"embeddings": plot_embedding_geometry(tables["embeddings"]),
+            "token_embeddings": plot_token_embeddings(model, ctx.batch, data.precision, data.value_max),
+            "position_tsne": plot_position_tsne(model, data.m, data.n)}

@@ -2,10 +2,13 @@
 claim about it is a statement about a family, made per seed and counted as "k of N".
 
 - `family_summary(path_or_runs)`: one row per run with its varied settings, seed, status, the
-  `detect_phases` figures, the drop sharpness and the final losses (PAPER.md finding 1).
+  `detect_phases` figures, the drop sharpness and the final losses (finding 1, docs/FINDINGS.md).
 - `across_runs(runs, fn, steps=...)`: any checkpoint analysis over every run, one tidy table.
-- `family_findings(runs)`: each finding's value and verdict per run; `findings_table` counts them.
 - `plot_family_curves` and `plot_drop_steps`: the family figures.
+- `find_family(run)`: the shipped family of a run's recipe (`analyses/families/`), closest machine
+  first; `place_in_family(run, family)`: where the run's drop and final loss sit in it.
+
+The findings counted across seeds ("k of N") are in `analyses.findings`.
 
 A family is a sweep directory (`mechlrmc sweep`: one run directory per trial) or any list of run
 directories. The varied keys are the config fields whose values differ between runs, seed aside.
@@ -25,37 +28,11 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from analyses.phases import detect_phases
-from analyses.walk import Steps, across_checkpoints, analysis_batch
-from mechlrmc.provenance import same_machine
+from analyses.walk import Steps, across_checkpoints
+from mechlrmc.provenance import MATCH_LEVELS, machine_match, machine_name, match_sentence
 from mechlrmc.runs import CheckpointError, Run, read_provenance
 
 RunsLike = str | Path | Iterable[str | Path | Run]
-
-# Criteria of `family_findings`, stated once: the report and the docstring quote these.
-PLATEAU_TOL = 0.1  # finding 1: plateau L_mask within 10% of the copy-and-zero level r/9
-COPY_RATIO = 0.1  # finding 2: on the plateau, MSE to an inserted value < 10% of MSE to the truth
-NUCLEAR_RATIO = 1.5  # finding 3: final masked MSE at most 1.5x nuclear-norm minimisation's
-ABLATION_FLOOR = 0.1  # finding 5: largest head effect after the drop >= 10% of r/9 ...
-ABLATION_GAIN = 5.0  # ... and >= 5x the largest effect on the plateau
-PERMUTE_BREAKS = 2.0  # finding 8: permuting positions multiplies the final L_mask by >= 2 ...
-PERMUTE_HARMLESS = 1.1  # ... and the plateau model's by <= 1.1
-
-CRITERIA = {
-    "1a": ("plateau at the copy-and-zero level",
-           f"plateau L_mask within {PLATEAU_TOL:.0%} of r/9 (E[X^2])"),
-    "1b": ("sudden drop within the run", "a drop is detected (analyses.phases.detect_phases)"),
-    "2": ("copying on the plateau",
-          f"plateau checkpoint, MASK replaced by a value: MSE to that value < {COPY_RATIO:g} x MSE to the truth"),
-    "3": ("completion vs nuclear norm (p_mask 0.3)",
-          f"final masked MSE <= {NUCLEAR_RATIO:g} x nuclear-norm minimisation's on the same matrices"),
-    "4": ("row and column heads at the end", "final checkpoint has >= 1 row head and >= 1 column head"),
-    "5": ("a critical head appears after the drop",
-          f"largest single-head zero-ablation increase of L_mask at the end >= {ABLATION_FLOOR:g} x r/9 "
-          f"and >= {ABLATION_GAIN:g} x the largest on the plateau"),
-    "8": ("position embeddings matter only after the drop",
-          f"permuting position embeddings: final L_mask x >= {PERMUTE_BREAKS:g}, plateau L_mask x <= "
-          f"{PERMUTE_HARMLESS:g}"),
-}
 
 
 # ----- the runs of a family -------------------------------------------------------------------
@@ -127,7 +104,7 @@ def _crossing(steps: np.ndarray, values: np.ndarray, level: float) -> float:
 def drop_sharpness(run: Run, plateau: float, start: float = 0) -> float:
     """Steps that eval L_mask takes to fall from 90% to 50% of the plateau level, searched after
     `start` (the plateau start); NaN when it never reaches 50%."""
-    evals = run.metrics.dropna(subset=["eval_loss_mask"])
+    evals = run.evals
     evals = evals[evals.step >= (0 if math.isnan(start) else start)]
     steps, values = evals.step.to_numpy(float), evals.eval_loss_mask.to_numpy(float)
     return _crossing(steps, values, 0.5 * plateau) - _crossing(steps, values, 0.9 * plateau)
@@ -142,8 +119,8 @@ def family_summary(source: RunsLike) -> pd.DataFrame:
     rows = []
     for run in runs:
         row = {**_identity(run, keys), "status": _status(run)}
-        evals = run.metrics.dropna(subset=["eval_loss_mask"])
-        if len(evals) >= 3:
+        evals = run.evals
+        if evals.eval_loss_mask.notna().sum() >= 3:  # an imported reference run's evaluations lack L_mask
             phases = detect_phases(run).iloc[0].to_dict()
             row.update(phases)
             row["drop_step"] = phases["drop_step"] if phases["dropped"] else math.nan
@@ -172,117 +149,6 @@ def across_runs(runs: RunsLike, fn: Callable[..., pd.DataFrame], steps: Steps = 
     return pd.concat(frames, ignore_index=True)
 
 
-# ----- findings across seeds -------------------------------------------------------------------
-
-def key_steps(run: Run) -> tuple[int, int]:
-    """(plateau checkpoint, final checkpoint): the plateau one lies midway between the plateau
-    start and end (the drop, or the last evaluation for a run that never dropped)."""
-    phases = detect_phases(run).iloc[0]
-    start = phases.plateau_start if not math.isnan(phases.plateau_start) else run.steps[0]
-    end = phases.plateau_end if not math.isnan(phases.plateau_end) else run.steps[-1]
-    return run.nearest_step((start + end) / 2), run.steps[-1]
-
-
-def _run_findings(run: Run, batch_size: int, n_matrices: int) -> list[dict]:
-    from analyses.ablation import head_ablation_sweep
-    from analyses.baselines import compare_baselines
-    from analyses.copying import copy_check
-    from analyses.embeddings import permuted_position_losses
-    from analyses.heads import head_taxonomy
-    from mechlrmc.metrics import split_losses
-
-    cfg = run.config.data
-    phases = detect_phases(run).iloc[0]
-    plateau_step, final_step = key_steps(run)
-    batch = analysis_batch(run, batch_size)
-    plateau_model, final_model = run.load_model(plateau_step), run.load_model(final_step)
-    out = []
-
-    def add(finding, value, reproduced, step):
-        out.append({"finding": finding, "value": value, "reproduced": bool(reproduced), "step": step})
-
-    ratio = phases.plateau_over_analytic
-    add("1a", f"{phases.plateau_loss_mask:.4f} = {ratio:.2f} x r/9", abs(ratio - 1) <= PLATEAU_TOL, math.nan)
-    add("1b", f"drop at {phases.drop_step:.0f}" if phases.dropped else f"no drop by {phases.final_step:.0f}",
-        phases.dropped, math.nan)
-
-    copies = copy_check(plateau_model, batch, cfg).dropna(subset=["inserted"])
-    copy_ratio = copies.mse_vs_inserted.mean() / copies.mse_vs_truth.mean()
-    add("2", f"{copy_ratio:.3g}", copy_ratio < COPY_RATIO, plateau_step)
-
-    base = compare_baselines(final_model, cfg, p_masks=(0.3,), n_matrices=n_matrices, progress=False)
-    mse = base.set_index("predictor").mse_mask
-    nn_ratio = mse["model"] / mse["nuclear_norm"]
-    add("3", f"{mse['model']:.4f} vs {mse['nuclear_norm']:.4f} ({nn_ratio:.2f}x)", nn_ratio <= NUCLEAR_RATIO,
-        final_step)
-
-    labels = head_taxonomy(final_model, batch, queries="all")
-    heads = {kind: [f"L{r.layer}H{r.head}" for r in labels.itertuples() if r.label == kind] for kind in ("row", "column")}
-    add("4", f"row {','.join(heads['row']) or '-'}; column {','.join(heads['column']) or '-'}",
-        heads["row"] and heads["column"], final_step)
-
-    def worst(model):
-        sweep = head_ablation_sweep(model, batch, kinds=("zero",)).sort_values("delta_loss_mask")
-        top = sweep.iloc[-1]
-        return float(top.delta_loss_mask), f"L{int(top['layer'])}H{int(top['head'])}"
-
-    (before, head_before), (after, head_after) = worst(plateau_model), worst(final_model)
-    add("5", f"plateau {before:.4f} ({head_before}); end {after:.4f} ({head_after})",
-        after >= ABLATION_FLOOR * cfg.plateau_mask_loss and after >= ABLATION_GAIN * max(before, 0.0), final_step)
-
-    def permute_ratio(model):
-        intact = float(split_losses(model(batch.tokens), batch.values, batch.observed)["loss_mask"])
-        return permuted_position_losses(model, batch)["loss_mask_permuted_pos"] / intact
-
-    plateau_x, final_x = permute_ratio(plateau_model), permute_ratio(final_model)
-    add("8", f"plateau x{plateau_x:.2f}; end x{final_x:.2f}",
-        final_x >= PERMUTE_BREAKS and plateau_x <= PERMUTE_HARMLESS, final_step)
-    return out
-
-
-def family_findings(source: RunsLike, batch_size: int = 512, n_matrices: int = 64,
-                    progress: bool = True) -> pd.DataFrame:
-    """Each finding's value and verdict per run: one row per (run, finding) with `finding`,
-    `title`, `criterion`, `value`, `reproduced` and the checkpoint used (see `CRITERIA`).
-
-    The plateau checkpoint is `key_steps`' (mid-plateau); "end" is the last checkpoint. A run that
-    never dropped is measured the same way, and the after-drop findings then fail for it.
-    """
-    import torch
-
-    runs = family_runs(source)
-    keys = varied_keys(runs)
-    rows = []
-    for run in tqdm(runs, desc="findings", unit="run", disable=not progress):
-        with torch.no_grad():
-            for row in _run_findings(run, batch_size, n_matrices):
-                title, criterion = CRITERIA[row["finding"]]
-                rows.append({**_identity(run, keys), **row, "title": title, "criterion": criterion})
-    return pd.DataFrame(rows)
-
-
-def findings_table(findings: pd.DataFrame) -> pd.DataFrame:
-    """One row per finding: title, criterion, each run's value (a column per run, a check mark
-    when reproduced) and "reproduced in k of N"; when settings vary (the columns between `run` and
-    `seed`), also "k of N" within each setting, as `reproduced (train.lr=0.002)`."""
-    keys = list(findings.columns[1:findings.columns.get_loc("seed")])
-    rows = []
-    for finding, part in findings.groupby("finding", sort=False):
-        row = {"finding": finding, "title": part.title.iloc[0], "criterion": part.criterion.iloc[0]}
-        for r in part.itertuples():
-            row[r.run] = f"{'✓' if r.reproduced else '✗'} {r.value}"
-        if keys:
-            for values, group in part.groupby(keys, sort=False):
-                row[f"reproduced ({_setting(dict(zip(keys, values)), keys)})"] = _k_of_n(group)
-        row["reproduced"] = _k_of_n(part)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _k_of_n(findings: pd.DataFrame) -> str:
-    return f"{int(findings.reproduced.sum())} of {len(findings)}"
-
-
 # ----- figures -------------------------------------------------------------------------------
 
 def _setting(row: pd.Series | dict, keys: list[str]) -> str:
@@ -302,7 +168,7 @@ def plot_family_curves(source: RunsLike, summary: pd.DataFrame | None = None) ->
     for i, (run, (_, row)) in enumerate(zip(runs, summary.iterrows())):
         setting = _setting(row, keys)
         color = qualitative.D3[(settings.index(setting) if len(settings) > 1 else i) % len(qualitative.D3)]
-        evals = run.metrics.dropna(subset=["eval_loss_mask"])
+        evals = run.evals
         label = f"{row.run}" + ("" if pd.notna(row.get("drop_step")) else " (no drop)")
         fig.add_scatter(x=evals.step, y=evals.eval_loss_mask, mode="lines", name=label, legendgroup=row.run,
                         line=dict(color=color, width=1.5, dash="solid" if pd.notna(row.get("drop_step")) else "dot"),
@@ -348,20 +214,23 @@ def plot_drop_steps(summary: pd.DataFrame) -> go.Figure:
 
 # ----- a run within its family ---------------------------------------------------------------
 
-SHIPPED_FAMILIES = Path(__file__).resolve().parents[1] / "checkpoints"
-_MACHINE_KEYS = ("train.seed", "train.device", "train.threads", "train.dtype", "train.compile")
+SHIPPED_FAMILIES = Path(__file__).resolve().parent / "families"  # package data: installed with the package
+# settings that do not change a run's recipe: its seed, where and how it ran, and how long (a
+# shorter run of the recipe, e.g. a quick demo, still belongs to the recipe's family)
+_NOT_RECIPE = ("train.seed", "train.device", "train.threads", "train.dtype", "train.compile", "train.steps")
 
 
 def _recipe(config) -> dict:
-    return {k: v for k, v in _flat_config(config).items() if k not in _MACHINE_KEYS}
+    return {k: v for k, v in _flat_config(config).items() if k not in _NOT_RECIPE}
 
 
 def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:
     """A shipped family summary (`<root>/*/family_summary.csv` beside the `sweep.yaml` it came from)
-    whose trials have `run`'s recipe (its config, seed and machine settings aside); None if none.
-    Of several, the one measured on `run`'s machine type comes first (`provenance.same_machine`): the same
-    recipe and seed round differently on another CPU, so that family is the one the run belongs to."""
-    from mechlrmc.sweep import SweepSpec
+    whose trials have `run`'s recipe (its config aside from seed, machine settings and step count);
+    None if none. Of several, the closest machine comes first (`provenance.machine_match`: same
+    vector ISA and software, then the CPU id; a family with no record ranks above one of another
+    ISA), then the folder name: the same recipe and seed round differently on another machine type."""
+    from mechlrmc.trials import SweepSpec
 
     matches = []
     for folder in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
@@ -371,7 +240,68 @@ def find_family(run: Run, root: str | Path = SHIPPED_FAMILIES) -> Path | None:
         if trials and _recipe(trials[0].config) == _recipe(run.config):
             matches.append(folder)
     mine = run.provenance
-    return next((f for f in matches if same_machine(read_provenance(f), mine)), matches[0] if matches else None)
+    ranked = sorted(matches, key=lambda f: (MATCH_LEVELS.index(machine_match(read_provenance(f), mine)), f.name))
+    return ranked[0] if ranked else None
+
+
+def _count(mask) -> int:
+    return int(np.sum(mask))
+
+
+def place_in_family(run: Run, family_dir: str | Path) -> pd.DataFrame:
+    """Where `run` sits in a family (a folder with `family_summary.csv`, e.g. `find_family(run)`): one
+    row with the family's path and machine, the machine match (`provenance.machine_match`) and its
+    sentence, the family's size and drops, this run's seed, drop and final steps, how many of the
+    family's runs dropped earlier / at the same step / later, its final eval L_mask and how many
+    ended lower / higher, the family's medians, and `drop_text`, a sentence saying all that.
+
+    A drop is compared only as far as both ran: a family run that dropped after this run's last
+    step is not "later" unless this run dropped, and one that never dropped by its own last step is
+    "later" only if that step is past this run's drop; the rest count as `drop_undecided`. The
+    final L_mask is compared as it is, at each run's own final step (both steps are in the row)."""
+    family_dir = Path(family_dir)
+    family = pd.read_csv(family_dir / "family_summary.csv")
+    this = family_summary([run]).iloc[0].to_dict()
+    theirs, mine = read_provenance(family_dir), run.provenance
+    drops = family.drop_step.to_numpy(float)
+    ends = family.final_step.to_numpy(float) if "final_step" in family else np.full(len(family), np.nan)
+    seen = ~np.isnan(drops)
+    run_final = float(this.get("final_step", math.nan))
+    drop = float(this["drop_step"]) if this.get("dropped") else math.nan
+    if math.isnan(drop):  # this run has not dropped by run_final: earlier = the family's drops before then
+        earlier, same, later = seen & (drops <= run_final), np.zeros(len(family), bool), np.zeros(len(family), bool)
+    else:
+        earlier, same = seen & (drops < drop), seen & (drops == drop)
+        later = (seen & (drops > drop)) | (~seen & (ends >= drop))
+    final = float(this.get("final_loss_mask", math.nan))
+    finals = family.final_loss_mask.to_numpy(float)
+    fam_final = float(np.nanmax(ends)) if np.isfinite(ends).any() else math.nan
+    row = {
+        "family": str(family_dir), "family_machine": machine_name(theirs), "run_machine": machine_name(mine),
+        "match": machine_match(theirs, mine), "match_sentence": match_sentence(theirs, mine),
+        "n_seeds": len(family), "n_dropped": _count(seen), "family_drop_steps": sorted(drops[seen].tolist()),
+        "family_final_step": fam_final, "seed": this["seed"], "run_final_step": run_final,
+        "dropped": bool(this.get("dropped", False)), "drop_step": drop,
+        "dropped_earlier": _count(earlier), "dropped_same_step": _count(same), "dropped_later": _count(later),
+        "drop_undecided": len(family) - _count(earlier | same | later),
+        "final_loss_mask": final, "ended_lower": _count(finals < final), "ended_higher": _count(finals > final),
+        "family_median_drop_step": float(np.median(drops[seen])) if seen.any() else math.nan,
+        "family_median_final_loss_mask": float(np.nanmedian(finals)) if len(finals) else math.nan,
+    }
+    row["drop_text"] = _drop_text(row)
+    return pd.DataFrame([row])
+
+
+def _drop_text(r: dict) -> str:
+    steps = f"trained to step {r['run_final_step']:.0f}, the family to {r['family_final_step']:.0f}"
+    undecided = (f"; for {r['drop_undecided']} it is not known, as the runs did not train long enough to tell"
+                 if r["drop_undecided"] else "")
+    if r["dropped"]:
+        return (f"This run (seed {r['seed']}, {steps}) dropped at step {r['drop_step']:.0f}: {r['dropped_earlier']} "
+                f"of the family's {r['n_seeds']} runs dropped earlier, {r['dropped_same_step']} at the same step, "
+                f"{r['dropped_later']} later{undecided}.")
+    return (f"This run (seed {r['seed']}, {steps}) has not dropped: {r['dropped_earlier']} of the family's "
+            f"{r['n_seeds']} runs dropped before its last step{undecided}.")
 
 
 def plot_run_in_family(family: pd.DataFrame, run_row: dict) -> go.Figure:

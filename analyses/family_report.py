@@ -2,7 +2,7 @@
 overlaid and drop-aligned loss curves, the drop-step distribution, and every finding with a numeric
 criterion stated per seed and counted as "reproduced in k of N" (`analyses.family`).
 
-It is laid out by the single-run report's `assemble`, and its phase figures come from the same
+It is laid out by `analyses.page.assemble`, as the single-run report is, and its phase figures come from the same
 `detect_phases`, so a family reads like one run's report with a column per seed.
 """
 
@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analyses.family import (
-    CRITERIA, family_findings, family_runs, family_summary, findings_table, plot_drop_steps, plot_family_curves,
-    varied_keys,
-)
-from analyses.report import Part, Report, Section, assemble
+from analyses.family import family_runs, family_summary, plot_drop_steps, plot_family_curves, varied_keys
+from analyses.findings import CRITERIA, family_findings, findings_table
+from analyses.page import Part, Report, Section, assemble
 from mechlrmc.runs import Run
 
 SUMMARY_COLUMNS = ("status", "plateau_loss_mask", "plateau_over_analytic", "plateau_end", "drop_step",
@@ -80,18 +78,18 @@ def _drops(ctx: FamilyContext) -> list[Part]:
 def _findings(ctx: FamilyContext) -> list[Part]:
     table = findings_table(ctx.findings)
     return ["<p>Each cell: ✓ or ✗ and the measured value. The criteria are those of "
-            "<code>analyses.family.CRITERIA</code>; the plateau checkpoint is mid-plateau, the end is the last "
+            "<code>analyses.findings.CRITERIA</code>; the plateau checkpoint is mid-plateau, the end is the last "
             "checkpoint.</p>", table]
 
 
 SECTIONS: list[Section] = [
-    ("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
-     "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
-    ("curves", "Loss curves", "finding 1", "Every run's eval L_mask on the step axis and aligned at its own drop.",
-     _curves),
-    ("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
-    ("findings", "Findings across seeds", "findings 1-5, 8",
-     "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
+    Section("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
+            "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
+    Section("curves", "Loss curves", "finding 1", "Every run's eval L_mask on the step axis and aligned at its own "
+            "drop.", _curves),
+    Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
+    Section("findings", "Findings across seeds", "findings 1-5, 8",
+            "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
 ]
 
 

@@ -1,11 +1,15 @@
-"""Component-wise training (PAPER.md finding 10): train only some components, the rest frozen.
+"""Component-wise training (finding 10, docs/FINDINGS.md): train only some components, the rest frozen.
 
 `freeze_train(run, "pos_embed", out)` starts from the run's reference checkpoint (its last, by
 default), resets the chosen components to their initial values (the step-0 checkpoint) or to any
 checkpoint, and trains only them with the run's own recipe, writing a normal run directory (plus
 `freeze.json` recording what was trained). Frozen parameters have `requires_grad=False` and are not
 in the optimizer, so they stay bitwise equal to the reference. `freeze_sweep` runs the paper's set
-(token embedding, position embedding, attention, MLP, all) and `plot_freeze` draws the curves.
+(token embedding, position embedding, attention, MLP, all) and `plot_freeze` draws the curves. A
+component-wise run is an ordinary `Trainer` handed the start model and the trainable parameters.
+
+Each curve's `half_plateau_step` is its first evaluation below half the plateau level: a simple
+threshold crossing, not the steepest-descent `drop_step` of `analyses.phases.detect_phases`.
 """
 
 from __future__ import annotations
@@ -23,35 +27,11 @@ from analyses.components import FREEZE_SET, component_params, parse_spec
 from analyses.swaps import swap_state
 from mechlrmc.config import RunConfig
 from mechlrmc.errors import OptionError
+from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run, atomic_write
-from mechlrmc.train import Trainer, make_optimizer
+from mechlrmc.train import Trainer
 
-DEFAULT_STEPS = 1500  # cpu preset: ~2 min per run on one thread, the 5-run sweep ~10 min
-
-
-class FreezeTrainer(Trainer):
-    """A `Trainer` whose model starts from `start_state` and whose optimizer holds only `trainable`.
-
-    With `resume=True` it continues its own run directory exactly, like any run: the resume state
-    holds the whole model (frozen parts included) and Adam's state of the trained parameters."""
-
-    def __init__(self, cfg: RunConfig, out: str | Path, start_state: dict[str, torch.Tensor],
-                 trainable: Iterable[str], progress: bool = True, resume: bool = False):
-        super().__init__(cfg, out, resume=resume, progress=progress)  # holds the run's writer lock
-        trainable = set(trainable)
-        names = dict(self.model.named_parameters())
-        unknown = trainable - set(names)
-        if unknown or not trainable:
-            self.close()
-            raise OptionError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
-                             f"allowed {sorted(names)}")
-        if not self.resumed:  # a fresh run (also a --resume that found nothing to resume)
-            self.model.load_state_dict({k: v.to(torch.float32) for k, v in start_state.items()})
-        for name, p in names.items():
-            p.requires_grad_(name in trainable)
-        self.optimizer = make_optimizer([p for n, p in names.items() if n in trainable], cfg)
-        if self.resumed:  # Trainer loaded Adam state into its own optimizer: load it into this one
-            self._load_resume_state()
+DEFAULT_STEPS = 1500  # training steps of each run (cpu preset)
 
 
 def _plan(run: Run, components: str | Iterable[str], init: str | int, reference: int | None):
@@ -74,11 +54,16 @@ def _plan(run: Run, components: str | Iterable[str], init: str | int, reference:
 
 
 def freeze_trainer(cfg: RunConfig, out: str | Path, resume: bool, *, source: str, components: str | Iterable[str],
-                   init: str | int = "init", reference: int | None = None, progress: bool = False) -> FreezeTrainer:
-    """The `FreezeTrainer` of one component-wise run of the run at `source` (a trainer factory for
-    `mechlrmc.sweep.launch`: bind everything after `resume` with `functools.partial`)."""
+                   init: str | int = "init", reference: int | None = None, progress: bool = False) -> Trainer:
+    """The `Trainer` of one component-wise run of the run at `source`: its model starts from the
+    planned state and only the chosen components are trainable (a trainer factory for
+    `mechlrmc.sweep.launch`: bind everything after `resume` with `functools.partial`). With
+    `resume=True` it continues its own run directory exactly, like any run: the resume state holds
+    the whole model (frozen parts included) and Adam's state of the trained parameters."""
     start, trainable, meta = _plan(Run(source), components, init, reference)
-    trainer = FreezeTrainer(cfg, out, start, trainable, progress=progress, resume=resume)
+    model = HookedEncoder(cfg, seed=None)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in start.items()})
+    trainer = Trainer(cfg, out, model=model, trainable=trainable, resume=resume, progress=progress)
     if not trainer.resumed:
         atomic_write(trainer.run.path / "freeze.json", json.dumps(meta, indent=1).encode())
     return trainer
@@ -110,9 +95,10 @@ def freeze_info(run: Run) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def drop_step(metrics: pd.DataFrame, plateau: float, fraction: float = 0.5) -> int | None:
-    """First evaluated step whose eval L_mask is below `fraction` x the plateau level (None: never)."""
-    evals = metrics.dropna(subset=["eval_loss_mask"])
+def half_plateau_step(evals: pd.DataFrame, plateau: float, fraction: float = 0.5) -> int | None:
+    """First evaluated step whose eval L_mask is below `fraction` x the plateau level (None: never).
+
+    `evals`: a run's `Run.evals` (or its whole metrics table: rows without an eval L_mask never count)."""
     below = evals[evals.eval_loss_mask < fraction * plateau]
     return int(below.step.iloc[0]) if len(below) else None
 
@@ -128,8 +114,9 @@ def freeze_sweep(
 ) -> pd.DataFrame:
     """One component-wise run per component set into `out_dir/<set>`, launched together on Ray
     Tune (`mechlrmc.sweep.launch`: finished runs reused, interrupted ones resumed); returns the
-    evaluation curves (step, eval losses, wall_time, `components`, `drop_step`)."""
-    from mechlrmc.sweep import Trial, launch_runs
+    evaluation curves (step, eval losses, wall_time, `components`, `half_plateau_step`)."""
+    from mechlrmc.sweep import launch_runs
+    from mechlrmc.trials import Trial
 
     sets = list(sets)
     threads = run.config.train.threads or 1
@@ -143,19 +130,20 @@ def freeze_sweep(
     plateau = run.config.data.plateau_mask_loss
     for comps, trial in zip(sets, trials):
         sub = runs[trial.name]
-        evals = sub.metrics.dropna(subset=["eval_loss"])
-        frames.append(evals.assign(components=comps, drop_step=drop_step(evals, plateau), run=str(sub.path)))
+        evals = sub.evals
+        frames.append(evals.assign(components=comps, half_plateau_step=half_plateau_step(evals, plateau),
+                                   run=str(sub.path)))
     return pd.concat(frames, ignore_index=True)
 
 
 def plot_freeze(frame: pd.DataFrame, plateau: float | None = None, metric: str = "eval_loss_mask"):
-    """One curve per trained component set (log y) with its drop step marked by a dotted line."""
+    """One curve per trained component set (log y) with its `half_plateau_step` marked by a dotted line."""
     fig = go.Figure()
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
     for i, (comps, part) in enumerate(frame.groupby("components", sort=False)):
         color = colors[i % len(colors)]
         fig.add_scatter(x=part.step, y=part[metric], mode="lines", name=comps, line=dict(color=color))
-        drop = part.drop_step.iloc[0]
+        drop = part.half_plateau_step.iloc[0]
         if pd.notna(drop):
             fig.add_vline(x=drop, line=dict(color=color, dash="dot"))
     if plateau is not None:
@@ -164,4 +152,4 @@ def plot_freeze(frame: pd.DataFrame, plateau: float | None = None, metric: str =
     fig.update_yaxes(type="log", title=metric)
     fig.update_xaxes(title="step")
     return fig.update_layout(template="plotly_white", legend_title="trained",
-                             title="Component-wise training, the rest frozen (PAPER.md finding 10)")
+                             title="Component-wise training, the rest frozen (finding 10)")

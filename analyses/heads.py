@@ -1,4 +1,4 @@
-"""Attention-head taxonomy: where each head looks, measured and labelled (PAPER.md finding 4).
+"""Attention-head taxonomy: where each head looks, measured and labelled (finding 4, docs/FINDINGS.md).
 
 For a query at (i, j) of the m x n matrix, `score_pattern` measures, averaged over examples and
 queries, the share of the query's attention on
@@ -46,7 +46,6 @@ LIFT = 0.5
 OBSERVED_LIFT = 0.8
 UNIFORM_ENTROPY = 0.95
 SCORES = ("row", "column", "self", "observed", "row_observed", "column_observed", "entropy")
-LABELS = ("self", "row", "column", "observed-only", "uniform", "other")
 QUERIES = ("all", "masked", "observed")
 SHORT_LABELS = {"self": "S", "row": "R", "column": "C", "observed-only": "O", "uniform": "", "other": ""}
 
@@ -155,12 +154,12 @@ def head_taxonomy(
     model: HookedEncoder, batch: Batch, queries: str | tuple[str, ...] = ("all", "masked"), chunk_size: int = 512
 ) -> pd.DataFrame:
     """Scores and label of every (layer, head), averaged over the batch's random masks, for each
-    query group in `queries` (PAPER.md finding 4). Memory is bounded by `chunk_size`."""
+    query group in `queries` (finding 4, docs/FINDINGS.md). Memory is bounded by `chunk_size`."""
     return _taxonomy(model, batch, (queries,) if isinstance(queries, str) else tuple(queries), chunk_size)
 
 
 def default_structured_mask(m: int, n: int) -> torch.Tensor:
-    """PAPER.md finding 4's mask adapted to m x n: the last two rows masked except one entry each
+    """The mask of finding 4 (docs/FINDINGS.md) adapted to m x n: the last two rows masked except one entry each
     (first column in the second-to-last row, the middle column in the last row) [m*n]."""
     if m < 3:
         raise OptionError(f"the default structured mask needs m >= 3 rows, got m={m}")
@@ -175,12 +174,43 @@ def structured_taxonomy(
     chunk_size: int = 512,
 ) -> pd.DataFrame:
     """`head_taxonomy` with one fixed mask for the whole batch (default `default_structured_mask`),
-    scored over masked and over observed queries (PAPER.md finding 4). In the default mask a
+    scored over masked and over observed queries (finding 4, docs/FINDINGS.md). In the default mask a
     masked query's row holds one observed entry: a head seeking it has `row_observed` near 1
     (chance 1 / (m n)); a column head avoiding masked keys has `column_observed` near `column`."""
     observed = default_structured_mask(batch.m, batch.n) if observed is None else observed
     structured = with_observed(batch, observed, data_cfg)
     return _taxonomy(model, structured, ("masked", "observed"), chunk_size)
+
+
+_ONSET_COLUMNS = ["layer", "head", "label", "since_step", "since_drop", "row_share", "column_share"]
+
+
+def head_onsets(
+    taxonomy: pd.DataFrame, drop_step: float | None, labels: tuple[str, ...] | None = ("row", "column"),
+    queries: str = "all",
+) -> pd.DataFrame:
+    """When each head became what it is at the last step (finding 4: row and column heads form
+    around the drop). One row per (layer, head) whose label at the last step is in `labels`
+    (None: any label): `since_step`, the first step from which it keeps that label to the end;
+    `since_drop` = since_step - drop_step (NaN without a drop); `row_share` and `column_share`,
+    its row and column scores at the last step. `taxonomy` is `across_checkpoints(run,
+    head_taxonomy)`, read at `queries`; rows are ordered by `labels`, then layer and head."""
+    frame = taxonomy[taxonomy.queries == queries] if "queries" in taxonomy else taxonomy
+    rows = []
+    for (layer, head), history in frame.sort_values("step").groupby(["layer", "head"]):
+        label = history.label.iloc[-1]
+        if labels is not None and label not in labels:
+            continue
+        other = history[history.label != label]
+        since = int(history[history.step > other.step.max()].step.min() if len(other) else history.step.min())
+        no_drop = drop_step is None or pd.isna(drop_step)
+        rows.append((int(layer), int(head), label, since, float("nan") if no_drop else since - drop_step,
+                     float(history["row"].iloc[-1]), float(history["column"].iloc[-1])))
+    out = pd.DataFrame(rows, columns=_ONSET_COLUMNS)
+    if labels is not None:
+        out = out.assign(order=out.label.map({label: i for i, label in enumerate(labels)}))
+        out = out.sort_values(["order", "layer", "head"]).drop(columns="order")
+    return out.reset_index(drop=True)
 
 
 def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float | None = None) -> go.Figure:
@@ -215,3 +245,18 @@ def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float
                       updatemenus=[dict(buttons=buttons, x=1.0, y=1.12, xanchor="right")],
                       width=max(700, 40 * len(steps) + 200), height=max(400, 18 * len(heads) + 150))
     return fig
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def taxonomy_tables(ctx) -> dict[str, pd.DataFrame]:
+    structured = ctx.walk(structured_taxonomy, data_cfg=ctx.run.config.data)
+    return {"taxonomy": ctx.taxonomy, "taxonomy_structured": structured}
+
+
+def taxonomy_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    taxonomy, final = tables["taxonomy"], int(tables["taxonomy"].step.max())
+    last = taxonomy[(taxonomy.step == final) & (taxonomy.queries == "all")]
+    counts = last.label.value_counts().rename_axis("label").reset_index(name=f"heads at step {final}")
+    return {"taxonomy": plot_taxonomy(taxonomy, drop_step=ctx.phases.drop_step).update_layout(width=None),
+            "head_counts": counts, "head_onsets": head_onsets(taxonomy, ctx.phases.drop_step)}

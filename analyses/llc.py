@@ -7,7 +7,7 @@ samples w from the tempered posterior localised at w*,
 with stochastic-gradient Langevin dynamics (`devinterp.optim.SGMCMC.sgld`) and reads
     LLC = nbeta (E[L(w)] - L(w*))
 from the minibatch losses drawn after burn-in. For a regular model with d parameters it is d / 2.
-Here it is asked whether the drop (PAPER.md finding 1) shows as a jump in the model's effective
+Here it is asked whether the drop (finding 1, docs/FINDINGS.md) shows as a jump in the model's effective
 complexity, as phase transitions do in developmental interpretability.
 
 devinterp's `sample` / `llc` entry points take a Hugging Face dataset of `input_ids` with a
@@ -21,9 +21,7 @@ entries), a tuple `(inputs, targets)` of tensors, or an iterable of either (a Da
 1e-3 diverges; with localization 100 and step 3e-4 the traces still climb after 80 steps; with
 localization 300, nbeta 50 and step 3e-4 the minibatch loss reaches its level within ~15 steps
 and stays there within minibatch noise (at plateau checkpoints a slow rise of ~10-20 % remains
-over the 30 draws). Three chains x 45 steps at batch 64 take 5.3 s per checkpoint at one thread on
-a free core of the 2-core machine (9 checkpoints of the shipped run in 47 s; 8-17 s under load
-averages of 6-13). On the shipped run the LLC falls through the plateau (6.5 at step 1000, 3.8 at
+over the 30 draws). On the shipped run the LLC falls through the plateau (6.5 at step 1000, 3.8 at
 3000, 2.7 at 4500, 2.2 at 5000, with a chain spread of 0.6-0.9) and then settles (2.4 at 5500,
 2.1 at 8000, 1.7 at 14000, spread 0.1-0.3): the drop shows no jump. The values are small (1-9) against
 ~300k parameters: with a strong localization the LLC compares checkpoints, it is not a count.
@@ -162,12 +160,22 @@ def llc_from_traces(traces: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(llc_mean=frame.llc.mean(), llc_std=frame.llc.std(ddof=1) if len(frame) > 1 else 0.0)
 
 
+def llc_per_step(traces: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint of `across_checkpoints(run, sgld_traces)`: `step`, the mean and the
+    std across chains of `llc_from_traces` (`llc_mean`, `llc_std`; NaN for one chain) and
+    `init_loss` = L(w*) (finding 1: does the LLC jump at the drop?)."""
+    chains = pd.concat([llc_from_traces(part).assign(step=int(step)) for step, part in traces.groupby("step")],
+                       ignore_index=True)
+    return chains.groupby("step").agg(llc_mean=("llc", "mean"), llc_std=("llc", "std"),
+                                      init_loss=("init_loss", "first")).reset_index()
+
+
 def local_learning_coefficient(model: torch.nn.Module, batch_or_loader: Data, config: SGLDConfig = DEFAULTS,
                                loss_fn: Callable = mse_loss, progress: bool = False, **overrides) -> pd.DataFrame:
     """The LLC of `model` at its current weights on `batch_or_loader`, one row per SGLD chain:
     `chain, llc, sampled_loss, init_loss, llc_mean, llc_std, nbeta, seconds` plus the settings.
     Keyword overrides replace fields of `config` (e.g. `num_chains=8`). Works with
-    `across_checkpoints(run, local_learning_coefficient)` (PAPER.md finding 1: is the drop a jump
+    `across_checkpoints(run, local_learning_coefficient)` (finding 1, docs/FINDINGS.md: is the drop a jump
     in effective complexity?)."""
     config = replace(config, **overrides).validate()
     start = time.perf_counter()
@@ -220,5 +228,43 @@ def plot_llc(llc: pd.DataFrame, metrics: pd.DataFrame, drop_step: float | None =
     fig.update_yaxes(title_text="eval MSE", type="log", row=1, col=1)
     fig.update_yaxes(title_text="LLC estimate", row=2, col=1)
     fig.update_xaxes(title_text="training step", row=2, col=1)
-    return fig.update_layout(title="Local learning coefficient under the loss curve (PAPER.md finding 1)",
+    return fig.update_layout(title="Local learning coefficient under the loss curve (finding 1)",
                              template="plotly_white", height=620)
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+QUICK = SGLDConfig(num_chains=2, num_burnin=5, num_draws=10)
+
+
+def llc_tables(ctx) -> dict[str, pd.DataFrame]:
+    """SGLD traces at the walked checkpoints (around the drop unless steps are asked for), each
+    cached in the run directory (`analyses.store`) under its checkpoint hash and the settings."""
+    from analyses.store import cached
+
+    config = QUICK if ctx.quick else DEFAULTS
+    settings = {**asdict(config), "batch": len(ctx.batch), "data": asdict(ctx.run.config.data)}
+    frames = []
+    for step in tqdm(ctx.steps, desc="llc", unit="ckpt", disable=not ctx.progress):
+        traces = cached(ctx.run, "llc_traces", step, settings, lambda: sgld_traces(ctx.model(step), ctx.batch, config))
+        frames.append(traces.assign(step=step))
+    traces = pd.concat(frames, ignore_index=True)
+    return {"llc_traces": traces[["step", *[c for c in traces if c != "step"]]], "llc": llc_per_step(traces)}
+
+
+def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    traces, table = tables["llc_traces"], tables["llc"].set_index("step")
+    config = QUICK if ctx.quick else DEFAULTS
+    chains = pd.concat([llc_from_traces(t).assign(step=s) for s, t in traces.groupby("step")], ignore_index=True)
+    moments = {m: s for m, s in ctx.key.items() if s in table.index}
+    note = (f"<p>SGLD (devinterp) on the {len(ctx.batch)}-matrix analysis batch at {len(table)} checkpoints around "
+            f"the drop (the others: <code>mechlrmc analyze llc RUN --steps all</code>; every estimate is cached in "
+            f"the run directory): {config.num_chains} chains x ({config.num_burnin} burn-in + {config.num_draws} "
+            f"draws), step size {config.lr:g}, localization {config.localization:g}, n&beta; "
+            f"{config.inverse_temperature:.3g} (batch {config.batch_size}). The traces (key checkpoints) should be "
+            f"flat after the shaded burn-in; the LLC is n&beta; x (mean drawn loss - L(w*)). Mean LLC across "
+            "chains: " + ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_std[s]:.2f}"
+                                   for m, s in moments.items()) + ".</p>")
+    return {"note": note, "llc": plot_llc(chains, ctx.run.metrics, ctx.phases.drop_step),
+            "sgld_traces": plot_sgld_traces(traces[traces.step.isin(list(moments.values()))]),
+            "llc_table": table.reset_index()}

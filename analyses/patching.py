@@ -1,4 +1,4 @@
-"""Activation patching (PAPER.md finding 6): which activations carry the answer.
+"""Activation patching (finding 6, docs/FINDINGS.md): which activations carry the answer.
 
 Clean input X, corrupted input (default -X, same mask; or a resampled matrix, or X with its rows
 shuffled). Clean activations of one site are patched into the corrupted run, per layer, per
@@ -34,6 +34,8 @@ from mechlrmc.model import HookedEncoder
 CORRUPTIONS = ("negate", "resample", "shuffle_rows")
 SITES = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post", "z")
 GRANULARITIES = ("layer", "layer_pos", "layer_head", "layer_pos_head")
+DEFAULT_SITES = {"resid_pre": ("layer", "layer_pos"), "attn_out": ("layer", "layer_pos"),
+                 "mlp_out": ("layer", "layer_pos"), "z": ("layer_head", "layer_pos_head")}
 
 
 def hook_name(site: str, layer: int) -> str:
@@ -228,10 +230,10 @@ def stock_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch, site: str 
 @torch.no_grad()
 def patching(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
              sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
-    """Batched patching sweeps for one corruption: by default per layer and per (layer, position)
-    for resid_pre / attn_out / mlp_out, and per (layer, head) and (layer, position, head) for z."""
-    sites = sites or {"resid_pre": ("layer", "layer_pos"), "attn_out": ("layer", "layer_pos"),
-                      "mlp_out": ("layer", "layer_pos"), "z": ("layer_head", "layer_pos_head")}
+    """Batched patching sweeps for one corruption, by default (`DEFAULT_SITES`) per layer and per
+    (layer, position) for resid_pre / attn_out / mlp_out, and per (layer, head) and (layer,
+    position, head) for z."""
+    sites = sites or DEFAULT_SITES
     corrupted = corrupt(batch, corruption, data_cfg, seed)
     frames = [batched_sweep(model, batch, corrupted, site, g).assign(site=site, granularity=g)
               for site, grans in sites.items() for g in grans]
@@ -247,7 +249,7 @@ def plot_patching(frame: pd.DataFrame, site: str = "z", granularity: str = "laye
     column = "head" if granularity == "layer_head" else "pos"
     grid = part.groupby(["layer", column])[metric].mean().unstack(column)
     fig = px.imshow(grid, color_continuous_scale="RdBu", color_continuous_midpoint=0.0, text_auto=".2f",
-                    labels={"color": metric}, title=f"Patching {site} per {granularity}: {metric} (PAPER.md finding 6)")
+                    labels={"color": metric}, title=f"Patching {site} per {granularity}: {metric} (finding 6)")
     return fig.update_layout(template="plotly_white")
 
 
@@ -257,3 +259,31 @@ def plot_patching_steps(frame: pd.DataFrame, site: str = "attn_out", metric: str
     fig = px.line(part, x="step", y=metric, color=part.layer.astype(str), markers=True,
                   labels={"color": "layer"}, title=f"Patching whole {site} per layer: {metric}")
     return fig.update_layout(template="plotly_white")
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+REPORT_SITES = {"z": ("layer_head",), "attn_out": ("layer", "layer_pos"), "mlp_out": ("layer", "layer_pos")}
+
+
+def patching_tables(ctx) -> dict[str, pd.DataFrame]:
+    """The sweeps at the last checkpoint (or the asked steps), on the first `patch_batch` matrices."""
+    steps = ctx.steps if ctx.steps_asked is not None else [ctx.final]
+    batch = ctx.batch[: ctx.option("patch_batch", ctx.budget.patch_batch)]
+    return {"patching": ctx.walk(patching, steps=steps, batch=batch, data_cfg=ctx.run.config.data,
+                                 corruption=ctx.option("corruption", "negate"), sites=REPORT_SITES)}
+
+
+def patching_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["patching"]
+    last = frame[frame.step == frame.step.max()]
+    per_layer = last[last.granularity == "layer"].pivot(index="layer", columns="site",
+                                                        values=["recovery_mask", "recovery_obs"])
+    parts = {"note": f"<p>Clean X against the corruption {ctx.option('corruption', 'negate')!r} (same mask), "
+                     f"{frame.step.nunique()} checkpoint(s), the last at step {int(frame.step.max())}.</p>",
+             "patching_heads": plot_patching(last, "z", "layer_head"),
+             "patching_positions": plot_patching(last, "attn_out", "layer_pos"),
+             "patching_layers_table": per_layer}
+    if frame.step.nunique() > 1:
+        parts["patching_layers"] = plot_patching_steps(frame, "attn_out")
+    return parts

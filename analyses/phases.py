@@ -1,4 +1,4 @@
-"""The plateau and the drop, measured from a run's metrics (PAPER.md finding 1).
+"""The plateau and the drop, measured from a run's metrics (finding 1, docs/FINDINGS.md).
 
 The evaluation columns (a fixed batch every `eval_every` steps) are used, not the noisy training
 losses. On log L_mask smoothed by a centred running median of `window` evaluations:
@@ -31,8 +31,11 @@ from mechlrmc.runs import Run
 LOSSES = {"loss": "L", "loss_obs": "L_obs", "loss_mask": "L_mask"}
 
 
-def _evals(metrics: pd.DataFrame) -> pd.DataFrame:
-    evals = metrics.dropna(subset=["eval_loss_mask"]).sort_values("step").reset_index(drop=True)
+def _evals(run: Run) -> pd.DataFrame:
+    """The run's evaluations of L_mask by step (those of a run imported from the reference
+    implementation record eval_loss only, and are left out)."""
+    evals = run.evals
+    evals = evals[evals.eval_loss_mask.notna()].sort_values("step").reset_index(drop=True)
     if len(evals) < 3:
         raise OptionError(f"drop detection needs at least 3 evaluations, the metrics have {len(evals)}")
     return evals
@@ -40,10 +43,10 @@ def _evals(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
     """One-row table: plateau start/end/level, drop step, post-drop level and the analytic
-    copy-and-zero plateau (PAPER.md finding 1), for L_mask and L."""
+    copy-and-zero plateau (finding 1, docs/FINDINGS.md), for L_mask and L."""
     if window < 1 or tol <= 0 or tol >= 0.5:
         raise OptionError(f"window={window}, tol={tol} are invalid: allowed window >= 1, 0 < tol < 0.5")
-    evals = _evals(run.metrics)
+    evals = _evals(run)
     steps = evals.step.to_numpy()
     log_mask = np.log(evals.eval_loss_mask.to_numpy())
     smooth = pd.Series(log_mask).rolling(window, center=True, min_periods=1).median().to_numpy()
@@ -106,6 +109,21 @@ def steps_around_drop(run: Run, n: int = 7) -> list[int]:
     return sorted(chosen)
 
 
+def key_checkpoints(run: Run, phases: pd.Series | None = None) -> dict[str, int]:
+    """The checkpoints every analysis compares, defined once: `plateau` (midway between the
+    plateau start and its end, i.e. the drop or the last evaluation for a run that never dropped),
+    `drop` (nearest the drop step; only for a run that dropped) and `end` (the last checkpoint). A
+    run that never dropped has `start` (its first checkpoint) instead of `drop`."""
+    p = detect_phases(run).iloc[0] if phases is None else phases
+    steps = run.steps
+    start = steps[0] if math.isnan(p.plateau_start) else p.plateau_start
+    end = steps[-1] if math.isnan(p.plateau_end) else p.plateau_end
+    plateau = run.nearest_step((start + end) / 2)
+    if p.dropped:
+        return {"plateau": plateau, "drop": run.nearest_step(p.drop_step), "end": steps[-1]}
+    return {"start": steps[0], "plateau": plateau, "end": steps[-1]}
+
+
 def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
     """L, L_obs and L_mask on a log scale (training: faint, evaluation: bold), the analytic
     plateau r/9 dashed, and the plateau start/end and drop step as vertical lines."""
@@ -113,7 +131,7 @@ def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
     p = phases.iloc[0]
     metrics = run.metrics
     train = metrics.dropna(subset=["loss"])
-    evals = _evals(metrics)
+    evals = _evals(run)
     colors = {"loss": "#1f77b4", "loss_obs": "#2ca02c", "loss_mask": "#d62728"}
     fig = go.Figure()
     for col, name in LOSSES.items():
@@ -134,3 +152,13 @@ def plot_phases(run: Run, phases: pd.DataFrame | None = None) -> go.Figure:
                       xaxis_title="step", yaxis_title="MSE", yaxis_type="log", template="plotly_white",
                       width=1000, height=550)
     return fig
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def phases_tables(ctx) -> dict[str, pd.DataFrame]:
+    return {"phases": ctx.phases.to_frame().T.reset_index(drop=True)}
+
+
+def phases_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    return {"phases": plot_phases(ctx.run, tables["phases"]).update_layout(width=None)}

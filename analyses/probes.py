@@ -1,4 +1,4 @@
-"""Linear probes on hidden states (PAPER.md finding 7): which layer stores what, and from when.
+"""Linear probes on hidden states (finding 7, docs/FINDINGS.md): which layer stores what, and from when.
 
 At every position (i, j) a ridge-regularised linear map (closed form, with a bias) is fitted from
 the activation of a hook point to one target:
@@ -147,7 +147,7 @@ def plot_probes(frame: pd.DataFrame, metric: str = "r2", positions: str = "maske
     part = frame[frame.positions == positions].sort_values(["layer", "step"])
     fig = px.line(part, x="step", y=metric, color=part.layer.astype(str), facet_col="target",
                   facet_col_wrap=3, markers=True, labels={"color": "layer"},
-                  title=f"Linear probes ({positions} positions): test {metric} (PAPER.md finding 7)")
+                  title=f"Linear probes ({positions} positions): test {metric} (finding 7)")
     return fig.update_layout(template="plotly_white")
 
 
@@ -161,3 +161,19 @@ def first_step_encoded(frame: pd.DataFrame, threshold: float = 0.5, positions: s
     """The first step at which each (target, layer) reaches test R^2 >= `threshold` (missing: never)."""
     part = frame[(frame.positions == positions) & (frame.r2 >= threshold)]
     return part.groupby(["target", "layer"]).step.min()
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def probes_tables(ctx) -> dict[str, pd.DataFrame]:
+    targets = ctx.option("targets", ",".join(DEFAULT_TARGETS)).split(",")
+    frame = ctx.walk(probe, targets=targets)
+    summary = pd.concat({p: probe_summary(frame, "r2", p) for p in ("masked", "observed")}, names=["positions"])
+    return {"probes": frame, "probes_summary": summary.reset_index()}
+
+
+def probes_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["probes"]
+    first = first_step_encoded(frame).rename("first_step_r2_over_0.5").reset_index()
+    return {"probes": plot_probes(frame, "r2", "masked"), "probes_masked": probe_summary(frame, "r2", "masked"),
+            "first_encoded": first}

@@ -3,7 +3,7 @@
 Every head's attention pattern averaged over a batch of random masks ([layer, head, query, key]),
 drawn as a layers x heads grid of heatmaps, each titled with the head's taxonomy label at that
 checkpoint (`analyses.heads.head_taxonomy`). Moving the slider swaps the patterns and labels, so a
-reader watches the row and column heads of PAPER.md finding 4 form around the drop. The figure is
+reader watches the row and column heads of finding 4 (docs/FINDINGS.md) form around the drop. The figure is
 plain plotly (slider steps restyle the heatmaps), so it works offline wherever plotly.js is
 inlined once; all checkpoints' patterns travel in the file, rounded to 3 decimals.
 """
@@ -99,3 +99,22 @@ def save_attention_scrubber(run: Run, path: str | Path, steps: Steps = None, bat
     plot_attention_scrubber(patterns, taxonomy, data.m, data.n, drop_step).write_html(path, include_plotlyjs=True)
     return path
 
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+SCRUB_BATCH = 256  # matrices behind each average pattern
+
+
+def scrubber_tables(ctx) -> dict[str, pd.DataFrame]:
+    return {"patterns": ctx.walk(pattern_frame, steps=ctx.every_step, batch=ctx.batch[:SCRUB_BATCH])}
+
+
+def scrubber_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    data, patterns = ctx.run.config.data, tables["patterns"]
+    steps = sorted(patterns.step.unique())
+    note = (f"<p>{len(steps)} checkpoints, patterns averaged over {min(SCRUB_BATCH, len(ctx.batch))} random masks. "
+            "Drag the slider: titles give each head's label at that step (row heads blue, column heads red).</p>")
+    taxonomy = ctx.taxonomy[ctx.taxonomy.step.isin(steps)]
+    return {"note": note,
+            "scrubber": plot_attention_scrubber(patterns, taxonomy, data.m, data.n, ctx.phases.drop_step)}

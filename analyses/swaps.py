@@ -1,4 +1,4 @@
-"""Component swaps between two checkpoints (PAPER.md finding 9).
+"""Component swaps between two checkpoints (finding 9, docs/FINDINGS.md).
 
 `swapped_model(run, a, b, components)` is the model of checkpoint `b` whose chosen components
 (`analyses.components` names) come from checkpoint `a`. `swap_grid` measures L, L_obs and L_mask
@@ -19,7 +19,7 @@ from analyses.components import SWAP_SET, component_params
 from analyses.walk import analysis_batch
 from mechlrmc.data import Batch
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
+from mechlrmc.model import HookedEncoder, model_from_state
 from mechlrmc.runs import Run
 from mechlrmc.train import evaluate
 
@@ -37,15 +37,7 @@ def swap_state(
 def swapped_model(run: Run, a: int, b: int, components: str | Iterable[str], device: str = "cpu") -> HookedEncoder:
     """The model of checkpoint `b` with `components` from checkpoint `a` (eval mode)."""
     state = swap_state(run.state_dict(a), run.state_dict(b), components, run.config.model.n_layers)
-    return model_from_state(run, state, device)
-
-
-def model_from_state(run: Run, state: dict[str, torch.Tensor], device: str = "cpu") -> HookedEncoder:
-    """A float32 model of `run`'s config with the given weights (eval mode)."""
-    model = HookedEncoder(run.config, seed=None)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.cfg.device = str(device)
-    return model.to(device).eval()
+    return model_from_state(run.config, state, device)
 
 
 def swap_grid(
@@ -71,7 +63,7 @@ def swap_grid(
     for direction, comps in tqdm(jobs, desc="swaps", disable=not progress):
         src, dst = (pre, post) if direction == "pre->post" else (post, pre)
         state = states[dst] if comps == "none" else swap_state(states[src], states[dst], comps, n_layers)
-        metrics = evaluate(model_from_state(run, state, device), batch)
+        metrics = evaluate(model_from_state(run.config, state, device), batch)
         n_swapped = 0 if comps == "none" else len(component_params(comps, state, n_layers))
         rows.append({"direction": direction, "components": comps, "from_step": src, "into_step": dst,
                      "n_params_swapped": n_swapped, **metrics})
@@ -82,5 +74,22 @@ def plot_swaps(frame: pd.DataFrame, metric: str = "loss_mask"):
     """Bars of `metric` per swapped component set, one group per direction (log scale)."""
     fig = px.bar(frame, x="components", y=metric, color="direction", barmode="group", log_y=True,
                  hover_data=["loss", "loss_obs", "loss_mask", "corr_mask"],
-                 title=f"Component swaps: {metric} (PAPER.md finding 9)")
+                 title=f"Component swaps: {metric} (finding 9)")
     return fig.update_layout(template="plotly_white")
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def swaps_tables(ctx) -> dict[str, pd.DataFrame]:
+    pre = ctx.option("pre", ctx.key["plateau"])
+    post = ctx.option("post", ctx.final)
+    components = ctx.option("components").split(";") if ctx.option("components") else SWAP_SET
+    return {"swaps": swap_grid(ctx.run, pre, post, components, batch=ctx.batch, device=ctx.device,
+                               progress=ctx.progress)}
+
+
+def swaps_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["swaps"]
+    pre, post = int(frame.from_step.min()), int(frame.from_step.max())
+    return {"note": f"<p>Pre-drop checkpoint {pre}, post-drop checkpoint {post}.</p>", "swaps": plot_swaps(frame),
+            "swaps_table": frame[["direction", "components", "loss", "loss_obs", "loss_mask", "corr_mask"]]}

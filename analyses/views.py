@@ -112,3 +112,34 @@ def save_attention_views(model: HookedEncoder, batch: Batch, path: str | Path, *
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(attention_page(model, batch, **kwargs))
     return path
+
+
+# ----- registry entry (analyses.registry) -------------------------------------------------------
+
+def _view_steps(ctx) -> dict[str, int]:
+    asked = ctx.option("views")
+    if asked:
+        return {f"step {s}": s for s in sorted({ctx.run.nearest_step(int(s)) for s in asked})}
+    return ctx.key
+
+
+def views_tables(ctx) -> dict:
+    """The checkpoints drawn, with the head labels shown on them (from the shared taxonomy)."""
+    steps = _view_steps(ctx)
+    taxonomy = ctx.taxonomy
+    labelled = taxonomy[taxonomy.step.isin(list(steps.values())) & (taxonomy.queries == "all")]
+    moments = {step: moment for moment, step in steps.items()}
+    return {"views": labelled[["step", "layer", "head", "label"]].assign(moment=labelled.step.map(moments))}
+
+
+def views_figures(ctx, tables: dict) -> dict:
+    from analyses.page import Page
+
+    parts = {}
+    for moment, step in _view_steps(ctx).items():
+        at = tables["views"][tables["views"].step == step]
+        labels = {(r.layer, r.head): r.label for r in at.itertuples()} or None
+        page = attention_page(ctx.model(step), ctx.batch, examples=(0,), head_labels=labels,
+                              title=f"{ctx.run.path.name}, {moment}: attention at step {step}")
+        parts[f"views/attention_step_{step:06d}"] = Page(page, f"attention at step {step}")
+    return parts

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from mechlrmc.data import Batch, sample
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 
 ANALYSIS_SEED = 2024  # evaluation batches of the analyses; distinct from the run's own eval batch
@@ -56,25 +55,22 @@ def across_checkpoints(
     batch: Batch | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    load: Callable[[int], torch.nn.Module] | None = None,
     **kwargs,
 ) -> pd.DataFrame:
     """`fn(model, batch, **kwargs)` at every selected checkpoint, concatenated with a `step` column.
 
     `batch=None` uses `analysis_batch(run)`; pass `batch=False` for analyses that take no batch
     (e.g. weight-only embedding analyses), which are then called as `fn(model, **kwargs)`.
+    `load(step) -> model` replaces `run.load_model` (e.g. a context that keeps loaded models).
     """
     chosen = select_steps(run, steps)
     if batch is None:
         batch = analysis_batch(run)
     frames = []
     for step in tqdm(chosen, desc=getattr(fn, "__name__", "analysis"), unit="ckpt", disable=not progress):
-        model = run.load_model(step, device=device)
+        model = run.load_model(step, device=device) if load is None else load(step)
         frame = fn(model, **kwargs) if batch is False else fn(model, batch.to(device), **kwargs)
         frames.append(frame.assign(step=step))
     out = pd.concat(frames, ignore_index=True)
     return out[["step", *[c for c in out.columns if c != "step"]]]
-
-
-def models_at(run: Run, steps: Steps = None, device: str | torch.device = "cpu") -> dict[int, HookedEncoder]:
-    """The models at the selected steps, keyed by step (small runs only: all are held in memory)."""
-    return {s: run.load_model(s, device=device) for s in select_steps(run, steps)}

@@ -34,7 +34,8 @@ def main() -> None:
     import ray
     import torch
 
-    from mechlrmc.sweep import SweepSpec, sweep
+    from mechlrmc.sweep import sweep
+    from mechlrmc.trials import SweepSpec
     from mechlrmc.train import train
 
     out = Path(args.out or tempfile.mkdtemp(prefix="sweep_scaling_"))

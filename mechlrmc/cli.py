@@ -9,8 +9,9 @@
 Bad input is one line on stderr and exit code 2 (a failed write: exit code 1); `--debug` or
 MECHLRMC_DEBUG=1 shows the traceback instead.
 
-Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) are registered by the modules of
-`analyses.commands`; the core itself never imports the analysis layer.
+Analysis commands (`mechlrmc analyze ...`, `mechlrmc report ...`) come from the `mechlrmc.commands`
+entry point of the installed packages (the analysis layer declares one); the core itself never
+imports the analysis layer.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"train.device={args.device}")
     cfg = cfg.override(overrides)
     run = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    last = run.metrics.dropna(subset=["eval_loss"]).iloc[-1]
+    last = run.evals.iloc[-1]
     print(f"run saved to {run.path} ({len(run.steps)} checkpoints, step {int(last.step)}: "
           f"eval L={last.eval_loss:.4g} L_obs={last.eval_loss_obs:.4g} L_mask={last.eval_loss_mask:.4g})")
     return 0
@@ -57,7 +58,7 @@ def _info(args: argparse.Namespace) -> int:
     print(run.config.to_yaml(), end="")
     print(describe(run.provenance))
     print(f"checkpoints ({len(run.steps)}): {run.steps}")
-    evals = run.metrics.dropna(subset=["eval_loss"])
+    evals = run.evals
     print(evals[["step", "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time"]]
           .to_string(index=False, max_rows=30))
     return 0
@@ -144,13 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=_import)
 
-    try:
-        from analyses.commands import register
-    except ImportError:  # the analysis layer is optional for training
-        register = None
-    if register is not None:
-        register(sub)
+    for command in _command_entry_points():
+        command(sub)
     return parser
+
+
+def _command_entry_points() -> list:
+    """The `register(subparsers)` functions of the installed packages that add subcommands (the
+    `mechlrmc.commands` entry-point group: the analysis layer declares one in pyproject.toml).
+    Where none is installed, only the core's commands exist."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for point in sorted(entry_points(group="mechlrmc.commands"), key=lambda p: p.name):
+        try:
+            found.append(point.load())
+        except ModuleNotFoundError as e:  # declared by a distribution whose package is not importable
+            if not point.value.startswith(f"{e.name}"):
+                raise
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

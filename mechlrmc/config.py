@@ -116,7 +116,7 @@ class DataConfig:
 
     @property
     def plateau_mask_loss(self) -> float:
-        """L_mask of the copy-and-zero predictor, E[X_ij^2] = rank * E[u^2]^2 (PAPER.md finding 1).
+        """L_mask of the copy-and-zero predictor, E[X_ij^2] = rank * E[u^2]^2 (finding 1, docs/FINDINGS.md).
 
         Uniform[-1, 1] factors: rank / 9. Gaussian N(0, 1): rank. Laplace(0, 1): 4 * rank.
         """
@@ -173,7 +173,7 @@ class TrainConfig:
 
     Speed switches: `compile` runs the forward and backward through `torch.compile`, and `adam`
     picks PyTorch's Adam kernel: "foreach" (multi-tensor, bitwise the same as the per-tensor loop)
-    or "fused" (one kernel, ~2 ms/step less on the `cpu` preset, float results differ in the last
+    or "fused" (one kernel, faster, float results differ in the last
     bits). `compile` and "fused" are for speed but change the float trajectory: a run with them does
     not reproduce a run without them bit for bit (the default does)."""
 
@@ -264,6 +264,13 @@ class RunConfig:
         out["train"]["checkpoint_steps"] = list(self.train.checkpoint_steps)
         return out
 
+    def differences(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+        """`{"section.key": (self's value, other's value)}` for every key that differs, but those in
+        `ignore` (a run resumes under a config whose only differences are in `("train.steps",)`)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {f"{s}.{k}": (mine[s][k], theirs[s][k]) for s in mine for k in mine[s]
+                if mine[s][k] != theirs[s][k] and f"{s}.{k}" not in ignore}
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         if not isinstance(raw, dict):
@@ -337,7 +344,7 @@ class RunConfig:
 
 
 def _paper() -> RunConfig:
-    """Exactly the configuration of the paper (PAPER.md section 1): a GPU job."""
+    """Exactly the configuration of the paper (docs/FINDINGS.md, S1): a GPU job."""
     return RunConfig(
         data=DataConfig(m=7, n=7, rank=2, p_mask=0.3),
         model=ModelConfig(d_model=768, n_layers=4, n_heads=8, d_mlp=3072),

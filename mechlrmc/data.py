@@ -1,7 +1,7 @@
 """LRMC data: the value <-> token codec, the online sampler, and structured masks.
 
 A matrix X = U V^T [m, n] is flattened row-major into m*n tokens. Value x gets token
-1 + round(x / precision) + round(value_max / precision); MASK is token 0 (PAPER.md section 1).
+1 + round(x / precision) + round(value_max / precision); MASK is token 0 (docs/FINDINGS.md, S1).
 Sampling runs on the CPU from a `torch.Generator`, so one seed gives one data stream on any device.
 """
 
@@ -126,7 +126,7 @@ def structured_mask(
 ) -> torch.Tensor:
     """An observed-mask [m*n] with the given rows and columns masked, except the `keep` entries.
 
-    `structured_mask(7, 7, rows=[3, 6], keep=[(3, 0), (6, 4)])` is PAPER.md finding 4's mask:
+    `structured_mask(7, 7, rows=[3, 6], keep=[(3, 0), (6, 4)])` is the mask of finding 4 (docs/FINDINGS.md):
     rows 3 and 6 masked except one observed entry each.
     """
     observed = torch.ones(m, n, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""Attention intervention during training (PAPER.md section 2): bias every head toward the LRMC
+"""Attention intervention during training (docs/FINDINGS.md, P5): bias every head toward the LRMC
 "optimal map", the observed keys in the query's own row or column.
 
 With scale c, each pattern row is reweighted as p'(k) ∝ p(k) * (c if k is on the map else 1) and

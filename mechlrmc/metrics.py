@@ -1,4 +1,4 @@
-"""The paper's three losses (PAPER.md finding 1) and the masked-entry correlation."""
+"""The paper's three losses (finding 1, docs/FINDINGS.md) and the masked-entry correlation."""
 
 from __future__ import annotations
 

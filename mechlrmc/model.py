@@ -259,3 +259,18 @@ class HookedEncoder(HookedRootModule):
         if self.ln_final is not None:
             x = self.ln_final(x)
         return (x @ self.W_U).squeeze(-1) + self.b_U  # [batch, pos]
+
+
+def model_from_state(
+    cfg: EncoderConfig | RunConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> HookedEncoder:
+    """The model of `cfg` holding the weights `state`, in eval mode on `device` (`Run.load_model`,
+    `analyses.swaps`). The weights pass through `dtype` on the way in; the parameters keep the
+    config's dtype. A ValueError names the missing and unexpected keys when `state` does not fit."""
+    model = HookedEncoder(cfg, seed=None)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"missing {missing}, unexpected {unexpected}")
+    model.cfg.device = str(device)
+    return model.to(device).eval()

@@ -90,6 +90,64 @@ def same_machine(a: dict | None, b: dict | None) -> bool:
         a.get(k) is not None and a.get(k) == b.get(k) for k in MACHINE_FIELDS)
 
 
+# What decides a run's floats, most decisive first: the vector ISA torch's CPU kernels dispatch to,
+# then the software that computes; the CPU id within one ISA has not been seen to change them.
+SOFTWARE_FIELDS = ("torch", "python", "transformer_lens")
+
+# `machine_match` levels, best first (`find_family` ranks shipped families by this order)
+MATCH_LEVELS = ("identical", "same ISA and software", "same ISA", "unknown", "different ISA")
+
+
+def _known(p: dict | None, key: str) -> bool:
+    return p is not None and p.get(key) not in (None, "", "not installed")
+
+
+def machine_match(a: dict | None, b: dict | None) -> str:
+    """How closely two provenance records match on what decides the numbers, one of `MATCH_LEVELS`:
+    "identical" (ISA, software and CPU id), "same ISA and software" (the CPU id differs or is not
+    recorded), "same ISA" (a software version differs or is not recorded on both), "different ISA",
+    or "unknown" (the ISA is not recorded on both)."""
+    if not (_known(a, "cpu_capability") and _known(b, "cpu_capability")):
+        return "unknown"
+    if a["cpu_capability"] != b["cpu_capability"]:
+        return "different ISA"
+    if not all(_known(a, k) and _known(b, k) and a[k] == b[k] for k in SOFTWARE_FIELDS):
+        return "same ISA"
+    same_cpu = _known(a, "cpu_id") and _known(b, "cpu_id") and a["cpu_id"] == b["cpu_id"]
+    return "identical" if same_cpu else "same ISA and software"
+
+
+def machine_name(p: dict | None) -> str:
+    """One line naming a recorded machine: device, CPU id, ISA and torch ("an unrecorded machine" for None)."""
+    if p is None:
+        return "an unrecorded machine"
+    return (f"{p.get('device') or 'an unnamed device'} ({p.get('cpu_id') or 'CPU id not recorded'}, "
+            f"{p.get('cpu_capability') or 'ISA not recorded'}, torch {p.get('torch') or 'not recorded'})")
+
+
+def match_sentence(family: dict | None, run: dict | None) -> str:
+    """One sentence for a report: how the machine a family was measured on compares with a run's,
+    and what that means for comparing one seed's numbers."""
+    level = machine_match(family, run)
+    where = f"The family was measured on {machine_name(family)} and this run on {machine_name(run)}"
+    if level == "identical":
+        return (f"The family was measured on this run's machine type, {machine_name(family)}: the same seed "
+                "gives the same numbers, so each seed's numbers apply as they are.")
+    if level == "same ISA and software":
+        return (f"{where}: the same vector ISA and software versions, only the CPU id differs or is not recorded, "
+                "so the same seed is expected to give the same numbers.")
+    if level == "same ISA":
+        differ = [k for k in SOFTWARE_FIELDS if not (_known(family, k) and _known(run, k) and family[k] == run[k])]
+        verb = "differs or is" if len(differ) == 1 else "differ or are"
+        return (f"{where}: the same vector ISA, but {' and '.join(differ)} {verb} not recorded on both, so a seed "
+                "may round differently: compare the distributions, and a seed's numbers only if they agree.")
+    if level == "different ISA":
+        return (f"{where}: another vector ISA, which rounds differently from step 0, so compare the "
+                "distributions, not a seed's numbers.")
+    return (f"{where}: the vector ISA is not recorded on both, so whether a seed's numbers carry over is "
+            "unknown; compare the distributions.")
+
+
 def differences(saved: dict, current: dict) -> dict[str, tuple]:
     """The compared fields that differ, as {field: (saved, current)}."""
     return {k: (saved.get(k), current.get(k)) for k in COMPARED if saved.get(k) != current.get(k)}

@@ -1,4 +1,4 @@
-"""Import the reference implementation's checkpoint files as a run directory (PAPER.md section 4).
+"""Import the reference implementation's checkpoint files as a run directory (docs/FINDINGS.md, S2).
 
 A file is `torch.save({"epoch", "model", "optim", "train_loss", "eval_loss", "vocab_size"})`,
 written when `(epoch + 1) % save_freq == 0` after the optimizer step, so it holds the weights after
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mechlrmc import resume
 from mechlrmc.config import ConfigError, RunConfig
 from mechlrmc.convert import from_reference_state_dict, reference_shapes, reference_tensors, strip_prefix
 from mechlrmc.runs import CheckpointError, Run, RunLock
@@ -94,9 +95,9 @@ def _scalar(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def map_adam_state(model: dict[str, torch.Tensor], optim: dict, n_heads: int) -> dict[str, torch.Tensor] | None:
-    """The reference Adam state as our resume tensors (`adam.{name}.step|exp_avg|exp_avg_sq`), or
-    None where it cannot be mapped. Adam numbers parameters in `model.parameters()` order, which is
+def map_adam_state(model: dict[str, torch.Tensor], optim: dict, n_heads: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The reference Adam state by our parameter names (`{name: {step, exp_avg, exp_avg_sq}}`, as
+    `mechlrmc.resume.pack` takes it), or None where it cannot be mapped. Adam numbers parameters in `model.parameters()` order, which is
     the state dict's order without buffers; the pooler (never stepped) and token-type rows drop out."""
     if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
         return None
@@ -118,12 +119,11 @@ def map_adam_state(model: dict[str, torch.Tensor], optim: dict, n_heads: int) ->
     if len(steps) != 1:
         return None
     step = torch.tensor(steps.pop())  # float32, as torch's Adam keeps it
-    out = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for key, tensors in moments.items():
             for name, value in reference_tensors(tensors, n_heads, fold_token_type=False).items():
-                out[f"adam.{name}.{key}"] = value.float()
-                out[f"adam.{name}.step"] = step.clone()
+                out.setdefault(name, {"step": step.clone()})[key] = value.float()
     except (KeyError, ConfigError):  # a parameter that has weights but no Adam state
         return None
     return out
@@ -160,9 +160,7 @@ def import_reference(files: list[str | Path], out: str | Path, cfg: RunConfig) -
             if step == last:
                 adam = map_adam_state(obj["model"], obj.get("optim"), cfg.model.n_heads)
                 if adam is not None:
-                    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
                     generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
-                    tensors.update(adam)
-                    tensors["rng.data"] = generator.get_state()
-                    run.save_resume_state(step, tensors, {"wall_time": "0.0"})
+                    run.save_resume_state(step, resume.pack(model.state_dict(), adam, generator.get_state()),
+                                          resume.meta(0.0))
     return run, adam is not None

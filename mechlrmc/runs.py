@@ -322,6 +322,15 @@ class Run:
         text = file.read_text()
         return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
 
+    @property
+    def evals(self) -> pd.DataFrame:
+        """The rows of `metrics` that have an evaluation (`eval_loss` not NaN), index reset.
+
+        The trainer writes every eval column of an evaluation together; a run imported from the
+        reference implementation has `eval_loss` only (its other eval columns are NaN)."""
+        metrics = self.metrics
+        return metrics[metrics.eval_loss.notna()].reset_index(drop=True)
+
     def nearest_step(self, step: int) -> int:
         """The checkpointed step closest to `step`."""
         steps = self.steps
@@ -336,6 +345,13 @@ class Run:
         if entry is None:
             raise CheckpointError(f"{self.path} has no checkpoint at step {step}: available {self.steps}")
         return self.path / entry["file"]
+
+    def checkpoint_sha256(self, step: int) -> str:
+        """The SHA-256 the manifest records for the checkpoint of `step` (what its weights are)."""
+        entry = self._manifest()["checkpoints"].get(str(step))
+        if entry is None:
+            raise CheckpointError(f"{self.path} has no checkpoint at step {step}: available {self.steps}")
+        return entry["sha256"]
 
     def verify(self, step: int) -> bytes:
         """The checkpoint's bytes after checking they exist, are complete and match their hash."""
@@ -362,16 +378,11 @@ class Run:
 
     def load_model(self, step: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         """The model at `step`, in eval mode, on `device`."""
-        from mechlrmc.model import HookedEncoder
+        from mechlrmc.model import model_from_state
 
-        model = HookedEncoder(self.config, seed=None)
-        state = {k: v.to(dtype) for k, v in self.state_dict(step).items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        try:
+            return model_from_state(self.config, self.state_dict(step), device, dtype)
+        except ValueError as e:  # the keys do not fit the config
             raise CheckpointError(
-                f"checkpoint {self.checkpoint_path(step)} does not fit the run's config: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        model.cfg.device = str(device)
-        return model.to(device).eval()
+                f"checkpoint {self.checkpoint_path(step)} does not fit the run's config: {e}") from None
 

@@ -2,13 +2,15 @@
 
 The trainer knows the model only through `forward(tokens) -> [batch, pos]`. Logging, evaluation
 and checkpoints follow the `TrainConfig` schedule; anything else hangs on callbacks
-(`trainer.add_callback("on_step_end", fn)`). `fwd_hooks` are TransformerLens hooks active during
-training steps (not evaluation), e.g. an attention intervention.
+(`trainer.add_callback("on_step_end", fn)`). The trainer is handed its model (default: a fresh
+`HookedEncoder` of the config's seed) and the names of its trainable parameters (default: all);
+the others are frozen (`requires_grad=False`, not in the optimizer), so component-wise training
+(`analyses.freeze`) is an ordinary `Trainer`.
 
 Exact resume: at every checkpoint the weights, Adam state, data-generator state and wall time go
-to `resume.safetensors`; a resumed run replays the same batches and reproduces the same metrics
-as an uninterrupted one on the same machine type and software (`provenance.json` records them; a
-resume elsewhere warns). A run killed before its first resume state restarts from step 0.
+to `resume.safetensors` (its layout: `mechlrmc.resume`); a resumed run replays the same batches
+and reproduces the same metrics as an uninterrupted one on the same machine type and software
+(`provenance.json` records them; a resume elsewhere warns). A run killed before its first resume state restarts from step 0.
 
 One writer per run: the trainer holds the run's `RunLock` from before its first write until
 training ends or fails.
@@ -28,9 +30,10 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from mechlrmc import provenance
+from mechlrmc import provenance, resume as resume_file
 from mechlrmc.config import ConfigError, RunConfig
 from mechlrmc.data import Batch, eval_batch, sample
+from mechlrmc.errors import OptionError
 from mechlrmc.intervention import AttentionIntervention
 from mechlrmc.metrics import masked_correlation, split_losses
 from mechlrmc.model import HookedEncoder
@@ -61,22 +64,25 @@ def evaluate(model: HookedEncoder, batch: Batch, chunk: int = 4096) -> dict[str,
 def make_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
     """Adam at the constant `train.lr` over a model's (or the given) parameters, with the kernel
     `train.adam` picks ("foreach" updates every parameter bitwise as the per-tensor loop does,
-    ~0.7 ms/step faster on the `cpu` preset)."""
+    and faster)."""
     params = model.parameters() if isinstance(model, torch.nn.Module) else model
     fused = cfg.train.adam == "fused"
     return torch.optim.Adam(params, lr=cfg.train.lr, foreach=not fused, fused=fused)
 
 
 class Trainer:
-    """Trains `HookedEncoder` on LRMC into a run directory."""
+    """Trains a `HookedEncoder` (or only its `trainable` parameters) on LRMC into a run directory."""
 
-    def __init__(self, cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, out: str | Path, model: HookedEncoder | None = None,
+                 trainable: Iterable[str] | None = None, resume: bool = False, progress: bool = True):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write instead of killing
+        model = HookedEncoder(cfg, seed=cfg.train.seed) if model is None else model
+        params = _trainable_parameters(model, trainable)  # before anything is written
         if not (resume and Path(out, "config.yaml").is_file()):
             Run.check_new(out)  # before the lock creates the directory
         self.lock = RunLock(out).acquire()  # one writer per run, taken before anything is written
@@ -86,15 +92,14 @@ class Trainer:
             self.close()
             raise
         self.resumed = resume  # from a resume state (which comes after step 0's evaluation and checkpoint)
-        self.model = HookedEncoder(cfg, seed=cfg.train.seed).to(self.device)
+        self.model = model.to(self.device)
         self.model.cfg.device = str(self.device)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.optimizer = make_optimizer(params, cfg)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
         self.eval_data = eval_batch(cfg)
         self.step = 0
         self.wall_time = 0.0
         self.progress = progress
-        self.fwd_hooks: list[tuple[str | Callable, Callable]] = []
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
@@ -162,11 +167,8 @@ class Trainer:
               f"the result will not be bitwise equal to an uninterrupted run", file=sys.stderr)
 
     def _check_resumable(self, cfg: RunConfig) -> None:
-        saved = self.run.config.to_dict()
-        asked = cfg.to_dict()
-        saved["train"].pop("steps"), asked["train"].pop("steps")
-        if saved != asked:
-            diff = {f"{s}.{k}": (saved[s][k], asked[s][k]) for s in saved for k in saved[s] if saved[s][k] != asked[s][k]}
+        diff = self.run.config.differences(cfg, ignore=resume_file.MAY_CHANGE)
+        if diff:
             raise ConfigError(f"--resume with a config that differs from the run's (saved, asked): {diff}; "
                               f"allowed: the run's own config, except train.steps")
         if cfg.train.steps != self.run.config.train.steps:
@@ -174,41 +176,37 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         tensors, meta = self.run.load_resume_state()
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        names = dict(self.model.named_parameters())
+        model_state, adam, generator_state = resume_file.unpack(tensors)
+        self.model.load_state_dict(model_state)
         state = {}
-        for name, p in names.items():
-            if f"adam.{name}.step" not in tensors:  # no Adam state: the step-0 state, or a frozen parameter
+        for name, p in self.model.named_parameters():
+            if name not in adam:  # no Adam state: the step-0 state, or a frozen parameter
                 continue
             state[p] = {
-                "step": tensors[f"adam.{name}.step"],
-                "exp_avg": tensors[f"adam.{name}.exp_avg"].to(self.device),
-                "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"].to(self.device),
+                "step": adam[name]["step"],
+                "exp_avg": adam[name]["exp_avg"].to(self.device),
+                "exp_avg_sq": adam[name]["exp_avg_sq"].to(self.device),
             }
         self.optimizer.state.clear()
         self.optimizer.state.update(state)
         if self.cfg.train.adam == "fused":  # the fused kernel keeps its step counts on the device
             for st in self.optimizer.state.values():
                 st["step"] = st["step"].to(self.device)
-        if int(meta["step"]) > 0 and not state:
+        step, wall_time = resume_file.read_meta(meta)
+        if step > 0 and not state:
             raise CheckpointError(f"{self.run.path / 'resume.safetensors'} has no optimizer state after "
                                   f"step {meta['step']}: it cannot be resumed exactly")
-        self.generator.set_state(tensors["rng.data"])
-        self.step = int(meta["step"])
-        self.wall_time = float(meta["wall_time"])
+        self.generator.set_state(generator_state)
+        self.step = step
+        self.wall_time = wall_time
         self.run.truncate_metrics(self.step)
 
     def _save_resume_state(self) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        for name, p in self.model.named_parameters():
-            st = self.optimizer.state.get(p)
-            if st:
-                for key in ("step", "exp_avg", "exp_avg_sq"):
-                    tensors[f"adam.{name}.{key}"] = st[key]
-        tensors["rng.data"] = self.generator.get_state()
-        if self.step > 0 and not any(k.startswith("adam.") for k in tensors):
+        adam = {name: st for name, p in self.model.named_parameters() if (st := self.optimizer.state.get(p))}
+        if self.step > 0 and not adam:
             raise CheckpointError("optimizer state is empty after training steps")
-        self.run.save_resume_state(self.step, tensors, {"wall_time": repr(self.wall_time)})
+        tensors = resume_file.pack(self.model.state_dict(), adam, self.generator.get_state())
+        self.run.save_resume_state(self.step, tensors, resume_file.meta(self.wall_time))
 
     # ----- the loop -----
     def _autocast(self):
@@ -229,7 +227,7 @@ class Trainer:
         return {f"eval_{k}": v for k, v in ev.items()}
 
     def train_step(self, batch: Batch) -> dict[str, float]:
-        hooks = list(self.fwd_hooks)
+        hooks = []
         if self.intervention is not None and self.step >= self.cfg.train.attn_intervention_start:
             self.intervention.set_tokens(batch.tokens)
             hooks += self.intervention.fwd_hooks()
@@ -280,6 +278,19 @@ class Trainer:
         bar.close()
         self._fire("on_train_end")
         return self.run
+
+
+def _trainable_parameters(model: torch.nn.Module, trainable: Iterable[str] | None) -> list[torch.nn.Parameter]:
+    """The parameters named in `trainable` (all where None), the others frozen (`requires_grad=False`)."""
+    names = dict(model.named_parameters())
+    chosen = set(names) if trainable is None else set(trainable)
+    unknown = chosen - set(names)
+    if unknown or not chosen:
+        raise OptionError(f"trainable parameters {sorted(unknown) or '(none)'} are not in the model: "
+                          f"allowed {sorted(names)}")
+    for name, p in names.items():
+        p.requires_grad_(name in chosen)
+    return [p for name, p in names.items() if name in chosen]
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Run:

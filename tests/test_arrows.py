@@ -1,5 +1,6 @@
 """Module arrows point one way (DESIGN.md): the run directory knows nothing of training, the model
-nothing of conversion, and the core nothing of the analysis layer."""
+nothing of conversion, the sweep spec nothing of Ray, and the core nothing of the analysis layer
+(every module under mechlrmc/, at any depth, string imports included)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,49 @@ def imported_modules(source: str) -> set[str]:
     return names
 
 
+def string_imports(source: str) -> set[str]:
+    """Modules named by a string in `importlib.import_module("...")`, `__import__("...")` or any
+    call whose first argument is a string literal (what a string import looks like to the parser)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value)
+    return names
+
+
+def _is(name: str, banned: str) -> bool:
+    return name == banned or name.startswith(banned + ".")
+
+
+CORE_MODULES = sorted(str(p.relative_to(CORE)) for p in CORE.glob("**/*.py"))
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_core_module_does_not_import_the_analysis_layer(module):
+    source = (CORE / module).read_text()
+    bad = {name for name in imported_modules(source) if _is(name, "analyses")}
+    bad |= {name for name in string_imports(source) if name.startswith("analyses")}
+    assert not bad, f"mechlrmc/{module} imports {sorted(bad)}"
+
+
+def test_the_sweep_spec_does_not_import_ray():
+    """`mechlrmc.trials` (spec, trial names, trial state on disk) reads a sweep without Ray."""
+    source = (CORE / "trials.py").read_text()
+    bad = {name for name in imported_modules(source) | string_imports(source) if _is(name, "ray")}
+    assert not bad, f"mechlrmc/trials.py imports {sorted(bad)}"
+
+
+def test_the_check_sees_every_core_module_and_string_imports():
+    assert {"runs.py", "train.py", "trials.py", "sweep.py", "cli.py"} <= set(CORE_MODULES)
+    source = "import importlib\ndef f():\n    importlib.import_module('analyses.commands')\n    __import__('analyses')\n"
+    assert {"analyses.commands", "analyses"} <= string_imports(source)
+
+
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
 def test_module_does_not_import_what_it_must_not_know(module):
     imported = imported_modules((CORE / module).read_text())
-    bad = {name for name in imported for banned in FORBIDDEN[module]
-           if name == banned or name.startswith(banned + ".")}
+    bad = {name for name in imported for banned in FORBIDDEN[module] if _is(name, banned)}
     assert not bad, f"mechlrmc/{module} imports {sorted(bad)}"
 
 

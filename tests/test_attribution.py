@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.attribution import attribution, attribution_agreement, attribution_sweep, compare_with_patching
-from analyses.patching import GRANULARITIES, SITES, _masks, _patch_grid, batched_sweep, corrupt, hook_name, \
-    patching, recovery_metrics
+from analyses.attribution import FAILS_PEARSON, HOLDS_PEARSON, attribution, attribution_agreement, \
+    attribution_sweep, attribution_verdict, compare_with_patching
+from analyses.patching import DEFAULT_SITES, GRANULARITIES, SITES, _masks, _patch_grid, batched_sweep, corrupt, \
+    hook_name, patching, recovery_metrics
 from analyses.walk import analysis_batch
 from mechlrmc.config import preset
 from mechlrmc.data import sample
@@ -104,3 +105,35 @@ def test_agreement_table(setup):
     assert set(table.metric) == {"recovery_mask", "recovery_obs"}
     assert table.patches.eq(len(frame) / 2).all()
     assert table.pearson.between(-1, 1).all()
+
+
+def test_agreement_correlations_are_pearson_and_spearman_of_ranks():
+    exact = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    frame = pd.DataFrame({"site": "z", "granularity": "layer", "metric": "recovery_mask", "exact": exact,
+                          "attribution": [v ** 3 for v in exact]})  # monotone, not linear
+    row = attribution_agreement(frame).iloc[0]
+    assert row.spearman == pytest.approx(1.0) and 0.9 < row.pearson < 1.0
+    assert row.pearson == pytest.approx(torch.corrcoef(torch.tensor([exact, [v ** 3 for v in exact]]))[0, 1].item())
+    flat = attribution_agreement(frame.assign(attribution=0.3)).iloc[0]
+    assert pd.isna(flat.pearson) and pd.isna(flat.spearman) and flat.slope == pytest.approx(0.3 * 1.5 / 0.55)
+
+
+def test_verdict_per_moment_and_site():
+    agreement = pd.DataFrame({
+        "step": [10, 10, 10, 10, 40, 40],
+        "site": ["z", "attn_out", "mlp_out", "resid_pre", "z", "attn_out"],
+        "granularity": ["layer_head", "layer", "layer", "layer", "layer_head", "layer"],
+        "pearson": [HOLDS_PEARSON, FAILS_PEARSON, FAILS_PEARSON - 0.01, float("nan"), 0.99, -0.2],
+    })
+    verdict = attribution_verdict(agreement, {"plateau": 10, "after": 40, "unused": 20})
+    assert list(verdict.columns) == ["moment", "step", "site", "granularity", "pearson", "verdict"]
+    assert verdict[["moment", "step", "site", "verdict"]].values.tolist() == [
+        ["plateau", 10, "z", "holds"], ["plateau", 10, "attn_out", "partial"], ["plateau", 10, "mlp_out", "fails"],
+        ["after", 40, "z", "holds"], ["after", 40, "attn_out", "fails"]]
+    assert (HOLDS_PEARSON, FAILS_PEARSON) == (0.9, 0.5)
+
+
+def test_default_sites_are_patchings():
+    import analyses.attribution
+
+    assert analyses.attribution.DEFAULT_SITES is DEFAULT_SITES

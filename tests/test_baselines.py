@@ -25,7 +25,7 @@ def test_copy_zero_sits_at_the_plateau_level():
     pred = copy_zero_predict(batch)
     assert torch.equal(pred[batch.observed], batch.values[batch.observed])
     mse_mask = float(((pred - batch.values)[batch.masked] ** 2).mean())
-    assert mse_mask == pytest.approx(DATA.plateau_mask_loss, rel=0.08)  # r/9, PAPER.md finding 1
+    assert mse_mask == pytest.approx(DATA.plateau_mask_loss, rel=0.08)  # r/9, finding 1 (docs/FINDINGS.md)
 
 
 def test_nuclear_norm_solution_is_feasible_minimal_and_recovers_low_rank():
@@ -74,7 +74,7 @@ def test_larger_matrices_are_refused_with_the_sizes_named():
 
 
 def test_reference_model_beats_copy_zero_only_after_the_drop(reference_run):
-    """PAPER.md findings 2-3: on the plateau the model is the copy-and-zero predictor; after the
+    """Findings 2-3 (docs/FINDINGS.md): on the plateau the model is the copy-and-zero predictor; after the
     drop it completes masked entries at every p_mask, and its errors differ from nuclear norm."""
     data = reference_run.config.data
     p_masks = (0.1, 0.3, 0.6)

@@ -64,7 +64,7 @@ def test_needs_masked_entries():
 
 
 def test_reference_run_copies_before_the_drop_and_checks_consistency_after(reference_run):
-    """PAPER.md finding 2 / Table 1 on the shipped run. Before the drop the output at a replaced
+    """Finding 2 (docs/FINDINGS.md), Table 1, on the shipped run. Before the drop the output at a replaced
     MASK is the inserted value (to ~1e-3). After it the model still mostly copies (an inserted
     token looks observed, and observed entries are copied) but pulls the entry toward the value the
     rest of the matrix implies: the error against the inserted value grows by an order of

@@ -39,7 +39,7 @@ def test_sampler_statistics():
     # rank 2 up to the rounding: the third singular value is at rounding-noise level
     s = torch.linalg.svdvals(b.matrices.double())
     assert (s[:, 1] > 0.05).float().mean() > 0.95 and (s[:, 2] < 0.03).all()
-    # E[X_ij^2] = rank / 9 for uniform factors (the plateau's L_mask, PAPER.md finding 1)
+    # E[X_ij^2] = rank / 9 for uniform factors (the plateau's L_mask, finding 1 of docs/FINDINGS.md)
     assert abs(b.values.pow(2).mean().item() - cfg.plateau_mask_loss) < 0.01
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.dynamics import attention_progress, collapse, compare_interventions, repetition, track_dynamics
+from analyses.dynamics import attention_progress, collapse, compare_interventions, dynamics_summary, repetition, \
+    track_dynamics
 from analyses.phases import detect_phases
 from mechlrmc.config import preset
 from mechlrmc.data import MASK_ID, decode_tokens, sample
@@ -78,6 +79,24 @@ def test_attention_on_the_optimal_map_follows_an_imposed_bias():
         assert ((share >= low) & (share <= high)).all(), (scale, share.tolist())
 
 
+def test_dynamics_summary_reads_the_last_layer_and_the_best_head():
+    steps = [0, 10]
+    frames = {
+        "repetition": pd.DataFrame({"step": steps, "spread_ratio": [0.1, 0.9], "dist_constant": [0.0, 0.2],
+                                    "dist_copy_zero": [0.0, 0.3]}),
+        "collapse": pd.DataFrame({"step": [0, 0, 0, 10, 10, 10], "layer": [0, 1, 2] * 2,
+                                  "cos_all": 0.5, "cos_masked": [0.1, 0.2, 0.95, 0.1, 0.2, 0.4]}),
+        "attention_progress": pd.DataFrame({"step": [0, 0, 10, 10], "layer": 0, "head": [0, 1, 0, 1],
+                                            "share_on_map": [0.2, 0.3, 0.8, 0.1], "uniform_share": 0.25}),
+    }
+    summary = dynamics_summary(frames)
+    assert list(summary.columns) == ["step", "spread_ratio", "dist_constant", "dist_copy_zero",
+                                     "cos_masked_last_layer", "best_head_share_on_map"]
+    assert summary.step.tolist() == steps and summary.spread_ratio.tolist() == [0.1, 0.9]
+    assert summary.cos_masked_last_layer.tolist() == [0.95, 0.4]
+    assert summary.best_head_share_on_map.tolist() == [0.3, 0.8]
+
+
 def test_intervention_driver_trains_one_run_per_scale(tiny_run, tmp_path):
     frame = compare_interventions(tiny_run.config, [1, 8], tiny_run.config.train.steps, tmp_path, progress=False)
     assert list(frame.scale) == [1, 8]
@@ -93,7 +112,7 @@ def test_intervention_driver_trains_one_run_per_scale(tiny_run, tmp_path):
 
 
 def test_plateau_shows_repetition_and_collapse_that_the_drop_undoes(reference_run):
-    """PAPER.md section 2 on the reference run: on the plateau masked predictions repeat one value
+    """docs/FINDINGS.md, P1 and P2, on the reference run: on the plateau masked predictions repeat one value
     and masked hidden states are nearly parallel; after the drop both recover."""
     drop = detect_phases(reference_run).iloc[0].drop_step
     plateau, final = reference_run.nearest_step(drop / 2), reference_run.steps[-1]

@@ -1,17 +1,24 @@
 """Families of runs: planted drop steps are recovered, analyses map over runs, findings are
 counted per run, and the family report shows them."""
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from analyses.family import (
-    across_runs, drop_sharpness, family_findings, family_summary, findings_table, plot_drop_steps,
-    plot_family_curves, varied_keys,
+    across_runs, drop_sharpness, family_summary, find_family, place_in_family, plot_drop_steps, plot_family_curves,
+    varied_keys,
 )
 from analyses.family_report import build_family_report
+from analyses.findings import family_findings, findings_table
 from analyses.heads import head_taxonomy
 from mechlrmc.config import preset
 from mechlrmc.model import HookedEncoder
@@ -158,8 +165,6 @@ def test_find_family_prefers_the_family_of_the_runs_machine_type(tiny_run, tmp_p
     (CPU id and vector ISA) is the run's; without such a record the first one is."""
     import json
 
-    from analyses.family import find_family
-
     for name in ("a_elsewhere", "b_here"):
         folder = tmp_path / name
         folder.mkdir()
@@ -176,3 +181,93 @@ def test_find_family_prefers_the_family_of_the_runs_machine_type(tiny_run, tmp_p
     (tmp_path / "c_other_recipe" / "family_summary.csv").write_text("run\n")
     (tmp_path / "c_other_recipe" / "provenance.json").write_text(json.dumps(here))
     assert find_family(tiny_run, tmp_path) == tmp_path / "b_here"
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "analyses" / "families"
+
+
+def _demo_run(path, provenance: dict | None, steps: int = 8000) -> Run:
+    """A run of the cpu preset's recipe that trained fewer steps than the shipped families."""
+    run = Run.create(path, preset("cpu").override({"train.steps": steps}))
+    if provenance is not None:
+        run.save_provenance(provenance)
+    return run
+
+
+def test_find_family_picks_the_family_of_the_runs_isa_over_the_cpu_model(tmp_path):
+    """An AVX2 run on another CPU model (family 25 model 1; the AVX2 family was measured on model 17)
+    with the same software belongs to the AVX2 family, not to the AVX-512 one that sorts first."""
+    avx2 = json.loads((SHIPPED / "cpu_family_avx2" / "provenance.json").read_text())
+    avx512 = json.loads((SHIPPED / "cpu_family" / "provenance.json").read_text())
+    assert avx512["cpu_capability"] == "AVX512" and "reconstructed" in avx512
+    demo = _demo_run(tmp_path / "demo", {**avx2, "cpu_id": "AuthenticAMD family 25 model 1 stepping 1"})
+    assert find_family(demo) == SHIPPED / "cpu_family_avx2"  # the shipped families, by default
+
+    root = tmp_path / "families"
+    shutil.copytree(SHIPPED / "cpu_family", root / "a_avx512")
+    shutil.copytree(SHIPPED / "cpu_family_avx2", root / "b_avx2")
+    assert find_family(demo, root) == root / "b_avx2"
+    other = _demo_run(tmp_path / "avx512", {**avx2, "cpu_capability": "AVX512", "cpu_id": "?"})
+    assert find_family(other, root) == root / "a_avx512"  # same ISA beats another ISA
+    assert find_family(_demo_run(tmp_path / "unrecorded", None), root) == root / "a_avx512"  # by name
+    (root / "b_avx2" / "provenance.json").unlink()  # unknown ranks above another ISA
+    assert find_family(demo, root) == root / "b_avx2"
+    assert find_family(_demo_run(tmp_path / "tiny", None), tmp_path / "nowhere") is None
+
+
+FAMILY = pd.DataFrame({"run": [f"seed={s}" for s in range(6)], "seed": range(6),
+                       "drop_step": [3000, 4000, 7000, 11000, math.nan, math.nan],
+                       "final_step": [14000, 14000, 14000, 14000, 14000, 4500],
+                       "final_loss_mask": [0.01, 0.015, 0.03, 0.05, 0.1, 0.2]})
+
+
+def test_place_in_family_compares_drops_only_as_far_as_both_ran(tmp_path):
+    """A planted family of six (drops at 3k, 4k, 7k, 11k; one never by 14k; one never by 4.5k) and
+    8k-step runs that drop at 5k or never: counted earlier / later / undecided as far as both ran."""
+    family = tmp_path / "family"
+    family.mkdir()
+    FAMILY.to_csv(family / "family_summary.csv", index=False)
+    run = _planted_run(tmp_path / "run", seed=1, drop=5000)
+    row = place_in_family(run, family).iloc[0]
+    assert row.dropped and abs(row.drop_step - 5000) <= EVERY
+    assert (row.dropped_earlier, row.dropped_same_step, row.dropped_later, row.drop_undecided) == (2, 0, 3, 1)
+    assert row.ended_lower == 2 and row.ended_higher == 4  # final L_mask ~ 0.2 r/9 = 0.022
+    assert (row.n_seeds, row.n_dropped, row.seed) == (6, 4, 1)
+    assert row.run_final_step == STEPS and row.family_final_step == 14000
+    assert row.family_median_drop_step == 5500 and row.family_median_final_loss_mask == pytest.approx(0.04)
+    assert row.family == str(family) and row.match == "unknown" and "not recorded on both" in row.match_sentence
+    assert "trained to step 8000, the family to 14000" in row.drop_text and "2 of the family's 6" in row.drop_text
+
+    never = place_in_family(_planted_run(tmp_path / "never", seed=3, drop=None), family).iloc[0]
+    assert not never.dropped and math.isnan(never.drop_step)
+    assert (never.dropped_earlier, never.dropped_later, never.drop_undecided) == (3, 0, 3)
+    assert "has not dropped" in never.drop_text
+
+
+def test_shipped_families_install_with_the_package(tmp_path):
+    """`pip install .` (no -e) ships the families: from outside the checkout, the installed copy of
+    `find_family` returns a family folder inside the installation."""
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("mechlrmc", "analyses"):
+        shutil.copytree(repo / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "--no-input"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), "."],
+                   cwd=source, check=True, capture_output=True)
+    wheel, = (tmp_path / "wheel").glob("mechlrmc-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    run = _demo_run(tmp_path / "demo", None)
+    script = ("import analyses, sys; from analyses.family import find_family; from mechlrmc.runs import Run; "
+              f"print(analyses.__file__); print(find_family(Run({str(run.path)!r})))")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=outside, env=env, check=True, capture_output=True,
+                          text=True)
+    where, family = done.stdout.strip().splitlines()
+    assert Path(where).is_relative_to(site)
+    assert Path(family).is_relative_to(site / "analyses" / "families") and (Path(family) / "family_summary.csv").is_file()

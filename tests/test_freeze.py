@@ -43,3 +43,25 @@ def test_freeze_run_resumes_exactly(tiny_run, tmp_path):
     a, b = whole.state_dict(20), resumed.state_dict(20)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(freeze_info(resumed)["trainable"]) == sorted(freeze_info(whole)["trainable"])
+
+
+def test_trainer_with_trainable_names_freezes_the_rest_and_refuses_unknown_names(tiny_run, tmp_path):
+    """Component-wise training is an ordinary `Trainer`: handed a model and the names of its trainable
+    parameters; an unknown or empty set is one error raised before anything is written."""
+    import pytest
+
+    from mechlrmc.errors import OptionError
+    from mechlrmc.train import Trainer
+
+    cfg = tiny_run.config.override(["train.steps=5"])
+    for bad in (["W_pos", "nope"], []):
+        with pytest.raises(OptionError, match="are not in the model: allowed"):
+            Trainer(cfg, tmp_path / "bad", trainable=bad, progress=False)
+        assert not (tmp_path / "bad").exists()
+    model = tiny_run.load_model(tiny_run.steps[-1]).train()
+    trainer = Trainer(cfg, tmp_path / "pos", model=model, trainable=["W_pos"], progress=False)
+    assert trainer.model is model and [p for g in trainer.optimizer.param_groups for p in g["params"]] == [model.W_pos]
+    out = trainer.train()
+    before, after = tiny_run.state_dict(tiny_run.steps[-1]), out.state_dict(5)
+    assert torch.equal(out.state_dict(0)["W_pos"], before["W_pos"]) and not torch.equal(after["W_pos"], before["W_pos"])
+    assert all(torch.equal(after[k], before[k]) for k in after if k != "W_pos")

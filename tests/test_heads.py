@@ -3,10 +3,11 @@ found through the whole pipeline (hooks, chunks, structured masks)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
-from analyses.heads import default_structured_mask, head_taxonomy, score_pattern, structured_taxonomy
+from analyses.heads import default_structured_mask, head_onsets, head_taxonomy, score_pattern, structured_taxonomy
 from mechlrmc.config import DataConfig, RunConfig, ModelConfig
 from mechlrmc.data import row_col_index, sample
 from mechlrmc.model import HookedEncoder
@@ -137,3 +138,38 @@ def test_bad_query_group_and_shape_are_named():
         score_pattern(torch.full((1, 16, 16), 1 / 16), observed, 4, 4, "some")
     with pytest.raises(ValueError, match="m\\*n = 9"):
         score_pattern(torch.full((1, 16, 16), 1 / 16), observed, 3, 3)
+
+
+def _planted_taxonomy() -> pd.DataFrame:
+    """Labels over steps 0-40 of three heads of layer 0 and one of layer 1, "masked" rows as decoys."""
+    history = {
+        (0, 0): ["other", "row", "other", "row", "row"],  # a row head for good from step 30
+        (0, 1): ["uniform", "uniform", "column", "column", "column"],  # a column head from step 20
+        (0, 2): ["row", "row", "row", "row", "other"],  # was a row head, is not at the last step
+        (1, 0): ["self"] * 5,  # a self head from the start
+    }
+    rows = []
+    for (layer, head), labels in history.items():
+        for i, label in enumerate(labels):
+            share = 0.25 + 0.1 * i
+            for queries in ("all", "masked"):
+                rows.append({"step": 10 * i, "layer": layer, "head": head, "queries": queries,
+                             "label": label if queries == "all" else "row", "row": share, "column": 1 - share})
+    return pd.DataFrame(rows).sample(frac=1, random_state=0)  # any row order
+
+
+def test_head_onsets_give_the_step_from_which_a_head_keeps_its_label():
+    taxonomy = _planted_taxonomy()
+    onsets = head_onsets(taxonomy, drop_step=25)
+    assert list(onsets.columns) == ["layer", "head", "label", "since_step", "since_drop", "row_share", "column_share"]
+    assert onsets[["layer", "head", "label", "since_step"]].values.tolist() == [[0, 0, "row", 30], [0, 1, "column", 20]]
+    assert onsets.since_drop.tolist() == [5, -5]
+    assert onsets.row_share.tolist() == pytest.approx([0.65, 0.65])
+    assert onsets.column_share.tolist() == pytest.approx([0.35, 0.35])
+    every = head_onsets(taxonomy, drop_step=float("nan"), labels=None)
+    assert every[["layer", "head", "label", "since_step"]].values.tolist() == [
+        [0, 0, "row", 30], [0, 1, "column", 20], [0, 2, "other", 40], [1, 0, "self", 0]]
+    assert every.since_drop.isna().all()
+    masked = head_onsets(taxonomy, drop_step=None, queries="masked")
+    assert masked.since_step.tolist() == [0, 0, 0, 0]
+    assert head_onsets(taxonomy, 25, labels=("observed-only",)).empty

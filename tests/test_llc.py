@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.llc import SGLDConfig, llc_from_traces, local_learning_coefficient, sgld_traces
+from analyses.llc import SGLDConfig, llc_from_traces, llc_per_step, local_learning_coefficient, sgld_traces
 from analyses.walk import across_checkpoints
 
 
@@ -56,3 +56,24 @@ def test_maps_over_a_run(tiny_run):
                                 num_draws=3)
     assert len(traces) == 2 * 5 and traces.burnin.sum() == 4
     pd.testing.assert_series_equal(llc_from_traces(traces).llc, frame[frame.step == 40].llc.reset_index(drop=True))
+
+
+def _traces(step: int, chain_levels: list[float], init_loss: float, nbeta: float) -> pd.DataFrame:
+    """Traces whose draws sit at a known loss per chain; the burn-in is far off so it must be skipped."""
+    rows = [(chain, i, 100.0 if i < 2 else level + (0.01 if i % 2 else -0.01), i < 2)
+            for chain, level in enumerate(chain_levels) for i in range(6)]
+    frame = pd.DataFrame(rows, columns=["chain", "sgld_step", "loss", "burnin"])
+    return frame.assign(init_loss=init_loss, nbeta=nbeta, step=step)
+
+
+def test_llc_per_step_averages_the_chains_of_each_checkpoint():
+    traces = pd.concat([_traces(40, [1.5, 2.5], init_loss=1.0, nbeta=10.0),  # chains: LLC 5 and 15
+                        _traces(0, [3.0, 3.0, 3.0], init_loss=2.0, nbeta=4.0),  # LLC 4, 4, 4
+                        _traces(10, [0.5], init_loss=0.25, nbeta=2.0)], ignore_index=True)  # one chain: LLC 0.5
+    table = llc_per_step(traces.sample(frac=1, random_state=0))
+    assert list(table.columns) == ["step", "llc_mean", "llc_std", "init_loss"]
+    assert table.step.tolist() == [0, 10, 40]
+    assert table.llc_mean.tolist() == pytest.approx([4.0, 0.5, 10.0])
+    assert table.llc_std.iloc[0] == pytest.approx(0.0) and pd.isna(table.llc_std.iloc[1])
+    assert table.llc_std.iloc[2] == pytest.approx(50 ** 0.5)  # sample std of 5 and 15
+    assert table.init_loss.tolist() == [2.0, 0.25, 1.0]

@@ -76,5 +76,5 @@ def test_plot_marks_phases(tmp_path):
 def test_reference_run_plateau_is_copy_and_zero(reference_run):
     p = detect_phases(reference_run).iloc[0]
     assert p.dropped and p.plateau_start < p.plateau_end < p.drop_step
-    assert p.plateau_over_analytic == pytest.approx(1.0, abs=0.1)  # PAPER.md finding 1
+    assert p.plateau_over_analytic == pytest.approx(1.0, abs=0.1)  # finding 1 (docs/FINDINGS.md)
     assert p.post_drop_loss_mask < 0.5 * p.plateau_loss_mask

@@ -58,3 +58,38 @@ def test_differences_name_the_changed_fields():
     assert provenance.differences(a, dict(a)) == {}
     assert provenance.differences(a, {**a, "threads": a["threads"] + 1, "platform": "x"}) == {
         "threads": (a["threads"], a["threads"] + 1)}
+
+
+# the two shipped families' machines (analyses/families/*/provenance.json) and a third AVX2 CPU model
+AVX2_FAMILY = {"torch": "2.13.0+cpu", "transformer_lens": "4.3.0", "python": "3.11.7", "device": "cpu: AMD EPYC",
+               "cpu_id": "AuthenticAMD family 25 model 17 stepping 1", "cpu_capability": "AVX2"}
+AVX512_FAMILY = {"reconstructed": "from benchmarks/RESULTS.md", "torch": "2.13.0+cpu", "device": "cpu: AMD EPYC",
+                 "cpu_capability": "AVX512"}
+AVX2_OTHER_MODEL = {**AVX2_FAMILY, "cpu_id": "AuthenticAMD family 25 model 1 stepping 1"}
+
+
+def test_machine_match_ranks_isa_then_software_then_cpu_id():
+    match = provenance.machine_match
+    assert match(AVX2_FAMILY, dict(AVX2_FAMILY)) == "identical"
+    assert match(AVX2_FAMILY, AVX2_OTHER_MODEL) == "same ISA and software"
+    assert match(AVX2_FAMILY, {k: v for k, v in AVX2_FAMILY.items() if k != "cpu_id"}) == "same ISA and software"
+    assert match(AVX2_FAMILY, {**AVX2_OTHER_MODEL, "torch": "2.12.0+cpu"}) == "same ISA"
+    assert match(AVX512_FAMILY, {**AVX2_FAMILY, "cpu_capability": "AVX512"}) == "same ISA"  # python unrecorded
+    assert match(AVX512_FAMILY, AVX2_OTHER_MODEL) == "different ISA"
+    assert match(AVX2_FAMILY, {**AVX2_FAMILY, "cpu_capability": "AVX512"}) == "different ISA"
+    assert match(None, AVX2_FAMILY) == match(AVX2_FAMILY, None) == "unknown"
+    assert match({k: v for k, v in AVX2_FAMILY.items() if k != "cpu_capability"}, AVX2_FAMILY) == "unknown"
+    for a, b in ((AVX2_FAMILY, AVX2_OTHER_MODEL), (AVX512_FAMILY, AVX2_FAMILY), (None, AVX2_FAMILY)):
+        assert match(a, b) == match(b, a) and match(a, b) in provenance.MATCH_LEVELS
+
+
+def test_match_sentence_says_whether_a_seeds_numbers_carry_over():
+    sentence = provenance.match_sentence
+    assert "each seed's numbers apply as they are" in sentence(AVX2_FAMILY, AVX2_FAMILY)
+    same_isa = sentence(AVX2_FAMILY, AVX2_OTHER_MODEL)
+    assert "model 17" in same_isa and "model 1 stepping" in same_isa and "expected to give the same numbers" in same_isa
+    assert "but torch differs or is not recorded" in sentence(AVX2_FAMILY, {**AVX2_FAMILY, "torch": "2.12.0+cpu"})
+    assert "another vector ISA" in sentence(AVX512_FAMILY, AVX2_FAMILY)
+    assert "an unrecorded machine" in sentence(AVX2_FAMILY, None) and "unknown" in sentence(AVX2_FAMILY, None)
+    for a, b in ((AVX2_FAMILY, AVX2_FAMILY), (AVX512_FAMILY, AVX2_FAMILY), (None, None)):
+        assert sentence(a, b).count(". ") == 0 and sentence(a, b).endswith(".")  # one sentence

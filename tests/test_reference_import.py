@@ -1,4 +1,4 @@
-"""`mechlrmc import`: the reference implementation's files (PAPER.md section 4) become a run.
+"""`mechlrmc import`: the reference implementation's files (docs/FINDINGS.md, S2) become a run.
 
 The files are written here exactly as the reference writes them: a `BertModel` (no token-type
 weights, 512 position rows) under `_backbone.` plus `read_out`, trained with Adam, saved with

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from analyses import report as report_module
+from analyses import registry, report as report_module
 from mechlrmc.cli import main
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -78,7 +78,7 @@ def test_quick_report_opens_offline_with_every_section_filled(reference_run, tmp
     assert not re.search(r"<script[^>]*\bsrc=", text), "the report must not load scripts from anywhere"
     assert 'data-status="error"' not in text
     sections = re.findall(r'<section id="([^"]+)" data-status="ok">', text)
-    assert [key for key, *_ in report_module.SECTIONS if key != "interventions"] == sections
+    assert [a.name for a in registry.ANALYSES if a.name != "interventions"] == sections
 
     browser.get(path.resolve().as_uri())
     figures = _wait(lambda: (f := browser.execute_script(FIGURES_JS)) and all(x["drawn"] for x in f) and f)
@@ -103,8 +103,8 @@ def test_a_failing_section_is_reported_in_place(tiny_run, monkeypatch):
     def broken(ctx):
         raise RuntimeError("planted failure")
 
-    sections = [report_module.SECTIONS[0], ("broken", "Broken", "finding 0", "always fails", broken)]
-    monkeypatch.setattr(report_module, "SECTIONS", sections)
+    entries = [registry.ANALYSES[0], registry.Analysis("broken", "Broken", "finding 0", "always fails", broken, broken)]
+    monkeypatch.setattr(registry, "ANALYSES", entries)
     report = report_module.build_report(tiny_run, quick=True, progress=False)
     assert report.errors == {"broken": "RuntimeError: planted failure"}
     assert '<section id="overview" data-status="ok">' in report.html

@@ -16,7 +16,7 @@ def test_run_reads_back_what_was_trained(tiny_run):
     metrics = tiny_run.metrics
     assert list(metrics.columns[:4]) == ["step", "loss", "loss_obs", "loss_mask"]
     assert metrics.step.is_monotonic_increasing and metrics.step.iloc[-1] == 40
-    assert metrics.dropna(subset=["eval_loss"]).step.tolist() == [0, 10, 20, 30, 40]
+    assert tiny_run.evals.step.tolist() == [0, 10, 20, 30, 40]
     model = tiny_run.load_model(40)
     assert not model.training
     resume_weights = {k[6:]: v for k, v in tiny_run.load_resume_state()[0].items() if k.startswith("model.")}
@@ -72,7 +72,7 @@ def test_shipped_run_is_the_cpu_preset_and_drops(reference_run):
 
     assert reference_run.config == preset("cpu").override(["train.device=cpu"])
     assert reference_run.steps[-1] == preset("cpu").train.steps
-    evals = reference_run.metrics.dropna(subset=["eval_loss"]).set_index("step")
+    evals = reference_run.evals.set_index("step")
     r9 = reference_run.config.data.plateau_mask_loss
     assert abs(evals.eval_loss_mask[2000] / r9 - 1) < 0.1 and evals.eval_loss_obs[2000] < 0.01 * r9
     assert evals.eval_loss_mask.iloc[-1] < 0.5 * r9

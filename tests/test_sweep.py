@@ -15,7 +15,8 @@ import yaml
 
 from mechlrmc.config import RunConfig
 from mechlrmc.runs import Run
-from mechlrmc.sweep import SweepError, SweepSpec, sweep
+from mechlrmc.sweep import sweep
+from mechlrmc.trials import SweepError, SweepSpec
 from mechlrmc.train import train
 
 CLI = [sys.executable, "-m", "mechlrmc.cli"]

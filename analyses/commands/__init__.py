@@ -1,21 +1,22 @@
-"""CLI subcommands of the analysis layer.
+"""The analysis layer's subcommands of `mechlrmc`, found by the core through the `mechlrmc.commands`
+entry point (pyproject.toml), so the core never imports this package.
 
-Each module in this package defines `register(subparsers)`, which adds its commands to the
-`mechlrmc` parser (top level, e.g. `report`, or under `analyze`) with `set_defaults(func=...)`.
+    mechlrmc analyze NAME RUN     any registered analysis (analyses.registry): tables as CSV, figures as HTML
+    mechlrmc analyze freeze RUN   the component-wise training sweep;  mechlrmc analyze intervention ...
+    mechlrmc report RUN|SWEEP     the registry assembled into one offline HTML file
+    mechlrmc freeze-train RUN     train chosen components with the rest fixed
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
+
+from analyses.commands import analyze, drivers, report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    analyze = subparsers.add_parser("analyze", help="run an analysis over a run's checkpoints")
-    analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        module.register(top=subparsers, analyze=analyze_sub)
+    parser = subparsers.add_parser("analyze", help="run an analysis over a run's checkpoints")
+    analyses = parser.add_subparsers(dest="analysis", required=True, metavar="NAME")
+    analyze.register(analyses)
+    drivers.register(top=subparsers, analyze=analyses)
+    report.register(subparsers)

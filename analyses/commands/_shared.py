@@ -30,10 +30,25 @@ def parse_init(value: str) -> str | int:
 
 def check_counts(args: argparse.Namespace) -> None:
     """--batch-size >= 1 and --threads >= 0 where a command has them."""
-    if getattr(args, "batch_size", 1) < 1:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
         raise OptionError(f"--batch-size {args.batch_size} is invalid: allowed an integer >= 1")
-    if (getattr(args, "threads", 0) or 0) < 0:
+    if (getattr(args, "threads", None) or 0) < 0:
         raise OptionError(f"--threads {args.threads} is invalid: allowed an integer >= 0 (0: torch's default)")
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch threads (default: the run's train.threads; 0: torch's default)")
+
+
+def set_threads(args: argparse.Namespace, config=None) -> None:
+    """The one threads policy of every command: --threads, else the run's (or config's)
+    `train.threads`, else torch's default."""
+    check_counts(args)
+    threads = args.threads if args.threads is not None else (config.train.threads if config is not None else 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def output_dir(args: argparse.Namespace, run) -> Path:
@@ -41,16 +56,3 @@ def output_dir(args: argparse.Namespace, run) -> Path:
     out = Path(args.out) if args.out else Path("out") / run.path.name
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def setup(args: argparse.Namespace):
-    import torch
-
-    from analyses.walk import analysis_batch
-    from mechlrmc.runs import Run
-
-    check_counts(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = Run(args.run)
-    return run, output_dir(args, run), analysis_batch(run, args.batch_size)

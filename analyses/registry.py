@@ -1,0 +1,165 @@
+"""The one list of analyses: the report, `mechlrmc analyze NAME RUN` and the notebooks all use it.
+
+Each `Analysis` names two functions of its module, given as "module:function" so that reading the
+list imports nothing:
+- `tables(ctx) -> dict[str, DataFrame]`: what it measures (written as NAME.csv by the CLI);
+- `figures(ctx, tables) -> dict[str, Part]`: what it shows, in order (the report's section; the
+  CLI writes each figure and page as NAME.html and each DataFrame as NAME.csv).
+`ctx` is an `analyses.context.Context`. An entry also states the finding it reproduces
+(docs/FINDINGS.md), the tasks it applies to, and the context it needs (a family, interventions).
+
+Adding an analysis is one module (its plain functions, plus these two) and one entry below.
+
+    from analyses.registry import get
+    ctx = Context(Run("checkpoints/cpu"))
+    tables = get("taxonomy").compute(ctx)          # {"taxonomy": ..., "taxonomy_structured": ...}
+    parts = get("taxonomy").draw(ctx, tables)      # {"taxonomy": go.Figure, ...}
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from mechlrmc.errors import OptionError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class Option:
+    """An extra flag of `mechlrmc analyze NAME`, stored in `ctx.options[dest]`."""
+
+    flag: str
+    help: str
+    type: type = str
+    nargs: str | None = None
+    choices: tuple | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    title: str
+    finding: str  # "finding 4", "findings 1-11", "P1" ... (docs/FINDINGS.md)
+    caption: str  # one line: what it shows
+    tables: str | Callable  # "module:function" (or the function), (ctx) -> dict[str, DataFrame]
+    figures: str | Callable  # "module:function" (or the function), (ctx, tables) -> dict[str, Part]
+    tasks: tuple[str, ...] = ("lrmc",)
+    needs: str | None = None  # a Context field that must be set ("family", "interventions")
+    options: tuple[Option, ...] = ()
+    steps: str = "around_drop"  # default step selection of `mechlrmc analyze NAME`
+
+    @staticmethod
+    def _resolve(target):
+        if callable(target):  # an analysis defined in a notebook or a test
+            return target
+        module, name = target.split(":")
+        return getattr(importlib.import_module(f"analyses.{module}"), name)
+
+    def compute(self, ctx) -> dict[str, pd.DataFrame]:
+        return self._resolve(self.tables)(ctx)
+
+    def draw(self, ctx, tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
+        return self._resolve(self.figures)(ctx, tables)
+
+    def applies(self, ctx) -> bool:
+        task = getattr(ctx.run.config.data, "task", "lrmc")
+        return task in self.tasks and (self.needs is None or getattr(ctx, self.needs) is not None)
+
+
+def _entry(name, title, finding, caption, module, **kw) -> Analysis:
+    return Analysis(name, title, finding, caption, f"{module}:{name}_tables", f"{module}:{name}_figures", **kw)
+
+
+ANALYSES: list[Analysis] = [
+    _entry("overview", "Run", "findings 1-11", "The task, model and training recipe, and the detected phases.",
+           "overview"),
+    _entry("family", "In its family", "run families",
+           "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family "
+           "summary), and how close its machine type is to the family's.", "overview", needs="family"),
+    _entry("phases", "Loss curves and phases", "finding 1",
+           "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", "phases",
+           steps="all"),
+    _entry("llc", "Local learning coefficient", "finding 1",
+           "The LLC (SGLD estimate of the effective dimension, halved) at the checkpoints around the drop under "
+           "the loss curves: does the drop show as a change in the model's effective complexity?", "llc"),
+    _entry("copy", "Copy check", "finding 2",
+           "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
+           "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
+           "the rest of the matrix implies, so the error against the inserted value grows.", "copying",
+           options=(Option("--values", "inserted values (default -0.8 -0.24 0 0.44 0.8)", float, "+"),)),
+    _entry("baselines", "Nuclear norm and copy-and-zero across p_mask", "finding 3",
+           "The final model against nuclear-norm minimisation and copy-and-zero for p_mask 0.1-0.6: MSE on masked "
+           "entries and nuclear norm of the completed matrices.", "baselines",
+           options=(Option("--step", "checkpoint to evaluate (default the last)", int),
+                    Option("--n-matrices", "matrices per p_mask / OOD variant", int),
+                    Option("--p-masks", "p_mask values (default 0.1 to 0.6)", float, "+"))),
+    _entry("ood", "Out of distribution", "finding 3",
+           "Other rank, fewer rows or columns, Gaussian and Laplace factors: masked MSE relative to copy-and-zero.",
+           "baselines", options=(Option("--step", "checkpoint to evaluate (default the last)", int),
+                                 Option("--n-matrices", "matrices per OOD variant", int),
+                                 Option("--layout", "how smaller matrices meet the trained position grid", str,
+                                        choices=("pad", "gather")))),
+    _entry("taxonomy", "Head taxonomy over time", "finding 4",
+           "Share of each head's attention on the query's row, column, itself or observed keys, per checkpoint "
+           "(random masks, and the fixed structured mask); letters: R row, C column, S self, O observed-only; "
+           "and the step from which each head keeps its final label.", "heads", steps="all"),
+    _entry("views", "Attention at the key checkpoints", "finding 4",
+           "circuitsvis patterns of every head averaged over random masks and for one example, on the plateau, "
+           "at the drop and at the end.", "views",
+           options=(Option("--views", "steps to draw (default: the key checkpoints)", int, "+"),)),
+    _entry("scrubber", "Attention across training", "finding 4",
+           "Every head's average attention pattern at every checkpoint behind one slider, titled with its "
+           "taxonomy label: the row and column heads forming.", "scrubber", steps="all"),
+    _entry("ablation", "Head ablation", "finding 5",
+           "Change in L_mask when one head is zeroed or mean-ablated: which heads the completion needs.", "ablation",
+           options=(Option("--kinds", "ablations (default zero mean)", str, "+", ("zero", "mean", "uniform")),)),
+    _entry("patching", "Activation patching", "finding 6",
+           "Recovery of the clean output when clean activations of one head / layer / position are patched into "
+           "the run on a corrupted matrix (-X by default).", "patching",
+           options=(Option("--corruption", "corruption of the clean matrices", str,
+                           choices=("negate", "resample", "shuffle_rows")),)),
+    _entry("attribution", "Attribution patching", "finding 6",
+           "The first-order estimate of patching, (clean - corrupted activation) x gradient, against exact "
+           "patching for every site at the key checkpoints: where the linear estimate holds and fails.",
+           "attribution"),
+    _entry("probes", "Linear probes", "finding 7",
+           "Test R^2 of linear probes at masked positions, per layer and checkpoint: which layer stores the entry, "
+           "its row and column and the singular vectors, and from when.", "probes",
+           options=(Option("--targets", "comma-separated probe targets (default value,row,col,u,v,sigma)"),)),
+    _entry("embeddings", "Embeddings", "finding 8",
+           "Token-embedding symmetry and sign/magnitude PCs, position clustering by column, and the loss with "
+           "permuted position embeddings.", "embeddings"),
+    _entry("swaps", "Component swaps", "finding 9",
+           "Losses of the post-drop model with components from the pre-drop checkpoint, and the reverse.", "swaps",
+           options=(Option("--pre", "pre-drop step (default: the plateau checkpoint)", int),
+                    Option("--post", "post-drop step (default: the last)", int),
+                    Option("--components", "';'-separated component sets, e.g. 'attn;qkv;~attn'"))),
+    _entry("dynamics", "Plateau dynamics", "P1-P3",
+           "Repetition of masked predictions, collapse of hidden states and attention share on the optimal "
+           "row/column map across checkpoints.", "dynamics", steps="all"),
+    _entry("interventions", "Attention intervention", "P5, finding 11",
+           "Runs trained with attention scaled toward the optimal map by c: plateau length against c.", "dynamics",
+           needs="interventions", options=(Option("--interventions", "a `mechlrmc analyze intervention` folder"),)),
+]
+
+GROUPS = {"attention": ("phases", "taxonomy", "views", "scrubber")}  # CLI names for several entries
+
+
+def get(name: str) -> Analysis:
+    for analysis in ANALYSES:
+        if analysis.name == name:
+            return analysis
+    raise OptionError(f"analysis {name!r} is not registered: allowed {[a.name for a in ANALYSES]}")
+
+
+def applicable(ctx) -> list[Analysis]:
+    """The entries that apply to the context's run (its task) and have what they need."""
+    return [a for a in ANALYSES if a.applies(ctx)]
