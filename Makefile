@@ -1,10 +1,11 @@
 # The two commands of the README. Both create the virtual environment they need.
-#   make demo   train the cpu preset (or reuse the run in RUN), then write its HTML report
+#   make demo   train the cpu preset for DEMO_STEPS (or reuse the run in RUN), then write its HTML report
 #   make test   run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 RUN ?= runs/cpu
+DEMO_STEPS ?= 7000
 BIN := $(VENV)/bin
 
 .PHONY: demo test
@@ -17,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/mechlrmc train --preset cpu --out $(RUN) --resume
+	$(BIN)/mechlrmc train --preset cpu --steps $(DEMO_STEPS) --out $(RUN) --resume
 	$(BIN)/mechlrmc report $(RUN) -o $(RUN)/report.html
 	@echo "report: $(RUN)/report.html"
 
