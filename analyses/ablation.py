@@ -17,9 +17,9 @@ import plotly.express as px
 import torch
 from tqdm.auto import tqdm
 
-from mechlrmc.data import Batch
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.errors import OptionError
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 
 KINDS = ("zero", "mean", "uniform")

@@ -24,7 +24,7 @@ import torch
 
 from analyses.patching import DEFAULT_SITES, _frame, _masks, _patch_grid, corrupt, hook_name, patching
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.model import HookedEncoder
 
 HOLDS_PEARSON = 0.9  # attribution_verdict: the linear estimate holds at Pearson >= this

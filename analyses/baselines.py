@@ -31,9 +31,9 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch, sample
+from mechlrmc.tasks.lrmc import Batch, sample
 from mechlrmc.errors import OptionError
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 
 P_MASKS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

@@ -18,9 +18,9 @@ import plotly.express as px
 import torch
 
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch, decode_tokens, encode_values
+from mechlrmc.tasks.lrmc import Batch, decode_tokens, encode_values
 from mechlrmc.errors import OptionError
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 
 DEFAULT_VALUES = (-0.8, -0.24, 0.0, 0.44, 0.8)

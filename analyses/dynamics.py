@@ -8,7 +8,7 @@
   positions only (near 1 = collapsed).
 - **Attention progress**: `attention_progress` is, per head, the share of attention that lands on
   the "optimal map" of LRMC: the observed keys in the query's own row or column
-  (`mechlrmc.intervention.optimal_attention_map`).
+  (`mechlrmc.tasks.lrmc.optimal_attention_map`).
 - **Intervention**: `compare_interventions` trains runs whose attention is scaled toward that map
   by a factor c (`train.attn_intervention_scale`) and compares their plateau lengths (finding 11:
   learning structure through attention causes the drop).
@@ -27,9 +27,9 @@ from plotly.subplots import make_subplots
 from analyses.baselines import copy_zero_predict
 from analyses.walk import Steps, across_checkpoints, analysis_batch
 from mechlrmc.config import RunConfig
-from mechlrmc.data import Batch
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.errors import OptionError
-from mechlrmc.intervention import optimal_attention_map
+from mechlrmc.tasks.lrmc import optimal_attention_map
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 

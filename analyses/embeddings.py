@@ -23,10 +23,10 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 from sklearn.model_selection import cross_val_score
 
-from mechlrmc.data import Batch, decode_tokens, row_col_index
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import Batch, decode_tokens, row_col_index
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
-from mechlrmc.train import evaluate
+from mechlrmc.tasks.lrmc import evaluate
 
 
 def value_tokens(model: HookedEncoder, batch: Batch, precision: float, value_max: float,

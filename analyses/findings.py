@@ -62,7 +62,7 @@ def _run_findings(run: Run, batch_size: int, n_matrices: int) -> list[dict]:
     from analyses.copying import copy_check
     from analyses.embeddings import permuted_position_losses
     from analyses.heads import head_taxonomy
-    from mechlrmc.metrics import split_losses
+    from mechlrmc.tasks.lrmc import split_losses
 
     cfg = run.config.data
     phases = detect_phases(run).iloc[0]

@@ -38,7 +38,7 @@ import torch
 
 from analyses.cache import chunked_cache, pattern_names
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch, row_col_index, structured_mask, with_observed
+from mechlrmc.tasks.lrmc import Batch, row_col_index, structured_mask, with_observed
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 

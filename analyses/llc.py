@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from mechlrmc.data import Batch
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import Batch
+from mechlrmc.tasks.lrmc import split_losses
 
 Data = Batch | tuple[torch.Tensor, torch.Tensor] | Iterable
 _COLOURS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3")

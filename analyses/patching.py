@@ -27,7 +27,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from mechlrmc.config import DataConfig
-from mechlrmc.data import Batch, sample, with_values
+from mechlrmc.tasks.lrmc import Batch, sample, with_values
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 

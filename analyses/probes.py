@@ -25,7 +25,7 @@ import pandas as pd
 import plotly.express as px
 import torch
 
-from mechlrmc.data import Batch, row_col_index
+from mechlrmc.tasks.lrmc import Batch, row_col_index
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 

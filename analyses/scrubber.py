@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from analyses.cache import mean_patterns
 from analyses.heads import head_taxonomy
 from analyses.walk import Steps, across_checkpoints
-from mechlrmc.data import Batch
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 

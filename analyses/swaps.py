@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from analyses.components import SWAP_SET, component_params
 from analyses.walk import analysis_batch
-from mechlrmc.data import Batch
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder, model_from_state
 from mechlrmc.runs import Run
-from mechlrmc.train import evaluate
+from mechlrmc.tasks.lrmc import evaluate
 
 
 def swap_state(

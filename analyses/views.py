@@ -15,7 +15,7 @@ import circuitsvis as cv
 import torch
 
 from analyses.cache import cache_hooks, mean_patterns, pattern_names
-from mechlrmc.data import Batch, row_col_index
+from mechlrmc.tasks.lrmc import Batch, row_col_index
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 

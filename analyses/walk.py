@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechlrmc.data import Batch, sample
+from mechlrmc.tasks.lrmc import Batch, sample
 from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run
 

@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     run = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     last = run.evals.iloc[-1]
     print(f"run saved to {run.path} ({len(run.steps)} checkpoints, step {int(last.step)}: "
-          f"eval L={last.eval_loss:.4g} L_obs={last.eval_loss_obs:.4g} L_mask={last.eval_loss_mask:.4g})")
+          f"{run.config.task.summary(last)})")
     return 0
 
 
@@ -59,7 +59,8 @@ def _info(args: argparse.Namespace) -> int:
     print(describe(run.provenance))
     print(f"checkpoints ({len(run.steps)}): {run.steps}")
     evals = run.evals
-    print(evals[["step", "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time"]]
+    columns = [c for c in run.metric_columns if c == "step" or c.startswith("eval_")][:6]
+    print(evals[[*columns, "wall_time"]]
           .to_string(index=False, max_rows=30))
     return 0
 

@@ -2,7 +2,9 @@
 
 Every config is a dataclass that validates itself on construction and names the bad field and the
 allowed range in its error. `RunConfig.to_yaml` / `RunConfig.from_yaml` round-trip exactly, and
-`preset(name)` returns the named configurations (`paper`, `cpu`, `tiny`).
+`preset(name)` returns the named configurations of every task (`paper`, `cpu`, `tiny`, `mws`, ...).
+The data section belongs to the run's task (`data.task`, default `lrmc`; `mechlrmc.tasks`), which
+defines and validates its fields; `DataConfig` is LRMC's.
 """
 
 from __future__ import annotations
@@ -11,124 +13,43 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from mechlrmc.errors import UsageError
+from mechlrmc import tasks
+from mechlrmc.tasks import DEFAULT_TASK, get_task
+from mechlrmc.validation import ConfigError, check_types, require
 
-DISTRIBUTIONS = ("uniform", "gaussian", "laplace")
 NORMS = ("post", "pre")
+ATTENTIONS = ("softmax", "linear")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+INITS = ("bert", "gpt")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 ADAM_IMPLEMENTATIONS = ("foreach", "fused")
 
-
-class ConfigError(UsageError, ValueError):
-    """A configuration value is out of range, of the wrong type, or unknown."""
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: allowed {allowed}")
+_require = require
+_check_types = check_types
 
 
-def _check_types(cfg: Any, prefix: str) -> None:
-    """Reject values whose type does not match the dataclass annotation (bools are not ints)."""
-    hints = get_type_hints(type(cfg))
-    for f in fields(cfg):
-        value, hint = getattr(cfg, f.name), hints[f.name]
-        name = f"{prefix}.{f.name}"
-        if hint is bool:
-            ok = isinstance(value, bool)
-        elif hint is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif hint is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if ok:
-                object.__setattr__(cfg, f.name, float(value))
-        elif hint is str:
-            ok = isinstance(value, str)
-        elif hint == tuple[int, ...]:
-            if isinstance(value, list):
-                value = tuple(value)
-                object.__setattr__(cfg, f.name, value)
-            ok = isinstance(value, tuple) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            )
-        else:
-            ok = True
-        if not ok:
-            raise ConfigError(f"{name}={value!r} has the wrong type: expected {_type_name(hint)}")
-
-
-def _type_name(hint: Any) -> str:
-    return "a list of integers" if hint == tuple[int, ...] else getattr(hint, "__name__", str(hint))
-
-
-@dataclass
-class DataConfig:
-    """The LRMC task: X = U V^T with U [m, rank], V [n, rank], rounded to `precision`, each entry
-    masked with probability `p_mask`. Values in [-value_max, value_max] get one token each."""
-
-    m: int = 7
-    n: int = 7
-    rank: int = 2
-    p_mask: float = 0.3
-    distribution: str = "uniform"
-    value_max: float = 10.0
-    precision: float = 0.01
-
-    def __post_init__(self) -> None:
-        _check_types(self, "data")
-        _require(self.m >= 1, "data.m", self.m, "an integer >= 1")
-        _require(self.n >= 1, "data.n", self.n, "an integer >= 1")
-        _require(
-            1 <= self.rank <= min(self.m, self.n),
-            "data.rank", self.rank, f"1 <= rank <= min(m, n) = {min(self.m, self.n)}",
-        )
-        _require(0.0 <= self.p_mask < 1.0, "data.p_mask", self.p_mask, "0 <= p_mask < 1")
-        _require(
-            self.distribution in DISTRIBUTIONS,
-            "data.distribution", self.distribution, f"one of {DISTRIBUTIONS}",
-        )
-        _require(0 < self.precision < math.inf, "data.precision", self.precision, "a finite number > 0")
-        _require(0 < self.value_max < math.inf, "data.value_max", self.value_max, "a finite number > 0")
-        steps = self.value_max / self.precision
-        _require(
-            abs(steps - round(steps)) < 1e-6,
-            "data.value_max", self.value_max, f"a whole multiple of precision={self.precision}",
-        )
-
-    @property
-    def n_values(self) -> int:
-        """Number of value tokens: one per grid point in [-value_max, value_max]."""
-        return 2 * round(self.value_max / self.precision) + 1
-
-    @property
-    def vocab_size(self) -> int:
-        """MASK (id 0) plus one token per value."""
-        return self.n_values + 1
-
-    @property
-    def seq_len(self) -> int:
-        return self.m * self.n
-
-    @property
-    def plateau_mask_loss(self) -> float:
-        """L_mask of the copy-and-zero predictor, E[X_ij^2] = rank * E[u^2]^2 (finding 1, docs/FINDINGS.md).
-
-        Uniform[-1, 1] factors: rank / 9. Gaussian N(0, 1): rank. Laplace(0, 1): 4 * rank.
-        """
-        second_moment = {"uniform": 1.0 / 3.0, "gaussian": 1.0, "laplace": 2.0}[self.distribution]
-        return self.rank * second_moment**2
+def __getattr__(name: str) -> Any:
+    if name == "DataConfig":  # the LRMC data config, loaded with its task (torch) on first use
+        return get_task(DEFAULT_TASK).config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class ModelConfig:
-    """The bidirectional BERT encoder. `norm="post"` is the paper's post-LayerNorm BERT.
+    """The transformer. The defaults are the LRMC paper's bidirectional post-LayerNorm BERT.
 
-    `mask_embedding_zero` reproduces the reference: MASK is HF BERT's padding id, so its embedding
+    Variants: `causal` (a causal mask), `attention="linear"` (the plateau paper's: the pattern is
+    the scaled scores QK^T/sqrt(d_head), zero above the diagonal, no softmax), `norm="pre"` (pre-LN
+    blocks and a final LayerNorm), `init="gpt"` (normal(0, init_range) weights, zero biases, the
+    residual output projections W_O and W_out at init_range/sqrt(2 n_layers)), `act_fn="gelu_tanh"`
+    (tanh-approximate GELU) and `readout_bias` (the read-out's bias; the task picks a scalar or a
+    vocabulary read-out). `mask_embedding_zero` reproduces the reference: MASK is HF BERT's padding id, so its embedding
     row is zero and never trained. `n_ctx` is the size of the position table (0: the sequence
     length m*n); make it larger to evaluate on bigger matrices.
     """
@@ -142,9 +63,17 @@ class ModelConfig:
     n_ctx: int = 0
     init_range: float = 0.02
     ln_eps: float = 1e-12
+    causal: bool = False
+    attention: str = "softmax"
+    act_fn: str = "gelu"
+    init: str = "bert"
+    readout_bias: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self, "model")
+        _require(self.attention in ATTENTIONS, "model.attention", self.attention, f"one of {ATTENTIONS}")
+        _require(self.act_fn in ACTIVATIONS, "model.act_fn", self.act_fn, f"one of {ACTIVATIONS}")
+        _require(self.init in INITS, "model.init", self.init, f"one of {INITS}")
         for name in ("d_model", "n_layers", "n_heads", "d_mlp"):
             value = getattr(self, name)
             _require(value >= 1, f"model.{name}", value, "an integer >= 1")
@@ -153,7 +82,7 @@ class ModelConfig:
             "model.d_model", self.d_model, f"a multiple of model.n_heads={self.n_heads}",
         )
         _require(self.norm in NORMS, "model.norm", self.norm, f"one of {NORMS}")
-        _require(self.n_ctx >= 0, "model.n_ctx", self.n_ctx, "an integer >= 0 (0 means m*n)")
+        _require(self.n_ctx >= 0, "model.n_ctx", self.n_ctx, "an integer >= 0 (0 means the task's sequence length)")
         _require(0 < self.init_range < math.inf, "model.init_range", self.init_range, "a finite number > 0")
         _require(0 < self.ln_eps < 1, "model.ln_eps", self.ln_eps, "0 < ln_eps < 1")
 
@@ -167,8 +96,8 @@ class TrainConfig:
     """Online training: a fresh batch every step, Adam at a constant learning rate, MSE on all
     entries. Checkpoints at every multiple of `checkpoint_every`, at every multiple of
     `checkpoint_every_early` up to `checkpoint_early_until` (denser early), at the listed
-    `checkpoint_steps`, and at the last step. `attn_intervention_scale` = c != 1 biases every head
-    toward the optimal LRMC attention map from step `attn_intervention_start` on
+    `checkpoint_steps`, and at the last step. `attn_intervention_scale` = c != 1 scales every head's
+    attention on the task's optimal attention map by c from step `attn_intervention_start` on
     (`mechlrmc.intervention`).
 
     Speed switches: `compile` runs the forward and backward through `torch.compile`, and `adam`
@@ -242,18 +171,30 @@ class TrainConfig:
 class RunConfig:
     """Everything that defines a training run."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = field(default_factory=lambda: get_task(DEFAULT_TASK).config())  # the task's data config
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        for name, kind in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        task = get_task(getattr(self.data, "task", None)) if isinstance(getattr(self.data, "task", None), str) else None
+        if task is None or not isinstance(self.data, task.config):
+            raise ConfigError(f"data must be the data config of a task in {tasks.task_names()}, got {self.data!r}")
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         _require(
             self.model.n_ctx == 0 or self.model.n_ctx >= self.data.seq_len,
-            "model.n_ctx", self.model.n_ctx, f"0 or >= data.m * data.n = {self.data.seq_len}",
+            "model.n_ctx", self.model.n_ctx,
+            f"0 or >= the sequence length of data.task={self.data.task!r} (data.m * data.n = {self.data.seq_len})"
+            if self.data.task == DEFAULT_TASK else
+            f"0 or >= the sequence length of data.task={self.data.task!r} ({self.data.seq_len})",
         )
+        task.check(self)
+
+    @property
+    def task(self):
+        """The run's task (`mechlrmc.tasks`)."""
+        return get_task(self.data.task)
 
     @property
     def n_ctx(self) -> int:
@@ -261,6 +202,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = dataclasses.asdict(self)
+        out["data"] = {"task": self.data.task, **out["data"]}
         out["train"]["checkpoint_steps"] = list(self.train.checkpoint_steps)
         return out
 
@@ -268,8 +210,9 @@ class RunConfig:
         """`{"section.key": (self's value, other's value)}` for every key that differs, but those in
         `ignore` (a run resumes under a config whose only differences are in `("train.steps",)`)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return {f"{s}.{k}": (mine[s][k], theirs[s][k]) for s in mine for k in mine[s]
-                if mine[s][k] != theirs[s][k] and f"{s}.{k}" not in ignore}
+        keys = [(s, k) for s in mine for k in {**mine[s], **theirs[s]}]
+        return {f"{s}.{k}": (mine[s].get(k), theirs[s].get(k)) for s, k in keys
+                if mine[s].get(k) != theirs[s].get(k) and f"{s}.{k}" not in ignore}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -279,14 +222,19 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}: allowed data, model, train")
         sections = {}
-        for name, kind in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+        for name in ("data", "model", "train"):
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {name}={values!r} is invalid: allowed a mapping of keys to values")
+            kind, of_task = {"model": ModelConfig, "train": TrainConfig}.get(name), ""
+            if name == "data":  # a config without `task` (the shipped runs') is LRMC
+                values = dict(values)
+                task = get_task(values.pop("task", DEFAULT_TASK))
+                kind, of_task = task.config, f" for data.task={task.name!r}"
             allowed = {f.name for f in fields(kind)}
             bad = sorted(set(values) - allowed, key=str)
             if bad:
-                raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}: allowed {sorted(allowed)}")
+                raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}{of_task}: allowed {sorted(allowed)}")
             sections[name] = kind(**values)
         return cls(**sections)
 
@@ -328,13 +276,17 @@ class RunConfig:
                     raise ConfigError(f"{key.strip()}={text!r} is not a YAML value: allowed e.g. 3, 1e-3, true, [1, 2], cpu") from None
                 pairs.append((key.strip(), value))
         raw = self.to_dict()
+        new_task = dict(pairs).get("data.task", raw["data"]["task"])
+        if new_task != raw["data"]["task"]:  # another task: start from its defaults
+            raw["data"] = {"task": new_task}
         for key, value in pairs:
             section, _, name = key.partition(".")
             if section not in raw or not name:
                 raise ConfigError(f"override key {key!r} is invalid: allowed data.*, model.* or train.*")
-            if name not in raw[section]:
-                raise ConfigError(f"unknown key {key!r}: allowed {sorted(raw[section])}")
-            if isinstance(value, str) and isinstance(raw[section][name], float):
+            if name not in raw[section] and not (section == "data" and new_task != self.data.task):
+                of_task = f" for data.task={self.data.task!r}" if section == "data" else ""
+                raise ConfigError(f"unknown key {key!r}{of_task}: allowed {sorted(raw[section])}")
+            if isinstance(value, str) and isinstance(raw[section].get(name), float):
                 try:
                     value = float(value)  # YAML reads "1e-3" as a string
                 except ValueError:
@@ -343,55 +295,25 @@ class RunConfig:
         return RunConfig.from_dict(raw)
 
 
-def _paper() -> RunConfig:
-    """Exactly the configuration of the paper (docs/FINDINGS.md, S1): a GPU job."""
-    return RunConfig(
-        data=DataConfig(m=7, n=7, rank=2, p_mask=0.3),
-        model=ModelConfig(d_model=768, n_layers=4, n_heads=8, d_mlp=3072),
-        train=TrainConfig(
-            steps=50_000, batch_size=256, lr=1e-4, eval_every=500, checkpoint_every=2000,
-            checkpoint_every_early=1000, checkpoint_early_until=1000,
-            checkpoint_steps=(1000, 4000, 10_000, 14_000, 16_000, 20_000, 50_000),
-        ),
-    )
+class _Presets(Mapping):
+    """`PRESETS[name]` is the function that makes preset `name`; iterating lists every task's preset
+    names without importing a task (the command line starts without torch)."""
+
+    def __getitem__(self, name: str) -> Callable[[], RunConfig]:
+        if name not in tasks.preset_names():
+            raise KeyError(name)
+        return lambda: tasks.preset(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tasks.preset_names())
+
+    def __len__(self) -> int:
+        return len(tasks.preset_names())
 
 
-def _cpu() -> RunConfig:
-    """Plateau-then-drop on a CPU in minutes: the paper's architecture, smaller in every dimension.
-
-    One thread (deterministic on one machine type). The plateau length varies a lot between seeds:
-    at 8,000 steps only 3 of 5 seeds had dropped, so the preset runs 14,000 steps, by which all
-    five seeds of `sweeps/cpu_seeds.yaml` drop (README, "Many runs"). Seed 1 is the family's median.
-    """
-    return RunConfig(
-        data=DataConfig(m=4, n=4, rank=1, p_mask=0.3),
-        model=ModelConfig(d_model=64, n_layers=4, n_heads=8, d_mlp=256),
-        train=TrainConfig(
-            steps=14_000, batch_size=128, lr=2e-3, seed=1, log_every=50, eval_every=250,
-            eval_batch_size=1024, checkpoint_every=500, checkpoint_every_early=250,
-            checkpoint_early_until=1000, threads=1,
-        ),
-    )
-
-
-def _tiny() -> RunConfig:
-    """A seconds-long run for tests and smoke checks; it does not leave the plateau."""
-    return RunConfig(
-        data=DataConfig(m=3, n=3, rank=1, p_mask=0.3),
-        model=ModelConfig(d_model=16, n_layers=2, n_heads=2, d_mlp=32),
-        train=TrainConfig(
-            steps=40, batch_size=16, lr=1e-3, log_every=5, eval_every=10, eval_batch_size=64,
-            checkpoint_every=20, checkpoint_every_early=10, checkpoint_early_until=10,
-            threads=1,
-        ),
-    )
-
-
-PRESETS = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
+PRESETS = _Presets()
 
 
 def preset(name: str) -> RunConfig:
-    """A fresh copy of the named preset."""
-    if name not in PRESETS:
-        raise ConfigError(f"preset={name!r} is unknown: allowed {sorted(PRESETS)}")
-    return PRESETS[name]()
+    """A fresh copy of the named preset (`paper`, `cpu`, `tiny` of LRMC; `mws`, ... of the token tasks)."""
+    return tasks.preset(name)

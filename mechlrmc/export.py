@@ -1,6 +1,6 @@
 """Copy a run with its checkpoints in another dtype (e.g. float16, to ship it small).
 
-It reads a run (`runs`) and evaluates it on the run's evaluation batch (`data`), so it sits above
+It reads a run (`runs`) and evaluates it on the run's evaluation batch (its task's), so it sits above
 both; `runs` itself knows nothing of training or evaluation.
 """
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from mechlrmc.data import eval_batch
 from mechlrmc.runs import Run, RunLock, atomic_write
 
 
@@ -41,7 +40,7 @@ def export_run(
         resume = source.path / "resume.safetensors"
         if resume.is_file() and int(source.load_resume_state()[1]["step"]) <= last:
             atomic_write(out.path / "resume.safetensors", resume.read_bytes())
-        tokens = eval_batch(source.config, size=256).tokens
+        tokens = source.config.task.eval_batch(source.config, size=256).tokens
         for step in steps:
             state = source.state_dict(step)
             out.save_checkpoint(step, state, dtype=dtype)

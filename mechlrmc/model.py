@@ -1,7 +1,8 @@
-"""The hooked bidirectional encoder: the paper's post-LayerNorm BERT as a TransformerLens
-`HookedRootModule`.
+"""The hooked transformer: by default the LRMC paper's bidirectional post-LayerNorm BERT, as a
+TransformerLens `HookedRootModule`; variants give the plateau paper's causal GPT (`ModelConfig`).
 
-Tokens [batch, pos] -> one real number per position [batch, pos]. Hook names and weight shapes
+Tokens [batch, pos] -> one real number per position [batch, pos] (scalar read-out, LRMC) or
+logits [batch, pos, d_vocab] (vocabulary read-out, token tasks): the task picks. Hook names and weight shapes
 follow TransformerLens (`blocks.{l}.attn.hook_pattern`, `W_Q [n_heads, d_model, d_head]`, ...), so
 `run_with_cache`, `transformer_lens.patching` and `FactoredMatrix` circuits work unchanged.
 
@@ -10,6 +11,9 @@ Post-LN block (the paper's, and TransformerLens' BERT naming):
     resid_post = x + mlp(x);                  out = ln2(resid_post)   (hook_normalized_resid_post)
 Pre-LN block (`norm="pre"`): resid_mid = resid_pre + attn(ln1(resid_pre)),
     resid_post = resid_mid + mlp(ln2(resid_mid)), and ln_final before the read-out.
+Attention: softmax (optionally causal: -inf above the diagonal before the softmax) or linear (the
+pattern is the scaled scores, 0 above the diagonal when causal). `hook_attn_scores` sees the masked
+scores and `hook_pattern` the pattern in every variant.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class EncoderConfig:
     d_vocab: int
     n_ctx: int
     norm: str = "post"
+    causal: bool = False
+    attention: str = "softmax"
+    init: str = "bert"
+    readout: str = "scalar"
+    readout_bias: bool = True
     mask_embedding_zero: bool = True
     init_range: float = 0.02
     eps: float = 1e-12
@@ -62,7 +71,9 @@ class EncoderConfig:
         return cls(
             n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=m.d_head,
             d_mlp=m.d_mlp, d_vocab=run_cfg.data.vocab_size, n_ctx=run_cfg.n_ctx, norm=m.norm,
-            mask_embedding_zero=m.mask_embedding_zero, init_range=m.init_range, eps=m.ln_eps,
+            causal=m.causal, attention=m.attention, init=m.init, readout=run_cfg.task.readout,
+            readout_bias=m.readout_bias, mask_embedding_zero=m.mask_embedding_zero,
+            init_range=m.init_range, eps=m.ln_eps, act_fn={"gelu": "gelu", "gelu_tanh": "gelu_new"}[m.act_fn],
         )
 
 
@@ -91,10 +102,11 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention (no mask, no causal triangle)."""
+    """Multi-head self-attention: bidirectional (no mask) or causal; softmax or linear."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
+        self.causal, self.linear = cfg.causal, cfg.attention == "linear"
         h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
         self.W_Q = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
         self.W_K = nn.Parameter(torch.empty(h, d, dh, dtype=cfg.dtype))
@@ -121,7 +133,11 @@ class Attention(nn.Module):
         q, k, v = torch.addmm(b_qkv, x.reshape(b * p, d), w_qkv).view(b, p, 3, h, dh).unbind(2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * self.scale
-        pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores), dim=-1))
+        if self.causal:  # [query, key]: True above the diagonal (a key after its query)
+            future = torch.ones(p, p, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, 0.0 if self.linear else float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores if self.linear else torch.softmax(scores, dim=-1))
         z = self.hook_z(torch.matmul(pattern, v.transpose(1, 2)).transpose(1, 2))
         return torch.addmm(self.b_O, z.reshape(b * p, h * dh), self.W_O.reshape(h * dh, d)).view(b, p, d)
 
@@ -135,10 +151,11 @@ class MLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()
+        self.approximate = "tanh" if cfg.act_fn == "gelu_new" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.hook_pre(x @ self.W_in + self.b_in)
-        return self.hook_post(F.gelu(pre)) @ self.W_out + self.b_out
+        return self.hook_post(F.gelu(pre, approximate=self.approximate)) @ self.W_out + self.b_out
 
 
 class Block(nn.Module):
@@ -169,7 +186,8 @@ class Block(nn.Module):
 
 
 class HookedEncoder(HookedRootModule):
-    """The LRMC encoder. `model(tokens [batch, pos]) -> predictions [batch, pos]`."""
+    """`model(tokens [batch, pos]) -> predictions [batch, pos]` (scalar read-out) or
+    `logits [batch, pos, d_vocab]` (vocabulary read-out), for any pos <= n_ctx."""
 
     def __init__(self, cfg: EncoderConfig | RunConfig, seed: int | None = 0):
         super().__init__()
@@ -183,8 +201,9 @@ class HookedEncoder(HookedRootModule):
         self.ln_embed = LayerNorm(cfg) if cfg.norm == "post" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_final = LayerNorm(cfg) if cfg.norm == "pre" else None
-        self.W_U = nn.Parameter(torch.empty(cfg.d_model, 1, dtype=cfg.dtype))
-        self.b_U = nn.Parameter(torch.zeros(1, dtype=cfg.dtype))
+        d_out = cfg.d_vocab if cfg.readout == "vocab" else 1
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, d_out, dtype=cfg.dtype))
+        self.b_U = nn.Parameter(torch.zeros(d_out, dtype=cfg.dtype)) if cfg.readout_bias else None
         if seed is not None:
             self.init_weights(seed)
         self.setup()
@@ -193,14 +212,30 @@ class HookedEncoder(HookedRootModule):
         """The reference's initialisation. Inside BERT: N(0, init_range) weights, zero biases,
         unit LayerNorm gains, and a zero MASK embedding row when `mask_embedding_zero` (HF's
         padding row). The read-out is a plain `Linear(d_model, 1)` outside BERT, so it gets
-        PyTorch's default: weight and bias uniform in +-1/sqrt(d_model)."""
+        PyTorch's default: weight and bias uniform in +-1/sqrt(d_model).
+
+        `init="gpt"` (minGPT's, the plateau paper's): every weight N(0, init_range), the residual
+        output projections W_O and W_out N(0, init_range / sqrt(2 n_layers)), zero biases."""
         generator = torch.Generator().manual_seed(seed)
+        if self.cfg.init == "gpt":
+            residual = self.cfg.init_range / math.sqrt(2 * self.cfg.n_layers)
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    leaf = name.split(".")[-1]
+                    if leaf.startswith("W_"):
+                        std = residual if leaf in ("W_O", "W_out") else self.cfg.init_range
+                        p.copy_(torch.randn(p.shape, generator=generator) * std)
+                    elif leaf.startswith("b_") or leaf == "b":
+                        p.zero_()
+                if self.cfg.mask_embedding_zero:
+                    self.W_E[0].zero_()
+            return
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.split(".")[-1].startswith("W_") and name != "W_U":
                     p.copy_(torch.randn(p.shape, generator=generator) * self.cfg.init_range)
             bound = 1 / math.sqrt(self.cfg.d_model)
-            for p in (self.W_U, self.b_U):
+            for p in (self.W_U, self.b_U) if self.b_U is not None else (self.W_U,):
                 p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) * bound)
             if self.cfg.mask_embedding_zero:
                 self.W_E[0].zero_()
@@ -258,7 +293,11 @@ class HookedEncoder(HookedRootModule):
             x = block(x)
         if self.ln_final is not None:
             x = self.ln_final(x)
-        return (x @ self.W_U).squeeze(-1) + self.b_U  # [batch, pos]
+        if self.cfg.readout == "vocab":
+            logits = x @ self.W_U  # [batch, pos, d_vocab]
+            return logits + self.b_U if self.b_U is not None else logits
+        out = (x @ self.W_U).squeeze(-1)  # [batch, pos]
+        return out + self.b_U if self.b_U is not None else out
 
 
 def model_from_state(

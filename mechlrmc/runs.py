@@ -1,7 +1,8 @@
 """The run directory: config, metrics table, checkpoints named by step, and resume state.
 
     RUN/config.yaml            the RunConfig
-    RUN/metrics.csv            one row per logged step (see METRIC_COLUMNS)
+    RUN/metrics.csv            one row per logged step (columns: the task's `metric_columns`;
+                               LRMC's are METRIC_COLUMNS)
     RUN/manifest.json          every checkpoint's file, size and SHA-256
     RUN/checkpoints/step_000500.safetensors   model weights at step 500
     RUN/resume.safetensors     weights, optimizer and RNG state at the latest checkpoint
@@ -178,6 +179,11 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={self.steps})"
 
+    @property
+    def metric_columns(self) -> tuple[str, ...]:
+        """The columns of metrics.csv: step, the task's metrics, its eval metrics, wall_time."""
+        return self.config.task.metric_columns
+
     # ----- creation and writing (used by the trainer) -----
     @classmethod
     def create(cls, path: str | Path, config: RunConfig) -> Run:
@@ -208,7 +214,7 @@ class Run:
     def restart(self) -> None:
         """Empty the metrics table and the manifest: training starts again from step 0."""
         self.remove_temporary_files()
-        atomic_write(self.path / "metrics.csv", (",".join(METRIC_COLUMNS) + "\n").encode())
+        atomic_write(self.path / "metrics.csv", (",".join(self.metric_columns) + "\n").encode())
         atomic_write(self.path / "manifest.json", json.dumps({"format": FORMAT_VERSION, "checkpoints": {}}).encode())
 
     def remove_temporary_files(self) -> None:
@@ -264,7 +270,8 @@ class Run:
         """Append rows to metrics.csv and flush them to disk; a failed write is undone."""
         if not rows:
             return
-        text = "".join(",".join(_format(r.get(c)) for c in METRIC_COLUMNS) + "\n" for r in rows)
+        columns = self.metric_columns
+        text = "".join(",".join(_format(r.get(c)) for c in columns) + "\n" for r in rows)
         file = self.path / "metrics.csv"
         size = file.stat().st_size
         try:

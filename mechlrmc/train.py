@@ -1,6 +1,8 @@
-"""Online training: a fresh LRMC batch every step, Adam at a constant lr, MSE on all entries.
+"""Online training: a fresh batch of the run's task every step, Adam at a constant lr, the task's loss.
 
-The trainer knows the model only through `forward(tokens) -> [batch, pos]`. Logging, evaluation
+The trainer knows the model only through `forward(tokens)` and the task only through its protocol
+(`mechlrmc.tasks.base`: sample, eval batch, loss, metrics, optimal attention map); it never
+branches on a task's name. Logging, evaluation
 and checkpoints follow the `TrainConfig` schedule; anything else hangs on callbacks
 (`trainer.add_callback("on_step_end", fn)`). The trainer is handed its model (default: a fresh
 `HookedEncoder` of the config's seed) and the names of its trainable parameters (default: all);
@@ -32,10 +34,8 @@ from tqdm.auto import tqdm
 
 from mechlrmc import provenance, resume as resume_file
 from mechlrmc.config import ConfigError, RunConfig
-from mechlrmc.data import Batch, eval_batch, sample
 from mechlrmc.errors import OptionError
 from mechlrmc.intervention import AttentionIntervention
-from mechlrmc.metrics import masked_correlation, split_losses
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import CheckpointError, Run, RunLock
 
@@ -50,17 +50,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(model: HookedEncoder, batch: Batch, chunk: int = 4096) -> dict[str, float]:
-    """L, L_obs, L_mask and masked correlation of `model` on `batch`."""
-    device = next(model.parameters()).device
-    pred = torch.cat([model(batch.tokens[i:i + chunk].to(device)).float().cpu()
-                      for i in range(0, len(batch), chunk)])
-    out = {k: float(v) for k, v in split_losses(pred, batch.values, batch.observed).items()}
-    out["corr_mask"] = masked_correlation(pred, batch.values, batch.observed)
-    return out
-
-
 def make_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Adam:
     """Adam at the constant `train.lr` over a model's (or the given) parameters, with the kernel
     `train.adam` picks ("foreach" updates every parameter bitwise as the per-tensor loop does,
@@ -71,11 +60,13 @@ def make_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: R
 
 
 class Trainer:
-    """Trains a `HookedEncoder` (or only its `trainable` parameters) on LRMC into a run directory."""
+    """Trains a `HookedEncoder` (or only its `trainable` parameters) on the config's task into a run
+    directory."""
 
     def __init__(self, cfg: RunConfig, out: str | Path, model: HookedEncoder | None = None,
                  trainable: Iterable[str] | None = None, resume: bool = False, progress: bool = True):
         self.cfg = cfg
+        self.task = cfg.task
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -96,7 +87,7 @@ class Trainer:
         self.model.cfg.device = str(self.device)
         self.optimizer = make_optimizer(params, cfg)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
-        self.eval_data = eval_batch(cfg)
+        self.eval_data = self.task.eval_batch(cfg)
         self.step = 0
         self.wall_time = 0.0
         self.progress = progress
@@ -105,7 +96,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.intervention = None
         if cfg.train.attn_intervention_scale != 1.0:
-            self.intervention = AttentionIntervention(cfg.train.attn_intervention_scale, cfg.data.m, cfg.data.n)
+            self.intervention = AttentionIntervention(cfg.train.attn_intervention_scale,
+                                                      renormalise=cfg.model.attention == "softmax")
         if resume:
             try:
                 self._load_resume_state()
@@ -222,18 +214,18 @@ class Trainer:
     def _eval_row(self) -> dict[str, float]:
         self.model.eval()
         with self._autocast():
-            ev = evaluate(self.model, self.eval_data)
+            ev = self.task.evaluate(self.model, self.eval_data)
         self.model.train()
         return {f"eval_{k}": v for k, v in ev.items()}
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float]:
         hooks = []
         if self.intervention is not None and self.step >= self.cfg.train.attn_intervention_start:
-            self.intervention.set_tokens(batch.tokens)
+            self.intervention.set_map(self.task.optimal_attention_map(batch))
             hooks += self.intervention.fwd_hooks()
         with self._autocast(), self.model.hooks(fwd_hooks=hooks):
             pred = self.forward(batch.tokens)
-            losses = split_losses(pred, batch.values, batch.observed)
+            losses = self.task.loss(pred, batch)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -256,7 +248,7 @@ class Trainer:
         self.model.train()
         while self.step < tc.steps:
             start = time.perf_counter()
-            batch = sample(self.cfg.data, tc.batch_size, self.generator).to(self.device)
+            batch = self.task.sample(self.cfg.data, tc.batch_size, self.generator).to(self.device)
             losses = self.train_step(batch)
             self.step += 1
             self.wall_time += time.perf_counter() - start
@@ -270,7 +262,7 @@ class Trainer:
             if row is not None:
                 row["wall_time"] = self.wall_time
                 self.run.append_metrics([row])
-                bar.set_postfix(L=f"{losses['loss']:.4f}", L_mask=f"{losses['loss_mask']:.4f}", refresh=False)
+                bar.set_postfix({k: f"{losses[m]:.4f}" for k, m in self.task.progress.items()}, refresh=False)
             if tc.is_checkpoint_step(self.step):
                 self._checkpoint()
             self._fire("on_step_end")

@@ -190,10 +190,11 @@ def summarize(out: Path, trials: list[Trial], errors: dict[str, str] | None = No
             evals = Run(path).evals
             if len(evals):
                 last = evals.iloc[-1]
-                row.update(step=int(last.step), eval_loss=last.eval_loss, eval_loss_mask=last.eval_loss_mask,
-                           eval_corr_mask=last.eval_corr_mask, wall_time=last.wall_time)
+                row.update(step=int(last.step), wall_time=last.wall_time,
+                           **{c: last[c] for c in trial.config.task.summary_metrics})
         row["error"] = errors.get(trial.name, "")
         rows.append(row)
     frame = pd.DataFrame(rows)
-    columns = ["run", *[k for k in trials[0].varied], *[c for c in SUMMARY_COLUMNS[1:]]]
+    metrics = list(trials[0].config.task.summary_metrics)  # LRMC's: SUMMARY_COLUMNS
+    columns = ["run", *[k for k in trials[0].varied], "status", "step", *metrics, "wall_time", "error"]
     return frame.reindex(columns=columns)

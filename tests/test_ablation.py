@@ -9,8 +9,8 @@ import torch
 
 from analyses.ablation import ablate, head_ablation_sweep
 from mechlrmc.config import preset
-from mechlrmc.data import sample
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import sample
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 
 

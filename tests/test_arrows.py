@@ -13,7 +13,8 @@ CORE = Path(__file__).resolve().parents[1] / "mechlrmc"
 FORBIDDEN = {
     "runs.py": {"mechlrmc.train", "mechlrmc.convert", "mechlrmc.reference", "mechlrmc.export", "analyses"},
     "model.py": {"mechlrmc.convert", "mechlrmc.train", "mechlrmc.runs", "mechlrmc.reference", "analyses"},
-    "data.py": {"mechlrmc.train", "mechlrmc.runs", "mechlrmc.model", "analyses"},
+    **{f"tasks/{name}.py": {"mechlrmc.train", "mechlrmc.runs", "mechlrmc.model", "analyses"}
+       for name in ("__init__", "base", "lrmc", "tokens", "mws", "prefix_sum", "reverse")},
     "config.py": {"mechlrmc.train", "mechlrmc.runs", "mechlrmc.model", "analyses"},
 }
 

@@ -10,7 +10,7 @@ from analyses.patching import DEFAULT_SITES, GRANULARITIES, SITES, _masks, _patc
     hook_name, patching, recovery_metrics
 from analyses.walk import analysis_batch
 from mechlrmc.config import preset
-from mechlrmc.data import sample
+from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
 
 ALL_SITES = {s: tuple(g for g in GRANULARITIES if "head" not in g or s == "z") for s in SITES}

@@ -4,11 +4,13 @@ a `train` rejected this way leaves no run directory. `--debug` / MECHLRMC_DEBUG=
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import shutil
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from mechlrmc.cli import main
 from mechlrmc.config import preset
 from mechlrmc.runs import CheckpointError, Run
+from mechlrmc.tasks import get_task, register
 
 POSITIVE_INTS = ["data.m", "data.n", "model.d_model", "model.n_layers", "model.n_heads", "model.d_mlp",
                  "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
@@ -25,8 +28,9 @@ POSITIVE_INTS = ["data.m", "data.n", "model.d_model", "model.n_layers", "model.n
 NON_NEGATIVE_INTS = ["model.n_ctx", "train.threads", "train.checkpoint_early_until", "train.attn_intervention_start"]
 POSITIVE_FLOATS = ["train.lr", "data.value_max", "data.precision", "model.init_range", "model.ln_eps",
                    "train.attn_intervention_scale"]
-CHOICES = ["data.distribution", "model.norm", "train.device", "train.dtype"]
-BOOLS = ["train.compile", "model.mask_embedding_zero"]
+CHOICES = ["data.distribution", "model.norm", "model.attention", "model.act_fn", "model.init", "train.device",
+           "train.dtype"]
+BOOLS = ["train.compile", "model.mask_embedding_zero", "model.causal", "model.readout_bias"]
 FIELDS = POSITIVE_INTS + NON_NEGATIVE_INTS + POSITIVE_FLOATS + CHOICES + BOOLS + ["data.rank", "data.p_mask", "train.seed"]
 YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf", "infinity"}
 words = st.from_regex(r"[a-z][a-z_]{0,9}", fullmatch=True).filter(lambda w: w not in YAML_WORDS)
@@ -46,7 +50,8 @@ def _invalid_value(field: str) -> st.SearchStrategy:
                 | words | st.just("[1, 2]") | st.just(""))
     if field in CHOICES:
         return words.filter(lambda w: w not in {"uniform", "gaussian", "laplace", "post", "pre", "auto", "cpu",
-                                                "cuda", "float32", "bfloat16"}) | st.integers().map(str)
+                                                "cuda", "float32", "bfloat16", "softmax", "linear", "gelu",
+                                                "gelu_tanh", "bert", "gpt"}) | st.integers().map(str)
     if field in BOOLS:
         return st.integers().map(str) | words | st.just("[true]")
     if field == "data.rank":
@@ -181,3 +186,44 @@ def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("MECHLRMC_DEBUG", "1")
     with pytest.raises(CheckpointError, match="does not exist"):
         main(["info", "/nonexistent"])
+
+
+class _BidirectionalOnly(type(get_task("lrmc"))):
+    """A planted task that declares it needs bidirectional attention."""
+
+    name = "bidirectional_only"
+    causal = (False,)
+    presets = {}
+
+
+@dataclasses.dataclass
+class _BidirectionalOnlyConfig(get_task("lrmc").config):
+    task: ClassVar[str] = "bidirectional_only"
+
+
+_BidirectionalOnly.config = _BidirectionalOnlyConfig
+register(_BidirectionalOnly())
+
+
+@pytest.mark.parametrize("argv, config, expected", [
+    (["--set", "data.task=sorting"], None, ["data.task='sorting' is unknown", "allowed", "mws"]),
+    (["--set", "data.window=2"], None, ["'data.window' for data.task='lrmc'", "allowed", "p_mask"]),
+    ([], {"data": {"m": 3, "n": 3, "rank": 1, "window": 2}}, ["'data.window'", "data.task='lrmc'", "allowed"]),
+    (["--preset", "mws_tiny", "--set", "data.window=7"], None, ["data.window=7", "1 <= window <= data.length=6"]),
+    (["--preset", "mws", "--set", "data.modulus=10"], None, ["data.modulus=10", "> data.max_value=16"]),
+    (["--set", "model.attention=quadratic"], None, ["model.attention='quadratic'", "allowed one of"]),
+    (["--preset", "mws_tiny", "--set", "model.causal=false"], None, ["model.causal=False", "data.task='mws'",
+                                                                      "allowed True"]),
+    (["--preset", "mws_tiny", "--set", "model.mask_embedding_zero=true"], None, ["model.mask_embedding_zero",
+                                                                                  "allowed False"]),
+    ([], {"data": {"task": "bidirectional_only", "m": 3, "n": 3, "rank": 1}, "model": {"causal": True}},
+     ["model.causal=True", "data.task='bidirectional_only'", "allowed False", "bidirectional"]),
+])
+def test_bad_task_inputs_are_one_line_exit_2_and_create_nothing(argv, config, expected, tmp_path, capsys):
+    if config is not None:
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        argv = [*argv, "--config", str(tmp_path / "config.yaml")]
+    if "--preset" not in argv:
+        argv = ["--preset", "tiny", *argv]
+    _one_line(capsys, ["train", *argv, "--out", str(tmp_path / "run"), "--quiet"], *expected)
+    assert not (tmp_path / "run").exists()

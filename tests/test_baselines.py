@@ -10,7 +10,7 @@ from analyses.baselines import (
     ood_variants,
 )
 from mechlrmc.config import DataConfig, preset
-from mechlrmc.data import MASK_ID, encode_values, sample
+from mechlrmc.tasks.lrmc import MASK_ID, encode_values, sample
 from mechlrmc.model import HookedEncoder
 
 DATA = DataConfig(m=4, n=4, rank=1, p_mask=0.3)

@@ -7,7 +7,7 @@ import torch
 
 from analyses.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names
 from mechlrmc.config import preset
-from mechlrmc.data import sample
+from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
 
 

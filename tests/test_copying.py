@@ -12,7 +12,7 @@ from analyses.copying import copy_check, summarize_copy
 from analyses.phases import detect_phases
 from analyses.walk import analysis_batch
 from mechlrmc.config import DataConfig
-from mechlrmc.data import decode_tokens, sample
+from mechlrmc.tasks.lrmc import decode_tokens, sample
 
 CFG = DataConfig(m=4, n=4, rank=1)
 

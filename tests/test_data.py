@@ -1,7 +1,7 @@
 import torch
 
 from mechlrmc.config import DataConfig
-from mechlrmc.data import MASK_ID, decode_tokens, encode_values, sample, structured_mask, with_values
+from mechlrmc.tasks.lrmc import MASK_ID, decode_tokens, encode_values, sample, structured_mask, with_values
 
 
 def test_codec_round_trip_on_every_token():

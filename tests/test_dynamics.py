@@ -9,8 +9,9 @@ from analyses.dynamics import attention_progress, collapse, compare_intervention
     track_dynamics
 from analyses.phases import detect_phases
 from mechlrmc.config import preset
-from mechlrmc.data import MASK_ID, decode_tokens, sample
-from mechlrmc.intervention import bias_pattern, optimal_attention_map
+from mechlrmc.tasks.lrmc import MASK_ID, decode_tokens, sample
+from mechlrmc.intervention import bias_pattern
+from mechlrmc.tasks.lrmc import optimal_attention_map
 from mechlrmc.model import HookedEncoder
 
 CFG = preset("tiny").override({"data.m": 4, "data.n": 4})

@@ -1,6 +1,6 @@
 import torch
 
-from mechlrmc.data import eval_batch
+from mechlrmc.tasks.lrmc import eval_batch
 from mechlrmc.export import export_run
 from mechlrmc.runs import Run
 

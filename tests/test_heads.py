@@ -9,7 +9,7 @@ import torch
 
 from analyses.heads import default_structured_mask, head_onsets, head_taxonomy, score_pattern, structured_taxonomy
 from mechlrmc.config import DataConfig, RunConfig, ModelConfig
-from mechlrmc.data import row_col_index, sample
+from mechlrmc.tasks.lrmc import row_col_index, sample
 from mechlrmc.model import HookedEncoder
 
 

@@ -4,8 +4,8 @@ from transformer_lens import ActivationCache, FactoredMatrix, patching
 
 from mechlrmc.config import preset
 from mechlrmc.convert import from_reference_state_dict
-from mechlrmc.data import sample
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import sample
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 
 transformers = pytest.importorskip("transformers")

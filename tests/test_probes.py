@@ -2,7 +2,7 @@ import torch
 
 from analyses.probes import fit_probe, probe, probe_scores, probe_targets
 from analyses.walk import analysis_batch
-from mechlrmc.data import decode_tokens
+from mechlrmc.tasks.lrmc import decode_tokens
 from mechlrmc.model import HookedEncoder
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mechlrmc.config import ConfigError, TrainConfig, preset
-from mechlrmc.data import sample
-from mechlrmc.metrics import split_losses
+from mechlrmc.tasks.lrmc import sample
+from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 from mechlrmc.train import make_optimizer, train

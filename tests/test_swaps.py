@@ -36,7 +36,7 @@ def test_swapping_everything_gives_model_a_and_nothing_gives_b(tiny_run):
 
 def test_swap_grid_baselines_match_the_checkpoints(tiny_run):
     from analyses.walk import analysis_batch
-    from mechlrmc.train import evaluate
+    from mechlrmc.tasks.lrmc import evaluate
 
     batch = analysis_batch(tiny_run, size=64)
     grid = swap_grid(tiny_run, 10, 40, components=["attn", "all"], batch=batch, progress=False)

@@ -9,7 +9,7 @@ import torch
 from analyses.views import attention_page, example_labels
 from mechlrmc.cli import main
 from mechlrmc.config import preset
-from mechlrmc.data import sample
+from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
 
 

@@ -1,0 +1,99 @@
+"""What a task is: the protocol every module of `mechlrmc.tasks` implements.
+
+A task owns
+- its data config, a dataclass deriving from `TaskConfig` that validates its own fields
+  (one-line `ConfigError`s) and says the sequence length and vocabulary it needs;
+- what a batch is: a dataclass with `tokens [batch, pos]` (the model's input), its targets and
+  which positions are scored, `to(device)`, `len` and indexing;
+- `sample(cfg, batch_size, generator)` (on the CPU, so one seed is one data stream on any device)
+  and `eval_batch(run_cfg)`, the fixed evaluation batch;
+- `loss(output, batch)`: 0-d tensors named by `train_metrics`, `"loss"` the training objective;
+- `evaluate(model, batch)`: floats named by `eval_metrics` (written to metrics.csv as `eval_NAME`);
+- `optimal_attention_map(batch)`: `[batch, query, key]` bool, the cells a solving head attends to;
+- `plateau(cfg)`: the analytic plateau level of its metrics, where one is known;
+- `readout` ("scalar": one number per position; "vocab": logits over the vocabulary), the
+  `model.causal` values it allows, and whether token 0 is a MASK token (`mask_token`);
+- `presets`: named functions returning a `RunConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from mechlrmc.validation import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mechlrmc.config import RunConfig
+
+
+class TaskConfig:
+    """Base of every task's data config (a dataclass); `task` is the name it is registered under."""
+
+    task: ClassVar[str]
+
+    @property
+    def seq_len(self) -> int:
+        """Positions the model's position table needs."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+
+class Task:
+    name: ClassVar[str]
+    config: ClassVar[type]
+    readout: ClassVar[str] = "scalar"
+    causal: ClassVar[tuple[bool, ...]] = (False, True)
+    mask_token: ClassVar[bool] = False
+    train_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    eval_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    progress: ClassVar[dict[str, str]] = {"L": "loss"}  # progress-bar label -> train metric
+    summary_metrics: ClassVar[tuple[str, ...]] = ("eval_loss",)  # a sweep's summary.csv columns
+    presets: ClassVar[dict[str, Callable[[], RunConfig]]] = {}
+
+    @property
+    def metric_columns(self) -> tuple[str, ...]:
+        """The columns of a run's metrics.csv."""
+        return ("step", *self.train_metrics, *(f"eval_{m}" for m in self.eval_metrics), "wall_time")
+
+    def check(self, run_cfg: RunConfig) -> None:
+        """Reject a model the task cannot use (one line naming the field and what is allowed)."""
+        causal = run_cfg.model.causal
+        if causal not in self.causal:
+            need = "causal" if self.causal == (True,) else "bidirectional"
+            raise ConfigError(f"model.causal={causal!r} is invalid for data.task={self.name!r}: allowed "
+                              f"{' or '.join(map(str, self.causal))} (the task needs {need} attention)")
+        if run_cfg.model.mask_embedding_zero and not self.mask_token:
+            raise ConfigError(f"model.mask_embedding_zero=True is invalid for data.task={self.name!r}: "
+                              f"allowed False (the task has no MASK token)")
+
+    def sample(self, cfg: Any, batch_size: int, generator: torch.Generator) -> Any:
+        raise NotImplementedError
+
+    def eval_batch(self, run_cfg: RunConfig, size: int | None = None, seed: int | None = None) -> Any:
+        """The fixed evaluation batch of a run: the same data for every checkpoint."""
+        import torch
+
+        generator = torch.Generator().manual_seed(run_cfg.train.eval_seed if seed is None else seed)
+        return self.sample(run_cfg.data, size or run_cfg.train.eval_batch_size, generator)
+
+    def loss(self, output: torch.Tensor, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, batch: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def optimal_attention_map(self, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plateau(self, cfg: Any) -> dict[str, float]:
+        """Analytic plateau values of (some of) the metrics; empty where none is known."""
+        return {}
+
+    def summary(self, row: Any) -> str:
+        """One line for the end of `mechlrmc train`, from a row of `Run.evals`."""
+        return "eval " + " ".join(f"{m}={row[f'eval_{m}']:.4g}" for m in self.eval_metrics)

@@ -1,0 +1,193 @@
+"""The plateau paper's sequence tasks in its token format (PAPER.md section 2), shared by
+`mws`, `prefix_sum` and `reverse`: each task says only how outputs follow from inputs and where a
+solving head looks.
+
+A sequence is `length` inputs uniform in 1..max_value, the separator token `modulus`, then
+`length` outputs in 0..modulus-1: vocabulary 0..modulus (modulus + 1 ids), 2 * length + 1 tokens.
+The model reads tokens 0..2L-1 causally and predicts tokens 1..2L (next-token prediction).
+
+Metrics: `loss` (the training objective, next-token cross-entropy over every position, inputs
+included, as the paper trains), `loss_out` and `acc_out` (cross-entropy and accuracy on the output
+positions, teacher-forced). At evaluation also `greedy_acc` (outputs generated greedily from the
+L + 1 token prompt), `rep` (fraction of consecutive equal generated outputs) beside `rep_true` (the
+same for the true outputs), `attn_on_map` (share of |attention| on the optimal cells over the
+query rows from the separator on, averaged over batch, layers and heads) and `collapse` (mean
+pairwise cosine of the final hidden states between output positions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mechlrmc.tasks.base import Task, TaskConfig
+from mechlrmc.validation import check_types, require
+
+
+@dataclass
+class SequenceConfig(TaskConfig):
+    """`length` inputs uniform in 1..`max_value`, a separator (token `modulus`), `length` outputs."""
+
+    task: ClassVar[str] = "sequence"
+
+    length: int = 16
+    max_value: int = 16
+    modulus: int = 17
+
+    def __post_init__(self) -> None:
+        check_types(self, "data")
+        require(self.length >= 1, "data.length", self.length, "an integer >= 1")
+        require(self.max_value >= 1, "data.max_value", self.max_value, "an integer >= 1")
+        require(self.modulus > self.max_value, "data.modulus", self.modulus,
+                f"an integer > data.max_value={self.max_value} (the largest input)")
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.length + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.modulus + 1
+
+    @property
+    def separator(self) -> int:
+        return self.modulus
+
+
+@dataclass
+class SequenceBatch:
+    """Whole sequences [batch, 2L+1]; the model reads `tokens` [batch, 2L] and predicts `targets`."""
+
+    sequences: torch.Tensor  # [batch, 2L+1] long
+    cfg: SequenceConfig  # the data config it was sampled from
+
+    @property
+    def length(self) -> int:
+        return self.cfg.length
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.sequences[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.sequences[:, 1:]
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """[2L] bool: the positions whose target is an output (the separator's position on)."""
+        return torch.arange(2 * self.length, device=self.sequences.device) >= self.length
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.sequences[:, :self.length]
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        return self.sequences[:, self.length + 1:]
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """The inputs and the separator [batch, L+1]."""
+        return self.sequences[:, :self.length + 1]
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return replace(self, sequences=self.sequences.to(device))
+
+    def __getitem__(self, index: slice | torch.Tensor) -> SequenceBatch:
+        return replace(self, sequences=self.sequences[index])
+
+
+def repetition(outputs: torch.Tensor) -> torch.Tensor:
+    """Fraction of consecutive equal entries along the last axis (the paper's repetition)."""
+    return (outputs[..., 1:] == outputs[..., :-1]).float().mean()
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` tokens generated greedily after `prompt` [batch, p] -> [batch, n]."""
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
+class SequenceTask(Task):
+    """A task of the token format above; a subclass gives `outputs` and `map_keys`."""
+
+    readout = "vocab"
+    causal = (True,)
+    mask_token = False
+    train_metrics = ("loss", "loss_out", "acc_out")
+    eval_metrics = ("loss", "loss_out", "acc_out", "greedy_acc", "rep", "rep_true", "attn_on_map", "collapse")
+    progress = {"L": "loss", "acc": "acc_out"}
+    summary_metrics = ("eval_loss", "eval_acc_out", "eval_greedy_acc", "eval_rep", "eval_rep_true")
+
+    def outputs(self, cfg: SequenceConfig, inputs: torch.Tensor) -> torch.Tensor:
+        """The true outputs [batch, L] (long, in 0..modulus-1) of inputs [batch, L]."""
+        raise NotImplementedError
+
+    def map_keys(self, cfg: SequenceConfig, j: int) -> list[int]:
+        """The key positions (0-based, in the model's input) a solving head attends to when the
+        model predicts output j (1-based), i.e. at query position L + j - 1."""
+        raise NotImplementedError
+
+    def sample(self, cfg: SequenceConfig, batch_size: int, generator: torch.Generator) -> SequenceBatch:
+        inputs = torch.randint(1, cfg.max_value + 1, (batch_size, cfg.length), generator=generator)
+        separator = torch.full((batch_size, 1), cfg.separator, dtype=torch.long)
+        sequences = torch.cat([inputs, separator, self.outputs(cfg, inputs)], dim=1)
+        return SequenceBatch(sequences=sequences, cfg=cfg)
+
+    def static_map(self, cfg: SequenceConfig) -> torch.Tensor:
+        """[2L, 2L] bool: the optimal map, the same for every sequence; rows before the separator empty."""
+        n = cfg.length
+        on_map = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+        for j in range(1, n + 1):
+            on_map[n + j - 1, self.map_keys(cfg, j)] = True
+        return on_map
+
+    def optimal_attention_map(self, batch: SequenceBatch) -> torch.Tensor:
+        """[batch, 2L, 2L] bool (`static_map` for every sequence)."""
+        return self.static_map(batch.cfg).to(batch.sequences.device).expand(len(batch), -1, -1)
+
+    def loss(self, logits: torch.Tensor, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        logits, targets, scored = logits.float(), batch.targets, batch.scored
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [batch, 2L]
+        correct = (logits.argmax(-1) == targets).float()
+        return {"loss": ce.mean(), "loss_out": ce[:, scored].mean(), "acc_out": correct[:, scored].mean()}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batch: SequenceBatch) -> dict[str, float]:
+        device = next(model.parameters()).device
+        batch = batch.to(device)
+        n_layers = model.cfg.n_layers
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
+        out = {k: float(v) for k, v in self.loss(logits, batch).items()}
+        generated = generate(model, batch.prompt, batch.length)
+        out["greedy_acc"] = float((generated == batch.outputs).float().mean())
+        out["rep"], out["rep_true"] = float(repetition(generated)), float(repetition(batch.outputs))
+        on_map = self.optimal_attention_map(batch)[0]  # [q, k]
+        rows = on_map.any(-1)
+        patterns = torch.stack([cache[name] for name in names[:-1]]).abs()[..., rows, :]  # [layer, b, h, q, k]
+        share = (patterns * on_map[rows]).sum(-1) / patterns.sum(-1).clamp_min(1e-12)
+        out["attn_on_map"] = float(share.mean())
+        hidden = cache[names[-1]]
+        if model.ln_final is not None:
+            hidden = model.ln_final(hidden)
+        hidden = F.normalize(hidden[:, batch.scored].float(), dim=-1)  # [b, L, d]
+        cos = hidden @ hidden.transpose(1, 2)
+        n = cos.shape[-1]
+        out["collapse"] = float((cos.sum((-2, -1)) - n).mean() / (n * (n - 1))) if n > 1 else float("nan")
+        return out
+
+    def summary(self, row) -> str:
+        return (f"eval loss={row.eval_loss:.4g} acc_out={row.eval_acc_out:.3f} greedy_acc={row.eval_greedy_acc:.3f} "
+                f"rep={row.eval_rep:.3f} (truth {row.eval_rep_true:.3f})")
