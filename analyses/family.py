@@ -101,12 +101,13 @@ def _crossing(steps: np.ndarray, values: np.ndarray, level: float) -> float:
     return float(steps[i - 1] + (math.log(level) - y0) / (y1 - y0) * (steps[i] - steps[i - 1]))
 
 
-def drop_sharpness(run: Run, plateau: float, start: float = 0) -> float:
-    """Steps that eval L_mask takes to fall from 90% to 50% of the plateau level, searched after
-    `start` (the plateau start); NaN when it never reaches 50%."""
+def drop_sharpness(run: Run, plateau: float, start: float = 0, column: str = "eval_loss_mask") -> float:
+    """Steps that the phase loss (eval L_mask; a token task's `eval_loss_out`) takes to fall from 90%
+    to 50% of the plateau level, searched after `start` (the plateau start); NaN when it never
+    reaches 50%."""
     evals = run.evals
     evals = evals[evals.step >= (0 if math.isnan(start) else start)]
-    steps, values = evals.step.to_numpy(float), evals.eval_loss_mask.to_numpy(float)
+    steps, values = evals.step.to_numpy(float), evals[column].to_numpy(float)
     return _crossing(steps, values, 0.5 * plateau) - _crossing(steps, values, 0.9 * plateau)
 
 
@@ -120,6 +121,9 @@ def family_summary(source: RunsLike) -> pd.DataFrame:
     for run in runs:
         row = {**_identity(run, keys), "status": _status(run)}
         evals = run.evals
+        if "eval_loss_mask" not in evals:  # a token task
+            rows.append({**row, **_sequence_summary(run)})
+            continue
         if evals.eval_loss_mask.notna().sum() >= 3:  # an imported reference run's evaluations lack L_mask
             phases = detect_phases(run).iloc[0].to_dict()
             row.update(phases)
@@ -132,6 +136,24 @@ def family_summary(source: RunsLike) -> pd.DataFrame:
                        final_corr_mask=last.eval_corr_mask, wall_time=last.wall_time)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _sequence_summary(run: Run) -> dict:
+    """A token-task run's summary figures: its `sequence_phases`, the drop sharpness on the outputs'
+    cross-entropy, and its final greedy accuracy and repetition."""
+    evals = run.evals
+    row = {}
+    if len(evals) >= 3:
+        phases = detect_phases(run).iloc[0].to_dict()
+        row.update(phases)
+        row["drop_step"] = phases["drop_step"] if phases["dropped"] else math.nan
+        row["drop_sharpness"] = (drop_sharpness(run, phases["plateau_loss_out"], phases["plateau_start"],
+                                                "eval_loss_out") if phases["dropped"] else math.nan)
+    if len(evals):
+        last = evals.iloc[-1]
+        row.update(final_step=int(last.step), final_loss=last.eval_loss, final_loss_out=last.eval_loss_out,
+                   final_greedy_acc=last.eval_greedy_acc, final_rep=last.eval_rep, wall_time=last.wall_time)
+    return row
 
 
 def across_runs(runs: RunsLike, fn: Callable[..., pd.DataFrame], steps: Steps = None, progress: bool = True,
@@ -163,29 +185,32 @@ def plot_family_curves(source: RunsLike, summary: pd.DataFrame | None = None) ->
     summary = family_summary(runs) if summary is None else summary
     keys = varied_keys(runs)
     settings = list(dict.fromkeys(_setting(r, keys) for _, r in summary.iterrows()))
+    lrmc = "eval_loss_mask" in runs[0].metrics
+    column, name = ("eval_loss_mask", "eval L_mask") if lrmc else ("eval_loss_out", "eval cross-entropy on the outputs")
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=("eval L_mask against step", "aligned at each run's drop"))
+                        subplot_titles=(f"{name} against step", "aligned at each run's drop"))
     for i, (run, (_, row)) in enumerate(zip(runs, summary.iterrows())):
         setting = _setting(row, keys)
         color = qualitative.D3[(settings.index(setting) if len(settings) > 1 else i) % len(qualitative.D3)]
         evals = run.evals
         label = f"{row.run}" + ("" if pd.notna(row.get("drop_step")) else " (no drop)")
-        fig.add_scatter(x=evals.step, y=evals.eval_loss_mask, mode="lines", name=label, legendgroup=row.run,
+        fig.add_scatter(x=evals.step, y=evals[column], mode="lines", name=label, legendgroup=row.run,
                         line=dict(color=color, width=1.5, dash="solid" if pd.notna(row.get("drop_step")) else "dot"),
                         row=1, col=1)
         if pd.notna(row.get("drop_step")):
             trained = evals[evals.step > 0]  # the untrained model's loss would clutter the aligned axis
-            fig.add_scatter(x=trained.step - row.drop_step, y=trained.eval_loss_mask, mode="lines", name=label,
+            fig.add_scatter(x=trained.step - row.drop_step, y=trained[column], mode="lines", name=label,
                             legendgroup=row.run, showlegend=False, line=dict(color=color, width=1.5), row=1, col=2)
-    plateau = runs[0].config.data.plateau_mask_loss
-    for col in (1, 2):
-        fig.add_hline(y=plateau, line=dict(color="gray", dash="dash"), row=1, col=col)
+    if lrmc:
+        for col in (1, 2):
+            fig.add_hline(y=runs[0].config.data.plateau_mask_loss, line=dict(color="gray", dash="dash"), row=1, col=col)
     fig.add_vline(x=0, line=dict(color="gray", dash="dot"), row=1, col=2)
-    fig.update_yaxes(type="log", title_text="eval L_mask", row=1, col=1)
+    fig.update_yaxes(type="log", title_text=name, row=1, col=1)
     fig.update_xaxes(title_text="step", row=1, col=1)
     fig.update_xaxes(title_text="steps from the drop", row=1, col=2)
     return fig.update_layout(template="plotly_white", height=450, margin=dict(t=90, b=40),
-                             title=f"{len(runs)} runs; dashed: copy-and-zero level r/9, dotted lines: no drop")
+                             title=f"{len(runs)} runs; " + ("dashed: copy-and-zero level r/9, " if lrmc else "")
+                             + "dotted lines: no drop")
 
 
 def plot_drop_steps(summary: pd.DataFrame) -> go.Figure:

@@ -9,7 +9,7 @@ It is laid out by `analyses.page.assemble`, as the single-run report is, and its
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from analyses.findings import CRITERIA, family_findings, findings_table
 from analyses.page import Part, Report, Section, assemble
 from mechlrmc.runs import Run
 
-SUMMARY_COLUMNS = ("status", "plateau_loss_mask", "plateau_over_analytic", "plateau_end", "drop_step",
-                   "drop_sharpness", "final_step", "final_loss", "final_loss_mask", "final_corr_mask", "wall_time")
+SUMMARY_COLUMNS = ("status", "plateau_loss_mask", "plateau_over_analytic", "plateau_loss_out", "plateau_greedy_acc",
+                   "plateau_max_rep", "plateau_end", "drop_step", "drop_sharpness", "final_step", "final_loss",
+                   "final_loss_mask", "final_corr_mask", "final_greedy_acc", "wall_time")
 
 
 @dataclass
@@ -49,8 +50,10 @@ def _overview(ctx: FamilyContext) -> list[Part]:
         ("runs", f"{len(ctx.runs)}: " + ", ".join(r.path.name for r in ctx.runs)),
         ("varied", ", ".join(keys) + (", seed" if keys else "seed")),
         ("task", f"{cfg.data.m} x {cfg.data.n} rank-{cfg.data.rank} matrices, p_mask {cfg.data.p_mask}; "
-                 f"copy-and-zero level r/9 = {cfg.data.plateau_mask_loss:.4g}"),
-        ("model", f"{cfg.model.norm}-LN, {cfg.model.n_layers} layers x {cfg.model.n_heads} heads, "
+                 f"copy-and-zero level r/9 = {cfg.data.plateau_mask_loss:.4g}" if cfg.data.task == "lrmc" else
+         f"{cfg.data.task}: " + ", ".join(f"{k} {v}" for k, v in asdict(cfg.data).items())),
+        ("model", f"{cfg.model.norm}-LN, {'causal' if cfg.model.causal else 'bidirectional'}, {cfg.model.attention} "
+                  f"attention, {cfg.model.n_layers} layers x {cfg.model.n_heads} heads, "
                   f"d_model {cfg.model.d_model}, d_mlp {cfg.model.d_mlp}"),
     ]
     parts: list[Part] = [pd.DataFrame(facts, columns=["", "value"])]
@@ -71,7 +74,8 @@ def _drops(ctx: FamilyContext) -> list[Part]:
     stats = (s.groupby(keys or (lambda _: "all"), dropna=False)
              .agg(runs=("run", "size"), dropped=("drop_step", "count"), drop_median=("drop_step", "median"),
                   drop_min=("drop_step", "min"), drop_max=("drop_step", "max"),
-                  sharpness_median=("drop_sharpness", "median"), final_loss_mask_median=("final_loss_mask", "median")))
+                  sharpness_median=("drop_sharpness", "median"),
+                  **{f"{c}_median": (c, "median") for c in ("final_loss_mask", "final_greedy_acc") if c in s}))
     return [plot_drop_steps(s), stats]
 
 
@@ -88,7 +92,7 @@ SECTIONS: list[Section] = [
     Section("curves", "Loss curves", "finding 1", "Every run's eval L_mask on the step axis and aligned at its own "
             "drop.", _curves),
     Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
-    Section("findings", "Findings across seeds", "findings 1-5, 8",
+    Section("findings", "Findings across seeds", "findings 1-5, 8; P1-P5",
             "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
 ]
 
@@ -100,7 +104,10 @@ def build_family_report(source, quick: bool = False, progress: bool = True) -> R
     ctx = FamilyContext(path, runs, batch_size=128 if quick else 512, n_matrices=16 if quick else 64,
                         progress=progress)
     name = path.name if path is not None else f"{len(runs)} runs"
-    criteria = "".join(f"<li><b>{k}</b> {html.escape(t)}: {html.escape(c)}</li>" for k, (t, c) in CRITERIA.items())
+    from analyses.sequence_findings import SEQUENCE_CRITERIA
+
+    shown = CRITERIA if "eval_loss_mask" in runs[0].metrics else SEQUENCE_CRITERIA
+    criteria = "".join(f"<li><b>{k}</b> {html.escape(t)}: {html.escape(c)}</li>" for k, (t, c) in shown.items())
     intro = (f"Family of {len(runs)} runs{f' in <code>{html.escape(str(path))}</code>' if path else ''}. "
              f"Abrupt learning is stochastic: every claim below is counted over these runs.{' (quick mode)' if quick else ''}"
              f"</p><p>Criteria:</p><ul>{criteria}</ul><p>")

@@ -123,14 +123,23 @@ def family_findings(source: RunsLike, batch_size: int = 512, n_matrices: int = 6
     """
     import torch
 
+    from analyses.family import family_summary
+    from analyses.sequence_findings import SEQUENCE_CRITERIA, intervention_findings, sequence_run_findings
+
     runs = family_runs(source)
     keys = varied_keys(runs)
+    criteria = {**CRITERIA, **SEQUENCE_CRITERIA}
     rows = []
     for run in tqdm(runs, desc="findings", unit="run", disable=not progress):
         with torch.no_grad():
-            for row in _run_findings(run, batch_size, n_matrices):
-                title, criterion = CRITERIA[row["finding"]]
+            token_task = "eval_loss_mask" not in run.metrics
+            for row in sequence_run_findings(run) if token_task else _run_findings(run, batch_size, n_matrices):
+                title, criterion = criteria[row["finding"]]
                 rows.append({**_identity(run, keys), **row, "title": title, "criterion": criterion})
+    by_seed = intervention_findings(family_summary(runs)) if keys else pd.DataFrame()
+    for row in by_seed.to_dict("records"):  # one row per seed: the pair of runs it compares
+        title, criterion = criteria[row["finding"]]
+        rows.append({**{k: "" for k in ["run", *keys]}, **row, "title": title, "criterion": criterion})
     return pd.DataFrame(rows)
 
 

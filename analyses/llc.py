@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
+from mechlrmc.tasks import get_task
 from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.tasks.lrmc import split_losses
 
@@ -81,27 +82,35 @@ class SGLDConfig:
 DEFAULTS = SGLDConfig()
 
 
+def _is_batch(data) -> bool:
+    """A task's batch (LRMC's `Batch`, a token task's batch...): indexable, with `tokens`."""
+    return hasattr(data, "tokens") and hasattr(data, "__getitem__")
+
+
 def mse_loss(model: torch.nn.Module, data) -> torch.Tensor:
-    """The MSE of `model` on a `Batch` (all entries: the training objective) or on (inputs, targets)."""
+    """The training objective of `model` on a task's batch (LRMC: MSE over all entries; any other
+    task: its own `loss`), or the MSE on a tensor pair (inputs, targets)."""
     if isinstance(data, Batch):
         return split_losses(model(data.tokens), data.values, data.observed)["loss"]
+    if _is_batch(data):
+        return get_task(data.cfg.task).loss(model(data.tokens), data)["loss"]
     inputs, targets = data
     return F.mse_loss(model(inputs).reshape(targets.shape), targets)
 
 
 def _size(data) -> int:
-    return len(data) if isinstance(data, Batch) else len(data[0])
+    return len(data) if _is_batch(data) else len(data[0])
 
 
 def _minibatches(data: Data, batch_size: int, generator: torch.Generator) -> Iterable:
     """Endless minibatches: random rows of a Batch / tensor pair, or the items of an iterable in a cycle."""
-    if isinstance(data, Batch) or (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])):
+    if _is_batch(data) or (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])):
         n = _size(data)
         if n < batch_size:
             raise ValueError(f"batch_size={batch_size} is invalid for {n} examples: allowed <= {n}")
         while True:
             rows = torch.randperm(n, generator=generator)[:batch_size]
-            yield data[rows] if isinstance(data, Batch) else (data[0][rows], data[1][rows])
+            yield data[rows] if _is_batch(data) else (data[0][rows], data[1][rows])
     else:
         yield from itertools.cycle(data)
 
@@ -109,9 +118,9 @@ def _minibatches(data: Data, batch_size: int, generator: torch.Generator) -> Ite
 def _full_loss(model: torch.nn.Module, data: Data, loss_fn: Callable, chunk: int = 1024) -> float:
     """L(w*) over all of the data (an iterable: one pass)."""
     with torch.no_grad():
-        if isinstance(data, Batch) or (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])):
+        if _is_batch(data) or (isinstance(data, tuple) and len(data) == 2 and torch.is_tensor(data[0])):
             n = _size(data)
-            parts = [(min(chunk, n - s), data[s:s + chunk] if isinstance(data, Batch) else
+            parts = [(min(chunk, n - s), data[s:s + chunk] if _is_batch(data) else
                       (data[0][s:s + chunk], data[1][s:s + chunk])) for s in range(0, n, chunk)]
         else:
             parts = [(_size(item), item) for item in data]
@@ -212,8 +221,10 @@ def plot_llc(llc: pd.DataFrame, metrics: pd.DataFrame, drop_step: float | None =
     `metrics` the run's metrics table."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.5, 0.5])
     evals = metrics.dropna(subset=["eval_loss"])
-    for column, name in (("eval_loss", "L"), ("eval_loss_obs", "L_obs"), ("eval_loss_mask", "L_mask")):
-        fig.add_scatter(x=evals.step, y=evals[column], name=name, mode="lines", row=1, col=1)
+    for column, name in (("eval_loss", "L"), ("eval_loss_obs", "L_obs"), ("eval_loss_mask", "L_mask"),
+                         ("eval_loss_out", "L on the outputs")):
+        if column in evals:
+            fig.add_scatter(x=evals.step, y=evals[column], name=name, mode="lines", row=1, col=1)
     summary = llc.groupby("step").llc.agg(["mean", "std", "min", "max"]).reset_index()
     fig.add_scatter(x=summary.step, y=summary["mean"] + summary["std"].fillna(0), mode="lines", line_width=0,
                     showlegend=False, hoverinfo="skip", row=2, col=1)
@@ -225,7 +236,7 @@ def plot_llc(llc: pd.DataFrame, metrics: pd.DataFrame, drop_step: float | None =
                     line=dict(color="rgb(99,110,250)"), row=2, col=1)
     if drop_step is not None and not pd.isna(drop_step):
         fig.add_vline(x=float(drop_step), line_dash="dash", line_color="red")
-    fig.update_yaxes(title_text="eval MSE", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="eval loss", type="log", row=1, col=1)
     fig.update_yaxes(title_text="LLC estimate", row=2, col=1)
     fig.update_xaxes(title_text="training step", row=2, col=1)
     return fig.update_layout(title="Local learning coefficient under the loss curve (finding 1)",
@@ -245,7 +256,9 @@ def llc_tables(ctx) -> dict[str, pd.DataFrame]:
     config = QUICK if ctx.quick else DEFAULTS
     settings = {**asdict(config), "batch": len(ctx.batch), "data": asdict(ctx.run.config.data)}
     frames = []
-    for step in tqdm(ctx.steps, desc="llc", unit="ckpt", disable=not ctx.progress):
+    # LRMC's small encoders: the checkpoints around the drop; other tasks' (wider) models: the key ones
+    steps = ctx.steps if ctx.steps_asked is not None or ctx.run.config.data.task == "lrmc" else sorted(set(ctx.key.values()))
+    for step in tqdm(steps, desc="llc", unit="ckpt", disable=not ctx.progress):
         traces = cached(ctx.run, "llc_traces", step, settings, lambda: sgld_traces(ctx.model(step), ctx.batch, config))
         frames.append(traces.assign(step=step))
     traces = pd.concat(frames, ignore_index=True)
@@ -257,7 +270,7 @@ def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     config = QUICK if ctx.quick else DEFAULTS
     chains = pd.concat([llc_from_traces(t).assign(step=s) for s, t in traces.groupby("step")], ignore_index=True)
     moments = {m: s for m, s in ctx.key.items() if s in table.index}
-    note = (f"<p>SGLD (devinterp) on the {len(ctx.batch)}-matrix analysis batch at {len(table)} checkpoints around "
+    note = (f"<p>SGLD (devinterp) on the {len(ctx.batch)}-example analysis batch at {len(table)} checkpoints around "
             f"the drop (the others: <code>mechlrmc analyze llc RUN --steps all</code>; every estimate is cached in "
             f"the run directory): {config.num_chains} chains x ({config.num_burnin} burn-in + {config.num_draws} "
             f"draws), step size {config.lr:g}, localization {config.localization:g}, n&beta; "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pandas as pd
 
 from mechlrmc.runs import Run
@@ -11,22 +13,37 @@ def run_facts(run: Run, phases: pd.Series, walked: list[int] | None = None) -> p
     """Two columns ("", value): task, model, training, checkpoints, plateau and drop of `run`
     (`phases`: a row of `detect_phases`; `walked`: the checkpoints an analysis walks)."""
     cfg, p = run.config, phases
-    model = (f"{'post-LN BERT' if cfg.model.norm == 'post' else 'pre-LN encoder'}, {cfg.model.n_layers} layers x "
-             f"{cfg.model.n_heads} heads, d_model {cfg.model.d_model}, d_mlp {cfg.model.d_mlp}")
+    m = cfg.model
+    model = (f"{'post-LN' if m.norm == 'post' else 'pre-LN'} {'causal' if m.causal else 'bidirectional'} "
+             f"transformer, {m.attention} attention, {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, "
+             f"d_mlp {m.d_mlp}")
+    if cfg.data.task == "lrmc":
+        task = (f"LRMC: {cfg.data.m} x {cfg.data.n} rank-{cfg.data.rank} matrices, {cfg.data.distribution} factors, "
+                f"p_mask {cfg.data.p_mask}")
+    else:
+        task = f"{cfg.data.task}: " + ", ".join(f"{k} {v}" for k, v in asdict(cfg.data).items())
     rows = [
-        ("task", f"{cfg.data.m} x {cfg.data.n} rank-{cfg.data.rank} matrices, {cfg.data.distribution} factors, "
-                 f"p_mask {cfg.data.p_mask}"),
+        ("task", task),
         ("model", model),
         ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr:g}, seed "
                      f"{cfg.train.seed}"),
         ("checkpoints", f"{len(run.steps)}: {run.steps}"),
         *([("walked by the analyses", f"{walked}")] if walked is not None else []),
-        ("plateau", f"L_mask {p.plateau_loss_mask:.4g} = {p.plateau_over_analytic:.2f} x the copy-and-zero "
-                    f"level {p.analytic_loss_mask:.4g}, from step {p.plateau_start} to {p.plateau_end}"),
-        ("drop", f"at step {p.drop_step}; L_mask after it {p.post_drop_loss_mask:.4g}" if p.dropped
-         else "no drop detected"),
+        _plateau(p),
+        ("drop", (f"at step {p.drop_step}; L_mask after it {p.post_drop_loss_mask:.4g}" if "post_drop_loss_mask" in p
+                  else f"at step {p.drop_step}; output cross-entropy after it {p.post_drop_loss_out:.4g}, final "
+                       f"greedy accuracy {p.final_greedy_acc:.3f}") if p.dropped else "no drop detected"),
     ]
     return pd.DataFrame(rows, columns=["", "value"])
+
+
+def _plateau(p: pd.Series) -> tuple[str, str]:
+    if "plateau_loss_mask" in p:
+        return ("plateau", f"L_mask {p.plateau_loss_mask:.4g} = {p.plateau_over_analytic:.2f} x the copy-and-zero "
+                           f"level {p.analytic_loss_mask:.4g}, from step {p.plateau_start} to {p.plateau_end}")
+    return ("plateau", f"output cross-entropy {p.plateau_loss_out:.4g} from step {p.plateau_start} to "
+                       f"{p.plateau_end}: greedy accuracy {p.plateau_greedy_acc:.3f}, repetition up to "
+                       f"{p.plateau_max_rep:.2f} (truth {p.rep_true:.2f})")
 
 
 # ----- registry entry (analyses.registry) -------------------------------------------------------

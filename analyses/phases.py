@@ -43,9 +43,14 @@ def _evals(run: Run) -> pd.DataFrame:
 
 def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
     """One-row table: plateau start/end/level, drop step, post-drop level and the analytic
-    copy-and-zero plateau (finding 1, docs/FINDINGS.md), for L_mask and L."""
+    copy-and-zero plateau (finding 1, docs/FINDINGS.md), for L_mask and L. A run of a token task
+    gets `analyses.sequences.sequence_phases` instead (its plateau and drop on the outputs)."""
     if window < 1 or tol <= 0 or tol >= 0.5:
         raise OptionError(f"window={window}, tol={tol} are invalid: allowed window >= 1, 0 < tol < 0.5")
+    if "eval_loss_mask" not in run.metrics:  # a token task: its phases are on the outputs' cross-entropy
+        from analyses.sequences import sequence_phases
+
+        return sequence_phases(run, window, tol)
     evals = _evals(run)
     steps = evals.step.to_numpy()
     log_mask = np.log(evals.eval_loss_mask.to_numpy())
@@ -161,4 +166,8 @@ def phases_tables(ctx) -> dict[str, pd.DataFrame]:
 
 
 def phases_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    if "analytic_loss_mask" not in tables["phases"]:
+        from analyses.sequences import plot_sequence_phases
+
+        return {"phases": plot_sequence_phases(ctx.run, tables["phases"])}
     return {"phases": plot_phases(ctx.run, tables["phases"]).update_layout(width=None)}

@@ -51,7 +51,8 @@ class Analysis:
     caption: str  # one line: what it shows
     tables: str | Callable  # "module:function" (or the function), (ctx) -> dict[str, DataFrame]
     figures: str | Callable  # "module:function" (or the function), (ctx, tables) -> dict[str, Part]
-    tasks: tuple[str, ...] = ("lrmc",)
+    tasks: tuple[str, ...] | None = ("lrmc",)  # None: any task (that has what `requires` names)
+    requires: str | None = None  # a method the run's task must define, e.g. "outputs" (sequence tasks)
     needs: str | None = None  # a Context field that must be set ("family", "interventions")
     options: tuple[Option, ...] = ()
     steps: str = "around_drop"  # default step selection of `mechlrmc analyze NAME`
@@ -70,8 +71,15 @@ class Analysis:
         return self._resolve(self.figures)(ctx, tables)
 
     def applies(self, ctx) -> bool:
-        task = getattr(ctx.run.config.data, "task", "lrmc")
-        return task in self.tasks and (self.needs is None or getattr(ctx, self.needs) is not None)
+        from mechlrmc.tasks import get_task
+        from mechlrmc.tasks.base import Task
+
+        task = get_task(ctx.run.config.data.task)
+        if self.tasks is not None and task.name not in self.tasks:
+            return False
+        if self.requires is not None and getattr(type(task), self.requires, None) in (None, getattr(Task, self.requires, None)):
+            return False
+        return self.needs is None or getattr(ctx, self.needs) is not None
 
 
 def _entry(name, title, finding, caption, module, **kw) -> Analysis:
@@ -80,16 +88,17 @@ def _entry(name, title, finding, caption, module, **kw) -> Analysis:
 
 ANALYSES: list[Analysis] = [
     _entry("overview", "Run", "findings 1-11", "The task, model and training recipe, and the detected phases.",
-           "overview"),
+           "overview", tasks=None),
     _entry("family", "In its family", "run families",
            "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family "
            "summary), and how close its machine type is to the family's.", "overview", needs="family"),
     _entry("phases", "Loss curves and phases", "finding 1",
-           "L, L_obs and L_mask with the plateau at the copy-and-zero level E[X^2] and the detected drop.", "phases",
-           steps="all"),
+           "The losses with the detected plateau and drop (LRMC: L, L_obs and L_mask against the copy-and-zero "
+           "level E[X^2]; a sequence task: the outputs' cross-entropy, greedy accuracy and repetition).", "phases",
+           steps="all", tasks=None),
     _entry("llc", "Local learning coefficient", "finding 1",
            "The LLC (SGLD estimate of the effective dimension, halved) at the checkpoints around the drop under "
-           "the loss curves: does the drop show as a change in the model's effective complexity?", "llc"),
+           "the loss curves: does the drop show as a change in the model's effective complexity?", "llc", tasks=None),
     _entry("copy", "Copy check", "finding 2",
            "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
            "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
@@ -145,6 +154,10 @@ ANALYSES: list[Analysis] = [
     _entry("dynamics", "Plateau dynamics", "P1-P3",
            "Repetition of masked predictions, collapse of hidden states and attention share on the optimal "
            "row/column map across checkpoints.", "dynamics", steps="all"),
+    _entry("plateau_dynamics", "Plateau dynamics in the plateau paper's definitions", "P1-P4",
+           "Repetition of the greedy outputs against the truth's, collapse of the hidden states at every layer, "
+           "each head's attention on the task's optimal map, and the accuracy of every output position, at "
+           "every checkpoint.", "sequences", tasks=None, requires="outputs", steps="all"),
     _entry("interventions", "Attention intervention", "P5, finding 11",
            "Runs trained with attention scaled toward the optimal map by c: plateau length against c.", "dynamics",
            needs="interventions", options=(Option("--interventions", "a `mechlrmc analyze intervention` folder"),)),

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mechlrmc.tasks.lrmc import Batch, sample
+from mechlrmc.tasks import get_task
+from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run
 
@@ -23,8 +24,9 @@ Steps = str | int | Iterable[int] | None
 
 
 def analysis_batch(run: Run, size: int = 512, seed: int = ANALYSIS_SEED, data_cfg=None) -> Batch:
-    """A batch drawn from a fixed seed: the same matrices whatever checkpoint looks at them."""
-    return sample(data_cfg or run.config.data, size, torch.Generator().manual_seed(seed))
+    """A batch of the run's task drawn from a fixed seed: the same data whatever checkpoint looks at it."""
+    cfg = data_cfg or run.config.data
+    return get_task(cfg.task).sample(cfg, size, torch.Generator().manual_seed(seed))
 
 
 def select_steps(run: Run, steps: Steps = None, n_around: int = 7) -> list[int]:

@@ -1,4 +1,4 @@
-"""Attention intervention during training (docs/FINDINGS.md, P5; PAPER.md section 2): scale every
+"""Attention intervention during training (docs/FINDINGS.md, P5): scale every
 head's attention on the task's optimal attention map (`Task.optimal_attention_map`) by c.
 
 Softmax attention: each pattern row is reweighted as p'(k) ∝ p(k) * (c if k is on the map else 1)

@@ -1,4 +1,4 @@
-"""The LRMC task (PAPER.md section 1): low-rank matrix completion as masked language modelling.
+"""The LRMC task (docs/FINDINGS.md, S1): low-rank matrix completion as masked language modelling.
 
 A matrix X = U V^T [m, n] is flattened row-major into m*n tokens. Value x gets token
 1 + round(x / precision) + round(value_max / precision); MASK is token 0 (docs/FINDINGS.md, S1).

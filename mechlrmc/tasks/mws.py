@@ -1,4 +1,4 @@
-"""Moving-window sum (MWS), the plateau paper's main task (PAPER.md section 2).
+"""Moving-window sum (MWS), the plateau paper's main task (docs/FINDINGS.md, P0).
 
 Output j = (x_{j-k+1} + ... + x_j) mod p, the sum of the last `window` = k inputs (fewer at the
 start: output 1 = x_1). The paper's setting: 16 inputs uniform in 1..16, separator 17, k = 2,
@@ -37,7 +37,7 @@ class MWSConfig(SequenceConfig):
 
 
 def paper_model(**changes) -> ModelConfig:
-    """The plateau paper's model: a pre-LN GPT with linear causal attention (PAPER.md section 2)."""
+    """The plateau paper's model: a pre-LN GPT with linear causal attention (docs/FINDINGS.md, P0)."""
     values = dict(d_model=256, n_layers=1, n_heads=1, d_mlp=1024, norm="pre", causal=True,
                   attention="linear", init="gpt", act_fn="gelu_tanh", readout_bias=False,
                   mask_embedding_zero=False, ln_eps=1e-5, init_range=0.02)

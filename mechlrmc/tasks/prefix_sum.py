@@ -1,4 +1,4 @@
-"""Prefix sum mod p, a task of the plateau paper (PAPER.md section 2), in the MWS token format.
+"""Prefix sum mod p, a task of the plateau paper (docs/FINDINGS.md, P0), in the MWS token format.
 
 Output j = (x_1 + ... + x_j) mod p. Optimal attention map: the query predicting output j reads
 input j and the previous output (for j >= 2 that is the query's own token, output j-1).

@@ -1,4 +1,4 @@
-"""Reverse, a task of the plateau paper (PAPER.md section 2), in the MWS token format.
+"""Reverse, a task of the plateau paper (docs/FINDINGS.md, P0), in the MWS token format.
 
 Output j = x_{L+1-j}: the inputs backwards. Optimal attention map: the query predicting output j
 attends to input L+1-j. Preset `reverse`: the plateau paper's MWS model and training on this task.

@@ -1,4 +1,4 @@
-"""The plateau paper's sequence tasks in its token format (PAPER.md section 2), shared by
+"""The plateau paper's sequence tasks in its token format (docs/FINDINGS.md, P0), shared by
 `mws`, `prefix_sum` and `reverse`: each task says only how outputs follow from inputs and where a
 solving head looks.
 
