@@ -89,7 +89,7 @@ def _findings(ctx: FamilyContext) -> list[Part]:
 SECTIONS: list[Section] = [
     Section("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
             "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
-    Section("curves", "Loss curves", "finding 1", "Every run's eval L_mask on the step axis and aligned at its own "
+    Section("curves", "Loss curves", "finding 1", "Every run's phase loss (eval L_mask; a token task's output cross-entropy) on the step axis and aligned at its own "
             "drop.", _curves),
     Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
     Section("findings", "Findings across seeds", "findings 1-5, 8; P1-P5",

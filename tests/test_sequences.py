@@ -102,3 +102,16 @@ def test_the_plateau_papers_findings_on_planted_runs(tmp_path):
                             "drop_step": [np.nan, 120, 150, 180], "final_step": [300, 300, 300, 300]})
     p5 = intervention_findings(summary).set_index("seed").reproduced
     assert p5[0] and not p5[1]  # seed 0: c=2.5 dropped, c=0.5 never did; seed 1: c=2.5 dropped later
+
+
+def test_the_report_of_a_token_run_shows_the_sections_that_apply(tmp_path):
+    from analyses.report import build_report
+    from mechlrmc.train import train
+
+    run = train(preset("mws_tiny"), tmp_path / "mws", progress=False)
+    report = build_report(run, quick=True, progress=False, workers=1)
+    assert report.errors == {}
+    import re
+    sections = re.findall(r'<section id="([^"]+)" data-status="ok">', report.html)
+    assert sections == ["overview", "phases", "llc", "plateau_dynamics"]
+    assert "<script src=" not in report.html
