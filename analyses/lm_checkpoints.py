@@ -1,4 +1,4 @@
-"""The plateau paper's repetition bias and representation collapse (PAPER.md section 2), measured on
+"""The plateau paper's repetition bias and representation collapse (docs/FINDINGS.md, P1 and P2), measured on
 a series of Hugging Face causal-LM checkpoints saved locally, one folder per training step.
 
 The paper measured both on Pythia checkpoints (steps 0 to 10k) with 100 ARC-Easy questions and
@@ -129,7 +129,7 @@ def _greedy(model, ids: torch.Tensor, n_new: int) -> tuple[torch.Tensor, list[to
 def lm_repetition_collapse(
     model, tokenizer, prompts: Prompts, n_new: int = 8, references: Prompts | None = None
 ) -> pd.DataFrame:
-    """Repetition and collapse of one causal LM's greedy continuations (PAPER.md section 2).
+    """Repetition and collapse of one causal LM's greedy continuations (docs/FINDINGS.md, P1, P2).
 
     `prompts` are token-id tensors (a list of 1-D, or one 2-D [prompt, pos]) or, with a
     `tokenizer`, strings; `references` (same forms, optional) are their true continuations.
