@@ -41,6 +41,24 @@ def _evals(run: Run) -> pd.DataFrame:
     return evals
 
 
+def steepest_drop(steps: np.ndarray, log_loss: np.ndarray, window: int, tol: float
+                  ) -> tuple[np.ndarray, int, float, float, bool]:
+    """The drop of a logged loss curve: (the running-median smoothed log loss, the index of the
+    evaluation ending its steepest descent (after the first, untrained one; `len(steps)` when there
+    is no drop), the plateau level (median before the drop), the post-drop level (median of the
+    last `window`), whether it dropped (post < (1 - 2 tol) x plateau))."""
+    smooth = pd.Series(log_loss).rolling(window, center=True, min_periods=1).median().to_numpy()
+    slope = np.diff(smooth) / np.diff(steps)  # [n_evals - 1]
+    drop_index = int(np.argmin(slope[1:])) + 2  # skip the untrained model's first step
+    plateau = float(np.exp(np.median(log_loss[1:drop_index])))
+    post = float(np.exp(np.median(log_loss[-window:])))
+    dropped = post < (1 - 2 * tol) * plateau
+    if not dropped:
+        drop_index = len(steps)
+        plateau = float(np.exp(np.median(log_loss[1:])))
+    return smooth, drop_index, plateau, post, dropped
+
+
 def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
     """One-row table: plateau start/end/level, drop step, post-drop level and the analytic
     copy-and-zero plateau (finding 1, docs/FINDINGS.md), for L_mask and L. A run of a token task
@@ -54,15 +72,7 @@ def detect_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame:
     evals = _evals(run)
     steps = evals.step.to_numpy()
     log_mask = np.log(evals.eval_loss_mask.to_numpy())
-    smooth = pd.Series(log_mask).rolling(window, center=True, min_periods=1).median().to_numpy()
-    slope = np.diff(smooth) / np.diff(steps)  # [n_evals - 1]
-    drop_index = int(np.argmin(slope[1:])) + 2  # skip the untrained model's first step
-    plateau = float(np.exp(np.median(log_mask[1:drop_index])))
-    post = float(np.exp(np.median(log_mask[-window:])))
-    dropped = post < (1 - 2 * tol) * plateau
-    if not dropped:
-        drop_index = len(steps)
-        plateau = float(np.exp(np.median(log_mask[1:])))
+    smooth, drop_index, plateau, post, dropped = steepest_drop(steps, log_mask, window, tol)
     in_band = np.abs(np.exp(smooth) / plateau - 1) <= tol
     copying = (evals.eval_loss_obs.to_numpy() < tol * plateau) & (np.abs(np.exp(log_mask) / plateau - 1) <= tol)
     starts = np.flatnonzero(copying[:drop_index])

@@ -106,17 +106,11 @@ def sequence_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame
     evals = run.evals.sort_values("step").reset_index(drop=True)
     if "eval_loss_out" not in evals or len(evals) < 3:
         raise OptionError(f"{run.path}: sequence phases need at least 3 evaluations of eval_loss_out")
+    from analyses.phases import steepest_drop  # phases imports this module for token runs
+
     steps = evals.step.to_numpy()
     log_loss = np.log(evals.eval_loss_out.to_numpy())
-    smooth = pd.Series(log_loss).rolling(window, center=True, min_periods=1).median().to_numpy()
-    slope = np.diff(smooth) / np.diff(steps)
-    drop_index = int(np.argmin(slope[1:])) + 2
-    plateau = float(np.exp(np.median(log_loss[1:drop_index])))
-    post = float(np.exp(np.median(log_loss[-window:])))
-    dropped = post < (1 - 2 * tol) * plateau
-    if not dropped:
-        drop_index = len(steps)
-        plateau = float(np.exp(np.median(log_loss[1:])))
+    smooth, drop_index, plateau, post, dropped = steepest_drop(steps, log_loss, window, tol)
     band = np.flatnonzero(np.abs(np.exp(smooth[:drop_index]) / plateau - 1) <= tol)
     band = band[band >= 1]
     before = evals.iloc[band[0]:band[-1] + 1] if len(band) else evals.iloc[1:drop_index]
