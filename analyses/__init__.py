@@ -38,6 +38,9 @@ _EXPORTS = {  # module -> the names it exports here
     "attribution": ("attribution", "attribution_agreement", "attribution_sweep", "attribution_verdict", "compare_with_patching", "plot_attribution_vs_patching"),
     "llc": ("SGLDConfig", "llc_from_traces", "llc_per_step", "local_learning_coefficient", "plot_llc", "plot_sgld_traces", "sgld_traces"),
     "scrubber": ("pattern_frame", "plot_attention_scrubber", "save_attention_scrubber", "scrub_data"),
+    "sequences": ("attention_progress_native", "collapse_native", "native_measures", "partial_solution",
+                  "plot_native_dynamics", "plot_sequence_phases", "repetition_native", "sequence_phases"),
+    "sequence_findings": ("SEQUENCE_CRITERIA", "intervention_findings", "sequence_run_findings"),
     "lm_checkpoints": ("across_lm_checkpoints", "checkpoint_series", "consecutive_repetition", "lm_dynamics_summary", "lm_repetition_collapse", "mean_pairwise_cosine", "plot_lm_dynamics"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

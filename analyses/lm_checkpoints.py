@@ -77,15 +77,16 @@ def consecutive_repetition(tokens: Sequence[int] | torch.Tensor) -> float:
 
 
 def mean_pairwise_cosine(hidden: torch.Tensor) -> float:
-    """Mean cosine similarity over pairs of distinct positions, hidden [pos, d_model] -> float
-    (1: all parallel, i.e. collapsed; NaN for fewer than 2 positions)."""
-    n = hidden.shape[0]
+    """Mean cosine similarity over pairs of distinct positions, hidden [..., pos, d_model] -> float,
+    averaged over any leading (batch) axes (1: all parallel, i.e. collapsed; NaN for fewer than 2
+    positions). The one collapse measure of `analyses.sequences` and this module."""
+    n = hidden.shape[-2]
     if n < 2:
         return float("nan")
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
-    cos = unit @ unit.T  # [pos, pos]
+    cos = unit @ unit.transpose(-2, -1)  # [..., pos, pos]
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=hidden.device)
-    return float(cos[off_diagonal].mean())
+    return float(cos[..., off_diagonal].mean())
 
 
 def _as_ids(prompts: Prompts, tokenizer, what: str) -> list[torch.Tensor]:

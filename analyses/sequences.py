@@ -11,6 +11,8 @@ attention map.
   optimal map over the query rows that have one (P3);
 - `partial_solution(model, batch)`: the accuracy of each output position, greedy and
   teacher-forced (P4).
+Each is a view of `native_measures`, which computes all four from one greedy generation and one
+cached forward (what the report walks over the checkpoints).
 `sequence_phases(run)` finds the plateau and the drop on the outputs' cross-entropy. The LRMC
 analogues of these measures are in `analyses.dynamics`.
 """
@@ -23,9 +25,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
+from analyses.lm_checkpoints import mean_pairwise_cosine
 from mechlrmc.errors import OptionError
 from mechlrmc.runs import Run
 from mechlrmc.tasks import get_task
@@ -36,64 +38,26 @@ def _task(batch):
     return get_task(batch.cfg.task)
 
 
-@torch.no_grad()
 def repetition_native(model, batch) -> pd.DataFrame:
     """One row: `rep` of the greedy outputs, `rep_true` of the truth, and the greedy accuracy."""
-    generated = generate(model, batch.prompt, batch.length)
-    rep = float((generated[:, 1:] == generated[:, :-1]).float().mean())
-    truth = batch.outputs
-    rep_true = float((truth[:, 1:] == truth[:, :-1]).float().mean())
-    return pd.DataFrame([{"rep": rep, "rep_true": rep_true, "greedy_acc": float((generated == truth).float().mean())}])
+    return native_measures(model, batch)["repetition"]
 
 
-def mean_pairwise_cosine(hidden: torch.Tensor) -> float:
-    """Mean cosine similarity between distinct positions of `hidden` [batch, pos, d], over the batch."""
-    h = F.normalize(hidden.float(), dim=-1)
-    cos = h @ h.transpose(1, 2)
-    n = cos.shape[-1]
-    return float(((cos.sum((-2, -1)) - cos.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))).mean())
-
-
-@torch.no_grad()
 def collapse_native(model, batch) -> pd.DataFrame:
     """Per layer (`layer` l: after block l; `final`: after the final LayerNorm): `cos_scored`,
     the mean pairwise cosine of hidden states across the scored positions."""
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
-    scored = batch.scored
-    rows = [{"layer": str(l), "cos_scored": mean_pairwise_cosine(cache[name][:, scored])} for l, name in enumerate(names)]
-    if getattr(model, "ln_final", None) is not None:
-        final = model.ln_final(cache[names[-1]])
-        rows.append({"layer": "final", "cos_scored": mean_pairwise_cosine(final[:, scored])})
-    return pd.DataFrame(rows)
+    return native_measures(model, batch)["collapse"]
 
 
-@torch.no_grad()
 def attention_progress_native(model, batch) -> pd.DataFrame:
     """Per (layer, head): `share_on_map`, the share of |attention| on the optimal map, averaged
     over the query rows that have optimal cells and over the batch."""
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
-    on_map = _task(batch).optimal_attention_map(batch).to(batch.tokens.device)  # [b, q, k]
-    rows = on_map.any(-1).any(0)  # queries with a map
-    rows_out = []
-    for layer, name in enumerate(names):
-        pattern = cache[name].abs()[:, :, rows]  # [b, h, q, k]
-        share = (pattern * on_map[:, None, rows]).sum(-1) / pattern.sum(-1).clamp_min(1e-12)
-        for head in range(pattern.shape[1]):
-            rows_out.append({"layer": layer, "head": head, "share_on_map": float(share[:, head].mean())})
-    return pd.DataFrame(rows_out)
+    return native_measures(model, batch)["attention_progress"]
 
 
-@torch.no_grad()
 def partial_solution(model, batch) -> pd.DataFrame:
     """Per output position (1-based): the accuracy of the greedy outputs and the teacher-forced one."""
-    generated = generate(model, batch.prompt, batch.length)
-    greedy = (generated == batch.outputs).float().mean(0)
-    logits = model(batch.tokens)[:, batch.scored]
-    forced = (logits.argmax(-1) == batch.targets[:, batch.scored]).float().mean(0)
-    return pd.DataFrame({"position": np.arange(1, batch.length + 1), "greedy_acc": greedy.cpu().numpy(),
-                         "forced_acc": forced.cpu().numpy()})
+    return native_measures(model, batch)["partial_solution"]
 
 
 # ----- the plateau and the drop ------------------------------------------------------------------

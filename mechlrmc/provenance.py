@@ -80,16 +80,6 @@ def collect(device: torch.device | str = "cpu") -> dict[str, object]:
     }
 
 
-# fields that name a machine type: the same recipe and seed give the same numbers only on one
-MACHINE_FIELDS = ("cpu_id", "cpu_capability")
-
-
-def same_machine(a: dict | None, b: dict | None) -> bool:
-    """Whether two provenance records name one machine type (both record the same CPU id and ISA)."""
-    return a is not None and b is not None and all(
-        a.get(k) is not None and a.get(k) == b.get(k) for k in MACHINE_FIELDS)
-
-
 # What decides a run's floats, most decisive first: the vector ISA torch's CPU kernels dispatch to,
 # then the software that computes; the CPU id within one ISA has not been seen to change them.
 SOFTWARE_FIELDS = ("torch", "python", "transformer_lens")
