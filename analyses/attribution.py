@@ -13,7 +13,9 @@ batch is stacked twice and each copy is back-propagated from one metric.
 
 The estimate is exact when the output is linear in the patched activation (e.g. the last MLP's
 output with no final LayerNorm). Where LayerNorm, GELU or softmax bend the path it can miss
-badly; `compare_with_patching` and `attribution_agreement` measure by how much.
+badly; `compare_with_patching` and `attribution_agreement` measure by how much, for this estimate
+and for the two of `analyses.integrated_gradients`, which integrate the gradient along the path
+instead (each layer on its own path, or all layers of a site on one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from mechlrmc.config import DataConfig
 from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.model import HookedEncoder
 
-HOLDS_PEARSON = 0.9  # attribution_verdict: the linear estimate holds at Pearson >= this
+ESTIMATORS = ("attribution", "integrated_gradients", "joint_integrated_gradients")  # columns of `compare_with_patching`
+HOLDS_PEARSON = 0.9  # attribution_verdict: an estimate holds at Pearson >= this
 FAILS_PEARSON = 0.5  # ... and fails below this
 
 
@@ -66,6 +69,22 @@ def _gradients(model: HookedEncoder, tokens: torch.Tensor, names: list[str], wei
     return values, {n: g.view(2, b, *g.shape[1:]) for n, g in zip(names, grads)}
 
 
+def patch_estimates(grids: dict[tuple[str, str], list[tuple[int, int, int]]],
+                    entries: dict[tuple[str, str], dict[int, torch.Tensor]], n_heads: int, pos: int) -> pd.DataFrame:
+    """The table of patch estimates from per-entry ones: each patch of `grids` ((site, granularity)
+    -> patches) is the sum of `entries[site, granularity][layer]` ([2, pos, (head)], the masked and
+    observed metrics) over the entries it replaces."""
+    frames = []
+    for (site, granularity), grid in grids.items():
+        per_layer = entries[site, granularity]
+        masks = _masks(grid, pos, n_heads, site).float()  # [K, pos, (head)]
+        per_patch = torch.stack([per_layer[l] for l, _, _ in grid], 1)  # [2, K, pos, (head)]
+        estimate = (per_patch * masks.to(per_patch)).flatten(2).sum(-1)  # [2, K]
+        frame = _frame(grid, {"recovery_mask": estimate[0], "recovery_obs": estimate[1]})
+        frames.append(frame.assign(site=site, granularity=granularity))
+    return pd.concat(frames, ignore_index=True)
+
+
 def attribution_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
                       sites: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
     """First-order recovery of every patch of every (site, granularity) in `sites` (default
@@ -83,15 +102,8 @@ def attribution_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
     corrupt_acts, grads = _gradients(model, corrupt_tokens, names, weights)
     # per name: the estimate of each entry, summed over the batch and the feature axis [2, pos, (head)]
     per_entry = {n: ((clean_cache[n] - corrupt_acts[n]) * grads[n]).sum(-1).sum(1) for n in names}
-    frames = []
-    for (site, granularity), grid in grids.items():
-        masks = _masks(grid, clean_tokens.shape[1], model.cfg.n_heads, site).to(device).float()  # [K, pos, (head)]
-        layer_of = [l for l, _, _ in grid]
-        entries = torch.stack([per_entry[hook_name(site, l)] for l in layer_of], 1)  # [2, K, pos, (head)]
-        estimate = (entries * masks).flatten(2).sum(-1)  # [2, K]
-        frame = _frame(grid, {"recovery_mask": estimate[0], "recovery_obs": estimate[1]})
-        frames.append(frame.assign(site=site, granularity=granularity))
-    return pd.concat(frames, ignore_index=True)
+    entries = {(s, g): {l: per_entry[hook_name(s, l)] for l, _, _ in grid} for (s, g), grid in grids.items()}
+    return patch_estimates(grids, entries, model.cfg.n_heads, clean_tokens.shape[1])
 
 
 def attribution(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
@@ -103,43 +115,61 @@ def attribution(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corrup
 
 
 def compare_with_patching(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
-                          sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
+                          sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0,
+                          steps: int | None = None) -> pd.DataFrame:
     """Exact (batched) patching and attribution side by side: one row per patch and metric, with
-    columns `exact` and `attribution`."""
+    columns `exact` and `attribution`, and, if `steps` is given, `integrated_gradients` and
+    `joint_integrated_gradients` (`steps` points each)."""
+    from analyses.integrated_gradients import (  # it builds on this module
+        integrated_gradients_sweep, joint_integrated_gradients_sweep)
+
     keys = ["site", "granularity", "layer", "pos", "head"]
-    exact = patching(model, batch, data_cfg, corruption, sites or DEFAULT_SITES, seed)
-    approx = attribution(model, batch, data_cfg, corruption, sites, seed)
+    sites = sites or DEFAULT_SITES
+    corrupted = corrupt(batch, corruption, data_cfg, seed)
+    frames = {"exact": patching(model, batch, data_cfg, corruption, sites, seed),
+              "attribution": attribution_sweep(model, batch, corrupted, sites)}
+    if steps is not None:
+        frames["integrated_gradients"] = integrated_gradients_sweep(model, batch, corrupted, sites, steps)
+        frames["joint_integrated_gradients"] = joint_integrated_gradients_sweep(model, batch, corrupted, sites, steps)
     long = [f.melt(id_vars=keys, value_vars=["recovery_mask", "recovery_obs"], var_name="metric", value_name=name)
-            for f, name in ((exact, "exact"), (approx, "attribution"))]
-    return long[0].merge(long[1], on=[*keys, "metric"]).assign(corruption=corruption)
+            for name, f in frames.items()]
+    out = long[0]
+    for other in long[1:]:
+        out = out.merge(other, on=[*keys, "metric"])
+    return out.assign(corruption=corruption)
 
 
 def attribution_agreement(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per (step,) site, granularity and metric: Pearson and Spearman correlation of attribution
-    with exact patching, the largest miss and the slope of attribution on exact."""
+    """Per estimator (each of ESTIMATORS that `frame` has a column of), (step,) site, granularity
+    and metric: Pearson and Spearman correlation of the estimate with exact patching, the largest
+    miss and the slope of the estimate on exact."""
     by = [c for c in ("step", "site", "granularity", "metric") if c in frame]
 
     def agree(part: pd.DataFrame) -> pd.Series:
-        x, y = part.exact.to_numpy(), part.attribution.to_numpy()
+        x, y = part.exact.to_numpy(), part.estimate.to_numpy()
         varied = len(part) > 2 and x.std() > 0 and y.std() > 0
         return pd.Series({
             "patches": len(part),
-            "pearson": part.exact.corr(part.attribution) if varied else float("nan"),
-            "spearman": part.exact.rank().corr(part.attribution.rank()) if varied else float("nan"),  # of ranks
+            "pearson": part.exact.corr(part.estimate) if varied else float("nan"),
+            "spearman": part.exact.rank().corr(part.estimate.rank()) if varied else float("nan"),  # of ranks
             "max_abs_error": float(abs(y - x).max()),
             "slope": float((x * y).sum() / (x * x).sum()) if (x * x).sum() > 0 else float("nan"),
         })
 
-    return frame.groupby(by, sort=False)[["exact", "attribution"]].apply(agree).reset_index()
+    tables = [frame.rename(columns={name: "estimate"}).groupby(by, sort=False)[["exact", "estimate"]].apply(agree)
+              .reset_index().assign(estimator=name) for name in ESTIMATORS if name in frame]
+    out = pd.concat(tables, ignore_index=True)
+    return out[["estimator", *out.columns[:-1]]]
 
 
 def attribution_verdict(agreement: pd.DataFrame, moments: dict[str, int]) -> pd.DataFrame:
-    """Where the linear estimate holds and where it fails (finding 6), per checkpoint: one row per
-    (moment, step, site, granularity) of `attribution_agreement` at the steps of `moments`
+    """Where each estimate holds and where it fails (finding 6), per checkpoint: one row per
+    (moment, step, estimator, site, granularity) of `attribution_agreement` at the steps of `moments`
     ({name: step}, in its order), with its `pearson` and a `verdict`: "holds" (pearson >=
     HOLDS_PEARSON), "fails" (< FAILS_PEARSON) or "partial". Rows without a Pearson correlation
-    (a constant estimate or exact recovery) are left out. A `metric` column is kept if present."""
-    keys = [c for c in ("site", "granularity", "metric") if c in agreement]
+    (a constant estimate or exact recovery) are left out. `estimator` and `metric` columns are kept
+    if present."""
+    keys = [c for c in ("estimator", "site", "granularity", "metric") if c in agreement]
     frames = [agreement[agreement.step == step].dropna(subset=["pearson"])[[*keys, "pearson"]]
               .assign(moment=moment, step=step) for moment, step in moments.items()]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*keys, "pearson", "moment", "step"])
@@ -149,9 +179,11 @@ def attribution_verdict(agreement: pd.DataFrame, moments: dict[str, int]) -> pd.
     return out.assign(verdict=verdict)[["moment", "step", *keys, "pearson", "verdict"]]
 
 
-def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_mask", step: int | None = None):
-    """Scatter of attribution against exact recovery, one panel per site / granularity, the
-    diagonal marking perfect agreement; with a `step` column, one colour per step (or only `step`)."""
+def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_mask", step: int | None = None,
+                                 estimator: str = "attribution"):
+    """Scatter of an estimate (a column of ESTIMATORS) against exact recovery, one panel per site /
+    granularity, the diagonal marking perfect agreement; with a `step` column, one colour per step
+    (or only `step`)."""
     part = frame[frame.metric == metric].copy()
     if step is not None:
         part = part[part.step == step]
@@ -159,9 +191,9 @@ def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_ma
     color = "step" if "step" in part and part.step.nunique() > 1 else None
     if color:
         part["step"] = part.step.astype(str)
-    fig = px.scatter(part, x="exact", y="attribution", color=color, facet_col="panel", facet_col_wrap=4,
+    fig = px.scatter(part, x="exact", y=estimator, color=color, facet_col="panel", facet_col_wrap=4,
                      hover_data=["layer", "pos", "head"], opacity=0.6,
-                     title=f"Attribution patching against exact patching: {metric} (finding 6)")
+                     title=f"{estimator.replace('_', ' ').capitalize()} against exact patching: {metric} (finding 6)")
     for trace_x, trace_y in {(t.xaxis, t.yaxis) for t in fig.data}:  # the diagonal in each panel's own range
         points = [v for t in fig.data if (t.xaxis, t.yaxis) == (trace_x, trace_y) for v in (*t.x, *t.y)]
         lo, hi = float(min(points)), float(max(points))
@@ -175,10 +207,12 @@ def plot_attribution_vs_patching(frame: pd.DataFrame, metric: str = "recovery_ma
 # ----- registry entry (analyses.registry) -------------------------------------------------------
 
 def attribution_tables(ctx) -> dict[str, pd.DataFrame]:
-    """Attribution and exact patching at the key checkpoints, clean X against -X."""
+    """Attribution, both integrated gradients and exact patching at the key checkpoints, clean X against -X."""
+    from analyses.integrated_gradients import DEFAULT_STEPS
+
     batch = ctx.batch[: ctx.budget.patch_batch]
-    frames = [compare_with_patching(ctx.model(step), batch, ctx.run.config.data).assign(step=step, moment=moment)
-              for moment, step in ctx.key.items()]
+    frames = [compare_with_patching(ctx.model(step), batch, ctx.run.config.data, steps=DEFAULT_STEPS)
+              .assign(step=step, moment=moment) for moment, step in ctx.key.items()]
     frame = pd.concat(frames, ignore_index=True)
     agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])
     return {"attribution": frame, "attribution_agreement": agreement,
@@ -186,16 +220,30 @@ def attribution_tables(ctx) -> dict[str, pd.DataFrame]:
 
 
 def attribution_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    from analyses.integrated_gradients import DEFAULT_STEPS
+
     frame, agreement = tables["attribution"], tables["attribution_agreement"]
     first, last = min(ctx.key.values()), max(ctx.key.values())
-    table = agreement.pivot(index=["site", "granularity"], columns="step", values=["pearson", "spearman", "slope"])
+    table = agreement.pivot(index=["estimator", "site", "granularity"], columns="step",
+                            values=["pearson", "spearman", "slope"])
     return {"note": f"<p>Clean X against -X, {min(len(ctx.batch), ctx.budget.patch_batch)} matrices, recovery at "
                     f"masked positions; checkpoints {', '.join(f'{m} {s}' for m, s in ctx.key.items())}. Dotted line: "
-                    "attribution = exact. -X is not a small perturbation: where the path from -X to X crosses "
-                    "LayerNorm, GELU and softmax curvature the first-order estimate misses.</p>",
+                    "estimate = exact. -X is not a small perturbation: where the path from -X to X crosses "
+                    "LayerNorm, GELU and softmax curvature the first-order estimate misses. Integrated gradients "
+                    f"({DEFAULT_STEPS} points along each layer's path, positions moved in groups that share no row or "
+                    "column, `analyses.integrated_gradients`) follows the path; it costs about as much as the "
+                    "batched exact sweep on this small model. Joint integrated gradients moves every layer of a "
+                    "site on one path with the same points: several times cheaper, and it misses the interaction "
+                    "between the layers.</p>",
             "attribution_verdict": tables["attribution_verdict"],
             "attribution_first": plot_attribution_vs_patching(frame, step=first).update_layout(
                 title=f"Attribution against exact patching at step {first}"),
             "attribution_last": plot_attribution_vs_patching(frame, step=last).update_layout(
                 title=f"Attribution against exact patching at step {last}"),
+            "integrated_gradients_last": plot_attribution_vs_patching(
+                frame, step=last, estimator="integrated_gradients").update_layout(
+                title=f"Integrated gradients ({DEFAULT_STEPS} steps) against exact patching at step {last}"),
+            "joint_integrated_gradients_last": plot_attribution_vs_patching(
+                frame, step=last, estimator="joint_integrated_gradients").update_layout(
+                title=f"Joint integrated gradients ({DEFAULT_STEPS} steps) against exact patching at step {last}"),
             "attribution_table": table}

@@ -20,6 +20,7 @@ import pandas as pd
 
 from analyses.walk import Steps, across_checkpoints, analysis_batch, select_steps
 from mechlrmc.runs import Run
+from mechlrmc.tasks.tokens import SequenceBatch
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,13 @@ class Context:
 
     @cached_property
     def taxonomy(self) -> pd.DataFrame:
-        """`head_taxonomy` at every checkpoint (or the asked ones) and the key checkpoints."""
+        """The heads' labels at every checkpoint (or the asked ones) and the key checkpoints:
+        LRMC's `head_taxonomy` (row, column, self, observed-only); on a sequence task each head's
+        share of attention on the task's optimal map (`sequences.head_map_share`, "map 0.72")."""
         from analyses.heads import head_taxonomy
+        from analyses.sequences import head_map_share
 
-        return self.walk(head_taxonomy, steps=sorted({*self.every_step, *self.key.values()}))
+        steps = sorted({*self.every_step, *self.key.values()})
+        if isinstance(self.batch, SequenceBatch):
+            return self.walk(head_map_share, steps=steps).assign(queries="all")
+        return self.walk(head_taxonomy, steps=steps)

@@ -37,9 +37,20 @@ class FamilyContext:
     def summary(self) -> pd.DataFrame:
         return family_summary(self.runs)
 
+    quick: bool = False
+
     @cached_property
     def findings(self) -> pd.DataFrame:
-        return family_findings(self.runs, self.batch_size, self.n_matrices, progress=self.progress)
+        """`family_findings`, with the sweep directory's `interventions/` and `freeze/` runs where present."""
+        extra = {name: self.path / name for name in ("interventions", "freeze")
+                 if self.path is not None and (self.path / name).is_dir()}
+        return family_findings(self.runs, self.batch_size, self.n_matrices, progress=self.progress, **extra)
+
+    @cached_property
+    def early_warning(self) -> dict[str, pd.DataFrame]:
+        from analyses.early_warning import family_early_warning
+
+        return family_early_warning(self.runs, hessian=not self.quick, progress=self.progress)
 
 
 def _overview(ctx: FamilyContext) -> list[Part]:
@@ -86,14 +97,27 @@ def _findings(ctx: FamilyContext) -> list[Part]:
             "checkpoint.</p>", table]
 
 
+def _early_warning(ctx: FamilyContext) -> list[Part]:
+    from analyses.early_warning import drop_aligned_figure
+
+    tables = ctx.early_warning
+    return ["<p>Per measure: in how many runs it has covered 10 % (50 %) of its change from the plateau's level "
+            "to the end before the drop, and the lead in steps (median, min, max; positive: before the drop)."
+            + (" Quick mode: no Hessian." if ctx.quick else "") + "</p>",
+            tables["early_warning"], drop_aligned_figure(tables)]
+
+
 SECTIONS: list[Section] = [
     Section("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
             "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
     Section("curves", "Loss curves", "finding 1", "Every run's phase loss (eval L_mask; a token task's output cross-entropy) on the step axis and aligned at its own "
             "drop.", _curves),
     Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
-    Section("findings", "Findings across seeds", "findings 1-5, 8; P1-P5",
+    Section("findings", "Findings across seeds", "findings 1-11; P0-P5",
             "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
+    Section("early_warning", "Early warnings of the drop", "P3",
+            "Which measure moves first: every trajectory measure's lead over each run's drop, and the measures "
+            "aligned at the drop.", _early_warning),
 ]
 
 
@@ -102,7 +126,7 @@ def build_family_report(source, quick: bool = False, progress: bool = True) -> R
     path = Path(source) if isinstance(source, (str, Path)) else None
     runs = family_runs(source)
     ctx = FamilyContext(path, runs, batch_size=128 if quick else 512, n_matrices=16 if quick else 64,
-                        progress=progress)
+                        progress=progress, quick=quick)
     name = path.name if path is not None else f"{len(runs)} runs"
     from analyses.sequence_findings import SEQUENCE_CRITERIA
 

@@ -97,8 +97,10 @@ ANALYSES: list[Analysis] = [
            "level E[X^2]; a sequence task: the outputs' cross-entropy, greedy accuracy and repetition).", "phases",
            steps="all", tasks=None),
     _entry("llc", "Local learning coefficient", "finding 1",
-           "The LLC (SGLD estimate of the effective dimension, halved) at the checkpoints around the drop under "
-           "the loss curves: does the drop show as a change in the model's effective complexity?", "llc", tasks=None),
+           "The calibrated LLC (SGLD estimate of the effective dimension, halved; settings chosen once per run and "
+           "checked: checkpoints whose diagnostics fail are hollow) at the checkpoints around the drop under the "
+           "loss curves: does the drop show as a change in the model's effective complexity?", "llc_report",
+           tasks=None),
     _entry("copy", "Copy check", "finding 2",
            "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
            "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
@@ -120,13 +122,14 @@ ANALYSES: list[Analysis] = [
            "Share of each head's attention on the query's row, column, itself or observed keys, per checkpoint "
            "(random masks, and the fixed structured mask); letters: R row, C column, S self, O observed-only; "
            "and the step from which each head keeps its final label.", "heads", steps="all"),
-    _entry("views", "Attention at the key checkpoints", "finding 4",
-           "circuitsvis patterns of every head averaged over random masks and for one example, on the plateau, "
-           "at the drop and at the end.", "views",
+    _entry("views", "Attention at the key checkpoints", "finding 4, P3",
+           "circuitsvis patterns of every head averaged over the analysis batch (random masks, or sequences) and "
+           "for one example, on the plateau, at the drop and at the end.", "views", tasks=None,
            options=(Option("--views", "steps to draw (default: the key checkpoints)", int, "+"),)),
-    _entry("scrubber", "Attention across training", "finding 4",
+    _entry("scrubber", "Attention across training", "finding 4, P3",
            "Every head's average attention pattern at every checkpoint behind one slider, titled with its "
-           "taxonomy label: the row and column heads forming.", "scrubber", steps="all"),
+           "taxonomy label (LRMC: the row and column heads forming) or its share on the task's optimal map.",
+           "scrubber", steps="all", tasks=None),
     _entry("ablation", "Head ablation", "finding 5",
            "Change in L_mask when one head is zeroed or mean-ablated: which heads the completion needs.", "ablation",
            options=(Option("--kinds", "ablations (default zero mean)", str, "+", ("zero", "mean", "uniform")),)),
@@ -136,9 +139,15 @@ ANALYSES: list[Analysis] = [
            options=(Option("--corruption", "corruption of the clean matrices", str,
                            choices=("negate", "resample", "shuffle_rows")),)),
     _entry("attribution", "Attribution patching", "finding 6",
-           "The first-order estimate of patching, (clean - corrupted activation) x gradient, against exact "
-           "patching for every site at the key checkpoints: where the linear estimate holds and fails.",
+           "The first-order estimate of patching, (clean - corrupted activation) x gradient, and integrated "
+           "gradients along each layer's clean-to-corrupted path, against exact patching for every site at the "
+           "key checkpoints: where each estimate holds and fails.",
            "attribution"),
+    _entry("sequence_patching", "Activation patching and attribution", "finding 6, P4",
+           "Recovery of the clean answer's logit difference when one site's clean activation (per layer and "
+           "position; z per head) is patched into a run on other sequences of the batch: exact patching beside its "
+           "first-order estimate, on the plateau, at the drop and at the end.", "sequence_patching", tasks=None,
+           requires="outputs"),
     _entry("probes", "Linear probes", "finding 7",
            "Test R^2 of linear probes at masked positions, per layer and checkpoint: which layer stores the entry, "
            "its row and column and the singular vectors, and from when.", "probes",
@@ -158,6 +167,12 @@ ANALYSES: list[Analysis] = [
            "Repetition of the greedy outputs against the truth's, collapse of the hidden states at every layer, "
            "each head's attention on the task's optimal map, and the accuracy of every output position, at "
            "every checkpoint.", "sequences", tasks=None, requires="outputs", steps="all"),
+    _entry("early_warning", "Early warnings of the drop", "P3",
+           "Every trajectory measure (attention progress per head, collapse, repetition, weight and gradient norms "
+           "per component, the top Hessian eigenvalue, the essential dynamics) against the drop: the step at which "
+           "it has covered 10 % and 50 % of its change, and its lead over the drop.", "early_warning", tasks=None,
+           steps="all", options=(Option("--hessian", "also the top Hessian eigenvalue at every checkpoint (slow; "
+                                        "default no; the family report has it)", str, choices=("yes", "no")),)),
     _entry("interventions", "Attention intervention", "P5, finding 11",
            "Runs trained with attention scaled toward the optimal map by c: plateau length against c.", "dynamics",
            needs="interventions", options=(Option("--interventions", "a `mechlrmc analyze intervention` folder"),)),

@@ -1,6 +1,7 @@
 """Attention across training, scrubbed: one figure whose slider walks through the checkpoints.
 
-Every head's attention pattern averaged over a batch of random masks ([layer, head, query, key]),
+Every head's attention pattern averaged over a batch of random masks, or of sequences on a
+sequence task ([layer, head, query, key]),
 drawn as a layers x heads grid of heatmaps, each titled with the head's taxonomy label at that
 checkpoint (`analyses.heads.head_taxonomy`). Moving the slider swaps the patterns and labels, so a
 reader watches the row and column heads of finding 4 (docs/FINDINGS.md) form around the drop. The figure is
@@ -19,7 +20,9 @@ from plotly.subplots import make_subplots
 
 from analyses.cache import mean_patterns
 from analyses.heads import head_taxonomy
-from analyses.walk import Steps, across_checkpoints
+from analyses.sequences import head_map_share
+from analyses.views import token_names
+from analyses.walk import Steps, across_checkpoints, analysis_batch
 from mechlrmc.tasks.lrmc import Batch
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
@@ -36,29 +39,38 @@ def pattern_frame(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
 
 def scrub_data(run: Run, steps: Steps = None, batch: Batch | None = None, progress: bool = True
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(average patterns, taxonomy over all queries) at every selected checkpoint (default: all)."""
+    """(average patterns, head labels over all queries) at every selected checkpoint (default:
+    all); the labels are LRMC's taxonomy, or a sequence task's share on its optimal map."""
     patterns = across_checkpoints(run, pattern_frame, steps=steps, batch=batch, progress=progress)
-    taxonomy = across_checkpoints(run, head_taxonomy, steps=steps, batch=batch, progress=progress, queries="all")
-    return patterns, taxonomy
+    if run.config.data.task == "lrmc":
+        labels = across_checkpoints(run, head_taxonomy, steps=steps, batch=batch, progress=progress, queries="all")
+    else:
+        labels = across_checkpoints(run, head_map_share, steps=steps, batch=batch, progress=progress).assign(queries="all")
+    return patterns, labels
 
 
 def _title(layer: int, head: int, label: str) -> str:
     return f"L{layer}H{head} {label}"
 
 
-def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: int, n: int,
-                            drop_step: float | None = None) -> go.Figure:
+def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: int | None = None,
+                            n: int | None = None, drop_step: float | None = None,
+                            names: list[str] | None = None, causal: bool = False) -> go.Figure:
     """Layers x heads grid of average attention patterns with a slider over checkpoints; subplot
-    titles carry each head's label at that step (row heads blue, column heads red)."""
+    titles carry each head's label at that step (LRMC: row heads blue, column heads red; a sequence
+    task: its share on the optimal map). Positions are LRMC's `r{i}c{j}` of an m x n matrix, or
+    the given `names` (`views.token_names`); a `causal` model's upper triangle is left blank."""
     steps = sorted(patterns.step.unique())
-    layers, heads, pos = int(patterns.layer.max()) + 1, int(patterns["head"].max()) + 1, m * n
+    names = names or [f"r{i}c{j}" for i in range(m) for j in range(n)]
+    layers, heads, pos = int(patterns.layer.max()) + 1, int(patterns["head"].max()) + 1, len(names)
     found = patterns["query"].max() + 1
     if found != pos:
-        raise ValueError(f"patterns have {found} positions: expected m*n = {pos}")
+        raise ValueError(f"patterns have {found} positions: expected " + (f"m*n = {pos}" if m else f"{pos} names"))
     grids = (patterns.sort_values(["step", "layer", "head", "query", "key"]).weight.to_numpy()
              .astype(float).reshape(len(steps), layers, heads, pos, pos).round(3))
+    if causal:  # blank, not zero, above the diagonal
+        grids[..., np.triu_indices(pos, 1)[0], np.triu_indices(pos, 1)[1]] = np.nan
     labels = taxonomy[taxonomy.queries == "all"].set_index(["step", "layer", "head"]).label
-    names = [f"r{i}c{j}" for i in range(m) for j in range(n)]
     fig = make_subplots(rows=layers, cols=heads, horizontal_spacing=0.012, vertical_spacing=0.05,
                         subplot_titles=[_title(l, h, labels.get((steps[0], l, h), "")) for l in range(layers)
                                         for h in range(heads)])
@@ -81,22 +93,28 @@ def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: i
     for i, (l, h) in enumerate((l, h) for l in range(layers) for h in range(heads)):
         fig.layout.annotations[i].font = dict(size=10, color=LABEL_COLOURS.get(labels.get((steps[0], l, h)), "#444"))
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False, autorange="reversed")
+    low, high = min(0.0, float(np.nanquantile(grids, 0.005))), float(np.nanquantile(grids, 0.995))
+    signed = low < 0  # linear attention: signed scores on a diverging scale
+    colours = "RdBu_r" if signed else "Viridis"
     return fig.update_layout(
-        title="Average attention of every head across training (queries down, keys across; title: taxonomy label)",
-        coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=float(np.quantile(grids, 0.995)),
+        title="Average attention of every head across training (queries down, keys across; title: head label)",
+        coloraxis=dict(colorscale=colours, cmin=low, cmax=high, **({"cmid": 0.0} if signed else {}),
                        colorbar=dict(title="weight<br>(top 0.5 %<br>saturated)")),
         sliders=[dict(active=0, steps=slider_steps, currentvalue=dict(prefix="checkpoint "), pad=dict(t=30))],
-        template="plotly_white", height=170 * layers + 200, margin=dict(l=30, r=30, t=80, b=30))
+        template="plotly_white", height=int(min(600, max(170, 1000 / heads)) * layers) + 200,
+        margin=dict(l=30, r=30, t=80, b=30))
 
 
 def save_attention_scrubber(run: Run, path: str | Path, steps: Steps = None, batch: Batch | None = None,
                             drop_step: float | None = None, progress: bool = True) -> Path:
     """Compute `scrub_data` and write the scrubber as one offline HTML file (plotly.js inlined)."""
+    batch = batch if batch is not None else analysis_batch(run)
     patterns, taxonomy = scrub_data(run, steps, batch, progress)
-    data = run.config.data
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_attention_scrubber(patterns, taxonomy, data.m, data.n, drop_step).write_html(path, include_plotlyjs=True)
+    fig = plot_attention_scrubber(patterns, taxonomy, drop_step=drop_step, names=token_names(batch),
+                                  causal=run.config.model.causal)
+    fig.write_html(path, include_plotlyjs=True)
     return path
 
 
@@ -111,10 +129,15 @@ def scrubber_tables(ctx) -> dict[str, pd.DataFrame]:
 
 
 def scrubber_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
-    data, patterns = ctx.run.config.data, tables["patterns"]
+    patterns = tables["patterns"]
     steps = sorted(patterns.step.unique())
-    note = (f"<p>{len(steps)} checkpoints, patterns averaged over {min(SCRUB_BATCH, len(ctx.batch))} random masks. "
-            "Drag the slider: titles give each head's label at that step (row heads blue, column heads red).</p>")
+    sequences = ctx.run.config.data.task != "lrmc"
+    over = "sequences" if sequences else "random masks"
+    labels = ("share of attention on the task's optimal map" if sequences
+              else "label at that step (row heads blue, column heads red)")
+    note = (f"<p>{len(steps)} checkpoints, patterns averaged over {min(SCRUB_BATCH, len(ctx.batch))} {over}. "
+            f"Drag the slider: titles give each head's {labels}.</p>")
     taxonomy = ctx.taxonomy[ctx.taxonomy.step.isin(steps)]
-    return {"note": note,
-            "scrubber": plot_attention_scrubber(patterns, taxonomy, data.m, data.n, ctx.phases.drop_step)}
+    fig = plot_attention_scrubber(patterns, taxonomy, drop_step=ctx.phases.drop_step, names=token_names(ctx.batch),
+                                  causal=ctx.run.config.model.causal)
+    return {"note": note, "scrubber": fig}

@@ -78,9 +78,10 @@ def sequence_run_findings(run: Run) -> list[dict]:
 INTERVENTION_KEY = "train.attn_intervention_scale"
 
 
-def intervention_findings(summary: pd.DataFrame) -> pd.DataFrame:
-    """P5 per seed, from a family summary whose runs vary `train.attn_intervention_scale`: the
-    largest scale above 1 against the smallest below 1 (a run that never dropped: its last step)."""
+def intervention_findings(summary: pd.DataFrame, finding: str = "P5") -> pd.DataFrame:
+    """P5 (finding 11 on LRMC) per seed, from a family summary whose runs vary
+    `train.attn_intervention_scale`: the largest scale above 1 against the smallest below 1 (a run
+    that never dropped: its last step)."""
     if INTERVENTION_KEY not in summary:
         return pd.DataFrame()
     rows = []
@@ -92,6 +93,6 @@ def intervention_findings(summary: pd.DataFrame) -> pd.DataFrame:
         hi, lo = up.loc[up[INTERVENTION_KEY].idxmax()], down.loc[down[INTERVENTION_KEY].idxmin()]
         text = (f"c={hi[INTERVENTION_KEY]:g}: {'drop at %.0f' % hi.drop_step if not pd.isna(hi.drop_step) else 'no drop by %d' % hi.final_step}; "
                 f"c={lo[INTERVENTION_KEY]:g}: {'drop at %.0f' % lo.drop_step if not pd.isna(lo.drop_step) else 'no drop by %d' % lo.final_step}")
-        rows.append({"run": f"seed={seed}", "seed": seed, "finding": "P5", "value": text,
+        rows.append({"run": f"seed={seed}", "seed": seed, "finding": finding, "value": text,
                      "reproduced": bool(hi.effective_drop < lo.effective_drop), "step": math.nan})
     return pd.DataFrame(rows)

@@ -66,7 +66,8 @@ def sequence_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame
     """One row, as `detect_phases` gives for LRMC: plateau start/end and level of the outputs'
     cross-entropy (`eval_loss_out`), the drop step (the steepest descent of its smoothed log,
     after the first evaluation), whether the run dropped (post-drop level below 1 - 2 tol of the
-    plateau), and the greedy accuracy and repetition on the plateau and at the end."""
+    plateau), the task's analytic plateau levels (`analytic_*`, `Task.plateau`), and the greedy
+    accuracy and repetition on the plateau and at the end."""
     evals = run.evals.sort_values("step").reset_index(drop=True)
     if "eval_loss_out" not in evals or len(evals) < 3:
         raise OptionError(f"{run.path}: sequence phases need at least 3 evaluations of eval_loss_out")
@@ -84,6 +85,7 @@ def sequence_phases(run: Run, window: int = 3, tol: float = 0.1) -> pd.DataFrame
         "drop_step": int(steps[drop_index]) if dropped else math.nan,
         "dropped": dropped,
         "plateau_loss_out": plateau,
+        **{f"analytic_{k}": v for k, v in get_task(run.config.data.task).plateau(run.config.data).items()},
         "post_drop_loss_out": post,
         "plateau_greedy_acc": float(before.eval_greedy_acc.median()),
         "plateau_max_rep": float(before.eval_rep.max()),
@@ -109,6 +111,11 @@ def plot_sequence_phases(run: Run, phases: pd.DataFrame) -> go.Figure:
                                       ("eval_collapse", "collapse (mean cosine)", "#8c564b", "solid")):
         if column in evals:
             fig.add_scatter(x=evals.step, y=evals[column], name=name, row=2, col=1, line=dict(color=color, dash=dash))
+    for column, text, where in (("analytic_loss_out", "no information", "top right"),
+                                ("analytic_loss_out_first_solved", "output 1 solved, the rest marginal", "bottom right")):
+        if column in p and not pd.isna(p[column]):
+            fig.add_hline(y=p[column], line_dash="dash", line_color="gray", line_width=1, row=1, col=1,
+                          annotation_text=f"{text} {p[column]:.3f}", annotation_position=where)
     for name in ("plateau_start", "plateau_end", "drop_step"):
         if not pd.isna(p[name]):
             fig.add_vline(x=p[name], line_dash="dot", line_color="gray", annotation_text=name.replace("_", " "))
@@ -167,19 +174,35 @@ def native_measures(model, batch) -> dict[str, pd.DataFrame]:
     if getattr(model, "ln_final", None) is not None:
         final = model.ln_final(cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"])
         collapse.append({"layer": "final", "cos_scored": mean_pairwise_cosine(final[:, scored])})
-    on_map = _task(batch).optimal_attention_map(batch).to(batch.tokens.device)
-    rows = on_map.any(-1).any(0)
-    progress = []
-    for layer in range(model.cfg.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].abs()[:, :, rows]
-        share = (pattern * on_map[:, None, rows]).sum(-1) / pattern.sum(-1).clamp_min(1e-12)
-        progress += [{"layer": layer, "head": h, "share_on_map": float(share[:, h].mean())} for h in range(share.shape[1])]
+    progress = _map_shares(cache, batch, model.cfg.n_layers)
     forced = (logits[:, scored].argmax(-1) == batch.targets[:, scored]).float().mean(0)
     partial = pd.DataFrame({"position": np.arange(1, batch.length + 1),
                             "greedy_acc": (generated == truth).float().mean(0).cpu().numpy(),
                             "forced_acc": forced.cpu().numpy()})
     return {"repetition": repetition, "collapse": pd.DataFrame(collapse),
-            "attention_progress": pd.DataFrame(progress), "partial_solution": partial}
+            "attention_progress": progress, "partial_solution": partial}
+
+
+def _map_shares(cache, batch, n_layers: int) -> pd.DataFrame:
+    """Per (layer, head): the share of |attention| on the optimal map (P3), from cached patterns."""
+    on_map = _task(batch).optimal_attention_map(batch).to(batch.tokens.device)
+    rows = on_map.any(-1).any(0)
+    progress = []
+    for layer in range(n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].abs()[:, :, rows]
+        share = (pattern * on_map[:, None, rows]).sum(-1) / pattern.sum(-1).clamp_min(1e-12)
+        progress += [{"layer": layer, "head": h, "share_on_map": float(share[:, h].mean())} for h in range(share.shape[1])]
+    return pd.DataFrame(progress)
+
+
+@torch.no_grad()
+def head_map_share(model, batch) -> pd.DataFrame:
+    """Per (layer, head): `share_on_map` (as `attention_progress_native`, from one forward, no
+    generation) and a `label` "map 0.72" for attention views and the scrubber."""
+    names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)}
+    _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
+    shares = _map_shares(cache, batch, model.cfg.n_layers)
+    return shares.assign(label=[f"map {s:.2f}" for s in shares.share_on_map])
 
 
 def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:

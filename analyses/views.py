@@ -1,8 +1,12 @@
 """Attention views: circuitsvis patterns of every head of a checkpoint as one offline HTML page.
 
-Per layer: the pattern averaged over a batch of random masks (tokens named by position, `r{i}c{j}`),
-then single examples, each preceded by its matrix with the masked entries marked, the tokens showing
-their value or MASK. The circuitsvis script is inlined once per page, so the file works offline.
+Per layer: the pattern averaged over a batch (tokens named by position), then single examples,
+each preceded by its data. On LRMC the positions are `r{i}c{j}`, the example is its matrix with
+the masked entries marked and the tokens show their value or MASK; on a sequence task
+(`mechlrmc.tasks.tokens`) the positions are `x1..xL`, `SEP`, `y1..`, the example is its sequence
+and the tokens show their value. A causal model's views hide the upper triangle; linear attention
+(signed scores, no softmax) is drawn on a symmetric scale. The circuitsvis script is inlined once
+per page, so the file works offline.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from analyses.cache import cache_hooks, mean_patterns, pattern_names
 from mechlrmc.tasks.lrmc import Batch, row_col_index
+from mechlrmc.tasks.tokens import SequenceBatch
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 
@@ -28,15 +33,35 @@ def position_labels(m: int, n: int) -> list[str]:
     return [f"r{i}c{j}" for i, j in zip(rows.tolist(), cols.tolist())]
 
 
-def example_labels(batch: Batch, example: int) -> list[str]:
-    """Token names of one example: position and value, or MASK at masked entries."""
+def sequence_labels(length: int) -> list[str]:
+    """Names of a sequence task's model inputs: `x1..xL`, `SEP`, `y1..y(L-1)`."""
+    return [f"x{i}" for i in range(1, length + 1)] + ["SEP"] + [f"y{j}" for j in range(1, length)]
+
+
+def token_names(batch: Batch | SequenceBatch) -> list[str]:
+    """Names of the batch's positions (LRMC `r{i}c{j}`, a sequence task `x1..`, `SEP`, `y1..`)."""
+    if isinstance(batch, SequenceBatch):
+        return sequence_labels(batch.length)
+    return position_labels(batch.m, batch.n)
+
+
+def example_labels(batch: Batch | SequenceBatch, example: int) -> list[str]:
+    """Token names of one example: position and value, or MASK at masked entries (LRMC)."""
+    if isinstance(batch, SequenceBatch):
+        return [f"{name}:{t}" for name, t in zip(token_names(batch), batch.tokens[example].tolist())]
     values, observed = batch.values[example].tolist(), batch.observed[example].tolist()
     return [f"{p}:{v:+.2f}" if o else f"{p}:MASK"
             for p, v, o in zip(position_labels(batch.m, batch.n), values, observed)]
 
 
-def _matrix_table(batch: Batch, example: int) -> str:
-    """The example's matrix as an HTML table; masked entries grey with the hidden truth in brackets."""
+def _example_table(batch: Batch | SequenceBatch, example: int) -> str:
+    """The example as an HTML table: LRMC's matrix (masked entries grey with the hidden truth in
+    brackets), or a sequence's inputs and outputs in two rows."""
+    if isinstance(batch, SequenceBatch):
+        rows = (("x", batch.inputs[example].tolist()), ("y", batch.outputs[example].tolist()))
+        cells = "".join(f"<tr><td class='masked'>{name}</td>" + "".join(f"<td>{v}</td>" for v in values) + "</tr>"
+                        for name, values in rows)
+        return f'<table class="matrix">{cells}</table>'
     values = batch.matrices[example].tolist()
     observed = batch.observed[example].view(batch.m, batch.n).tolist()
     cells = "".join(
@@ -59,7 +84,7 @@ def _split(rendered: cv.utils.render.RenderedHTML) -> tuple[str, str, str]:
 
 def attention_page(
     model: HookedEncoder,
-    batch: Batch,
+    batch: Batch | SequenceBatch,
     examples: tuple[int, ...] = (0, 1),
     head_labels: dict[tuple[int, int], str] | None = None,
     title: str = "Attention patterns",
@@ -77,27 +102,33 @@ def attention_page(
     labels = head_labels or {}
     sections, calls, bundle = [], [], None
 
-    def view(pattern: torch.Tensor, tokens: list[str], layer: int, max_value: float = 1.0) -> str:
+    causal, signed = bool(getattr(model.cfg, "causal", False)), getattr(model.cfg, "attention", "softmax") != "softmax"
+
+    def view(pattern: torch.Tensor, tokens: list[str], layer: int, max_value: float | None = None) -> str:
         nonlocal bundle
         head_names = [f"L{layer}H{h}" + (f" {labels[layer, h]}" if (layer, h) in labels else "")
                       for h in range(pattern.shape[0])]
+        top = float(pattern.abs().max()) if signed or max_value is None else max_value
         rendered = cv.attention.attention_heads(attention=pattern, tokens=tokens,
-                                                attention_head_names=head_names, mask_upper_tri=False,
-                                                max_value=max_value, min_value=0.0)
+                                                attention_head_names=head_names, mask_upper_tri=causal,
+                                                max_value=top, min_value=-top if signed else 0.0)
         div, script, call = _split(rendered)
         bundle = bundle or script
         calls.append(call)
         return f'<div id="{div}" class="view"></div>'
 
     for layer, name in enumerate(names):
-        top = float(averaged[layer].max())
-        sections.append(f"<h2>Layer {layer}</h2><h3>Averaged over {len(batch)} random masks "
-                        f"(colour scale 0 to {top:.2f})</h3>")
-        sections.append(view(averaged[layer], position_labels(batch.m, batch.n), layer, top))
+        top = float(averaged[layer].abs().max())
+        scale = f"-{top:.2f} to {top:.2f}, signed linear attention" if signed else f"0 to {top:.2f}"
+        over = "sequences" if isinstance(batch, SequenceBatch) else "random masks"
+        sections.append(f"<h2>Layer {layer}</h2><h3>Averaged over {len(batch)} {over} "
+                        f"(colour scale {scale})</h3>")
+        sections.append(view(averaged[layer], token_names(batch), layer, top))
         for i, example in enumerate(examples):
-            sections.append(f"<h3>Example {example} (masked entries grey, truth in brackets)</h3>")
-            sections.append(_matrix_table(chosen, i))
-            sections.append(view(cache[name][i], example_labels(chosen, i), layer))
+            what = "inputs x, outputs y" if isinstance(batch, SequenceBatch) else "masked entries grey, truth in brackets"
+            sections.append(f"<h3>Example {example} ({what})</h3>")
+            sections.append(_example_table(chosen, i))
+            sections.append(view(cache[name][i], example_labels(chosen, i), layer, None if signed else 1.0))
     style = ("body{font-family:sans-serif;margin:20px} table.matrix{border-collapse:collapse;margin:6px 0}"
              " .matrix td{border:1px solid #bbb;padding:3px 7px;text-align:right;font-family:monospace}"
              " .matrix td.masked{background:#ddd;color:#777}")

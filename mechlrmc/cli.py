@@ -3,7 +3,7 @@
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
     mechlrmc info RUN
     mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
-    mechlrmc sweep SPEC.yaml --out DIR [--address ADDR]
+    mechlrmc sweep SPEC.yaml --out DIR [--address ADDR] [--connect-timeout SECONDS]
     mechlrmc import FILES... --out RUN (--preset NAME | --config FILE) [--set key=value ...]
 
 Bad input is one line on stderr and exit code 2 (a failed write: exit code 1); `--debug` or
@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from mechlrmc.cluster import CONNECT_TIMEOUT
 from mechlrmc.config import PRESETS, RunConfig, preset
 from mechlrmc.errors import UsageError
 
@@ -82,7 +83,8 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from mechlrmc.sweep import sweep
 
-    summary = sweep(args.spec, args.out, address=args.address, progress=not args.quiet)
+    summary = sweep(args.spec, args.out, address=args.address, progress=not args.quiet,
+                    connect_timeout=args.connect_timeout)
     shown = summary.drop(columns=["error"] if not summary.error.any() else [])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     failed = summary[summary.status != "finished"]
@@ -134,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a family of runs (seeds x settings) on Ray Tune")
     p.add_argument("spec", help="sweep spec (YAML): preset|config, steps, set, grid, seeds, resources")
     p.add_argument("--out", required=True, help="sweep directory: one run directory per trial, summary.csv")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a private local instance)")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                   help=f"give up on a cluster that does not answer within this time (default {CONNECT_TIMEOUT:g})")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("import", help="import the reference implementation's checkpoint files as a run")

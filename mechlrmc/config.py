@@ -29,6 +29,7 @@ INITS = ("bert", "gpt")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 ADAM_IMPLEMENTATIONS = ("foreach", "fused")
+LOGS = ("none", "tensorboard", "wandb", "both")
 
 _require = require
 _check_types = check_types
@@ -104,7 +105,12 @@ class TrainConfig:
     picks PyTorch's Adam kernel: "foreach" (multi-tensor, bitwise the same as the per-tensor loop)
     or "fused" (one kernel, faster, float results differ in the last
     bits). `compile` and "fused" are for speed but change the float trajectory: a run with them does
-    not reproduce a run without them bit for bit (the default does)."""
+    not reproduce a run without them bit for bit (the default does).
+
+    Live telemetry (`mechlrmc.telemetry`, the `telemetry` extra): `log` sends every evaluation's
+    metrics and mechanistic measures to "tensorboard", "wandb" or "both" ("none": off), and each
+    head's average attention pattern as an image every `log_images_every` steps (0: every 10th
+    evaluation). It reads the model and never draws a random number, so it changes no result."""
 
     steps: int = 50_000
     batch_size: int = 256
@@ -125,6 +131,8 @@ class TrainConfig:
     threads: int = 0
     attn_intervention_scale: float = 1.0
     attn_intervention_start: int = 0
+    log: str = "none"
+    log_images_every: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -155,6 +163,12 @@ class TrainConfig:
         _require(
             self.attn_intervention_start >= 0, "train.attn_intervention_start",
             self.attn_intervention_start, "an integer >= 0",
+        )
+        _require(self.log in LOGS, "train.log", self.log, f"one of {LOGS}")
+        _require(
+            self.log_images_every >= 0 and self.log_images_every % self.eval_every == 0,
+            "train.log_images_every", self.log_images_every,
+            f"0 (every 10th evaluation) or a multiple of train.eval_every={self.eval_every}",
         )
 
     def is_checkpoint_step(self, step: int) -> bool:

@@ -2,13 +2,16 @@
 
 Training on one thread is deterministic on one machine type and software stack, not across them:
 float reductions differ between CPU models and library versions in the last bits, and a plateau
-amplifies such bits into a different drop step. `collect()` records what explains a difference;
-`differences()` says what changed between two records (a resumed run warns about it).
+amplifies such bits into a different drop step. `collect()` records what explains a difference,
+and where the run was made (`node()`: host, and the Ray node inside a sweep); `differences()` says
+what changed between two records (a resumed run warns about it).
 """
 
 from __future__ import annotations
 
 import platform
+import socket
+import sys
 from importlib import metadata
 
 import torch
@@ -62,6 +65,16 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu: {cpu_model()}"
 
 
+def node() -> dict[str, str | None]:
+    """Where this process runs: the host name and, in a Ray worker (a sweep's trial), the Ray node's
+    id and IP, so a sweep on a cluster records which node trained each trial. Never imports Ray."""
+    ray = sys.modules.get("ray")
+    in_ray = ray is not None and ray.is_initialized()
+    return {"host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id() if in_ray else None,
+            "node_ip": ray.util.get_node_ip_address() if in_ray else None}
+
+
 def collect(device: torch.device | str = "cpu") -> dict[str, object]:
     """The provenance of a run trained on `device` from this process, as a JSON-ready dict."""
     return {
@@ -77,6 +90,7 @@ def collect(device: torch.device | str = "cpu") -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "platform": platform.platform(),
+        **node(),
     }
 
 

@@ -7,7 +7,8 @@ for a frozen parameter) and `rng.data` (the data generator's state). Metadata: `
 
 The trainer (`mechlrmc.train`) and the reference import (`mechlrmc.reference`) both write through
 `pack`/`meta`, and the trainer reads through `unpack`/`read_meta`. A run resumes under a config
-that differs from its own only in `MAY_CHANGE` (a longer `train.steps` continues a finished run).
+that differs from its own only in `MAY_CHANGE` (a longer `train.steps` continues a finished run;
+the telemetry switches change no result).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ MODEL = "model."
 ADAM = "adam."
 RNG = "rng.data"
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
-MAY_CHANGE = ("train.steps",)  # config keys that may differ between a run and its resume
+MAY_CHANGE = ("train.steps", "train.log", "train.log_images_every")  # may differ between a run and its resume
 
 
 def pack(model_state: dict[str, torch.Tensor], adam_state_by_name: dict[str, dict[str, torch.Tensor]],

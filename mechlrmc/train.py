@@ -4,7 +4,8 @@ The trainer knows the model only through `forward(tokens)` and the task only thr
 (`mechlrmc.tasks.base`: sample, eval batch, loss, metrics, optimal attention map); it never
 branches on a task's name. Logging, evaluation
 and checkpoints follow the `TrainConfig` schedule; anything else hangs on callbacks
-(`trainer.add_callback("on_step_end", fn)`). The trainer is handed its model (default: a fresh
+(`trainer.add_callback("on_step_end", fn)`), the live telemetry of `train.log` too
+(`mechlrmc.telemetry`). The trainer is handed its model (default: a fresh
 `HookedEncoder` of the config's seed) and the names of its trainable parameters (default: all);
 the others are frozen (`requires_grad=False`, not in the optimizer), so component-wise training
 (`analyses.freeze`) is an ordinary `Trainer`.
@@ -30,13 +31,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
-from mechlrmc import provenance, resume as resume_file
+from mechlrmc import provenance, resume as resume_file, telemetry
 from mechlrmc.config import ConfigError, RunConfig
 from mechlrmc.errors import OptionError
 from mechlrmc.intervention import AttentionIntervention
 from mechlrmc.model import HookedEncoder
+from mechlrmc.progress import log_interval, progress_bar
 from mechlrmc.runs import CheckpointError, Run, RunLock
 
 DATA_SEED_OFFSET = 1_000_003  # data and init draw from different generators of the same seed
@@ -67,11 +68,15 @@ class Trainer:
                  trainable: Iterable[str] | None = None, resume: bool = False, progress: bool = True):
         self.cfg = cfg
         self.task = cfg.task
+        self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write instead of killing
+        telemetry.require(cfg.train.log)  # before anything is written
+        if progress:
+            log_interval()  # a bad MECHLRMC_PROGRESS_EVERY, too
         model = HookedEncoder(cfg, seed=cfg.train.seed) if model is None else model
         params = _trainable_parameters(model, trainable)  # before anything is written
         if not (resume and Path(out, "config.yaml").is_file()):
@@ -91,22 +96,23 @@ class Trainer:
         self.step = 0
         self.wall_time = 0.0
         self.progress = progress
-        self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.intervention = None
         if cfg.train.attn_intervention_scale != 1.0:
             self.intervention = AttentionIntervention(cfg.train.attn_intervention_scale,
                                                       renormalise=cfg.model.attention == "softmax")
-        if resume:
-            try:
+        try:
+            if resume:
                 self._load_resume_state()
-            except BaseException:
-                self.close()
-                raise
+            self.telemetry = telemetry.attach(self)  # None where train.log is "none"
+        except BaseException:
+            self.close()
+            raise
 
     def add_callback(self, event: str, fn: Callable[[Trainer], None]) -> None:
-        """Events: `on_step_end`, `on_eval`, `on_checkpoint`, `on_train_end`."""
+        """Events: `on_step_end`, `on_eval` (also at step 0 of a new run; the row is `last_metrics`),
+        `on_checkpoint`, `on_train_end`, and `on_close` (training ended or failed)."""
         self.callbacks[event].append(fn)
 
     def _fire(self, event: str) -> None:
@@ -115,7 +121,10 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run's writer lock (done by `train()` when training ends or fails)."""
-        self.lock.release()
+        try:
+            self._fire("on_close")
+        finally:
+            self.lock.release()
 
     # ----- resume -----
     def _open_run(self, cfg: RunConfig, out: Path, resume: bool) -> tuple[Run, bool]:
@@ -162,8 +171,8 @@ class Trainer:
         diff = self.run.config.differences(cfg, ignore=resume_file.MAY_CHANGE)
         if diff:
             raise ConfigError(f"--resume with a config that differs from the run's (saved, asked): {diff}; "
-                              f"allowed: the run's own config, except train.steps")
-        if cfg.train.steps != self.run.config.train.steps:
+                              f"allowed: the run's own config, except {', '.join(resume_file.MAY_CHANGE)}")
+        if self.run.config.differences(cfg):
             self.run.save_config(cfg)
 
     def _load_resume_state(self) -> None:
@@ -241,10 +250,12 @@ class Trainer:
     def _train(self) -> Run:
         tc = self.cfg.train
         if self.step == 0 and not self.resumed:
-            self.run.append_metrics([{"step": 0, **self._eval_row(), "wall_time": 0.0}])
+            self.last_metrics = {"step": 0, **self._eval_row()}
+            self._fire("on_eval")
+            self.run.append_metrics([{**self.last_metrics, "wall_time": 0.0}])
             self._checkpoint()
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
-                   desc=self.run.path.name, dynamic_ncols=True)
+        bar = progress_bar(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
+                           desc=self.run.path.name, dynamic_ncols=True)
         self.model.train()
         while self.step < tc.steps:
             start = time.perf_counter()

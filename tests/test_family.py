@@ -123,9 +123,32 @@ def test_findings_hold_on_the_shipped_run(shipped_findings):
     """The shipped run plateaus at r/9, copies on the plateau, drops, completes comparably to nuclear
     norm and grows row and column heads, a critical head and position dependence after the drop."""
     verdict = shipped_findings.set_index("finding").reproduced
-    assert verdict.to_dict() == {k: True for k in ("1a", "1b", "2", "3", "4", "5", "8")}
-    table = findings_table(shipped_findings)
-    assert (table.reproduced == "1 of 1").all()
+    assert verdict.to_dict() == {**{k: True for k in ("1a", "1b", "2", "3", "4", "5", "8", "6", "7a", "9")},
+                                 "7b": False}  # the row and u probes decode nothing at any layer
+    table = findings_table(shipped_findings).set_index("finding")
+    assert (table.reproduced.drop("7b") == "1 of 1").all() and table.reproduced["7b"] == "0 of 1"
+
+
+def test_component_training_finding_reads_planted_component_runs(tiny_run, tmp_path):
+    """Finding 10 from component-wise runs: attention alone reaches half the plateau at a planted
+    step; without an attention run there is nothing to count."""
+    import shutil
+
+    from analyses.findings import component_training_finding
+
+    assert component_training_finding(tiny_run, tmp_path / "none") is None
+    for components, below_from in (("attn", 20), ("mlp", None)):
+        folder = tmp_path / "freeze" / components
+        shutil.copytree(tiny_run.path, folder)
+        metrics = pd.read_csv(folder / "metrics.csv")
+        plateau = tiny_run.config.data.plateau_mask_loss
+        low = metrics.step >= below_from if below_from is not None else metrics.step < 0
+        metrics.loc[metrics.eval_loss_mask.notna(), "eval_loss_mask"] = plateau
+        metrics.loc[low & metrics.eval_loss_mask.notna(), "eval_loss_mask"] = 0.3 * plateau
+        metrics.to_csv(folder / "metrics.csv", index=False)
+    row = component_training_finding(tiny_run, tmp_path / "freeze")
+    assert row["reproduced"] and "attn alone: half the plateau at 20" in row["value"]
+    assert "mlp alone: not below half the plateau" in row["value"]
 
 
 def test_findings_table_counts_within_each_setting():
@@ -144,7 +167,7 @@ def test_findings_table_counts_within_each_setting():
 def test_findings_fail_where_the_run_never_dropped(tiny_run):
     """A 40-step run never leaves the plateau: the drop and every after-drop finding fail."""
     findings = family_findings([tiny_run.path], batch_size=64, n_matrices=8, progress=False).set_index("finding")
-    assert not findings.reproduced[["1b", "4", "5", "8"]].any()
+    assert not findings.reproduced[["1b", "4", "5", "8", "6", "7a", "9"]].any()
     assert findings.value["1b"].startswith("no drop by")
 
 
@@ -156,6 +179,7 @@ def test_family_report_states_k_of_n(planted, tiny_run, tmp_path):
     report = build_family_report(tmp_path / "fam", quick=True, progress=False)
     assert not report.errors, report.errors
     assert "Findings across seeds" in report.html and "0 of 2" in report.html and "2 of 2" in report.html
+    assert "Early warnings of the drop" in report.html
     for title in ("plateau at the copy-and-zero level", "position embeddings matter only after the drop"):
         assert title in report.html
 

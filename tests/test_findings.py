@@ -60,7 +60,7 @@ def test_the_catalogue_quotes_the_thresholds_the_findings_table_uses():
 
     text = CATALOGUE.read_text()
     for name in ("PLATEAU_TOL", "COPY_RATIO", "NUCLEAR_RATIO", "ABLATION_FLOOR", "ABLATION_GAIN", "PERMUTE_BREAKS",
-                 "PERMUTE_HARMLESS"):
+                 "PERMUTE_HARMLESS", "PATCH_RECOVERS", "PATCH_NOTHING", "PROBE_VALUE", "PROBE_GAIN", "SWAP_LOSS"):
         assert f"`{name} = {getattr(findings, name)!r}`" in text, name
     for key in findings.CRITERIA:
         assert f"**{key}**" in text, key  # every counted finding is described with its criterion

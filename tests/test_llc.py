@@ -1,17 +1,24 @@
+import math
+
 import pandas as pd
 import pytest
 import torch
 
-from analyses.llc import SGLDConfig, llc_from_traces, llc_per_step, local_learning_coefficient, sgld_traces
+from analyses.llc import (SGLDConfig, llc_from_traces, llc_per_step, local_learning_coefficient, plot_llc,
+                          sgld_traces)
+from analyses.llc_calibrate import Calibration, calibrate, flat_after_burnin, rrr_learning_coefficient
+from analyses.llc_components import component_llc, component_masks
 from analyses.walk import across_checkpoints
 
+DIAGNOSTICS = ["diverged", "flat", "stable", "localization_ok", "ok"]
 
-def _regression(d_in: int, n: int = 2000, seed: int = 0):
-    """Least-squares fit of a linear model (d_in weights + a bias) to noisy Gaussian data: a regular
-    model with d = d_in + 1 parameters at its minimum."""
+
+def _regression(d_in: int, n: int = 2000, seed: int = 0, noise: float = 0.5, scale: float = 1.0):
+    """Least-squares fit of a linear model (d_in weights + a bias) to noisy Gaussian data (inputs of
+    standard deviation `scale`): a regular model with d = d_in + 1 parameters at its minimum."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d_in, generator=g)
-    y = x @ torch.randn(d_in, generator=g) + 0.3 + 0.5 * torch.randn(n, generator=g)
+    x = scale * torch.randn(n, d_in, generator=g)
+    y = x @ torch.randn(d_in, generator=g) + 0.3 + noise * torch.randn(n, generator=g)
     model = torch.nn.Linear(d_in, 1)
     design = torch.cat([x, torch.ones(n, 1)], 1)
     solution = torch.linalg.lstsq(design, y[:, None]).solution[:, 0]
@@ -42,15 +49,16 @@ def test_loader_and_overrides(tiny_run):
 
     batch = analysis_batch(tiny_run, 64)
     loader = [batch[i:i + 16] for i in range(0, 64, 16)]
-    frame = local_learning_coefficient(model, loader, num_chains=2, num_burnin=2, num_draws=4, batch_size=16)
+    frame = local_learning_coefficient(model, loader, calibrate=False, num_chains=2, num_burnin=2, num_draws=4,
+                                       batch_size=16)
     assert list(frame.chain) == [0, 1] and (frame.num_draws == 4).all() and frame.llc.notna().all()
     with pytest.raises(ValueError, match="lr=-1"):
-        local_learning_coefficient(model, batch, lr=-1)
+        local_learning_coefficient(model, batch, calibrate=False, lr=-1)
 
 
 def test_maps_over_a_run(tiny_run):
     frame = across_checkpoints(tiny_run, local_learning_coefficient, steps=[0, 40], progress=False,
-                               num_chains=2, num_burnin=2, num_draws=3)
+                               calibrate=False, num_chains=2, num_burnin=2, num_draws=3)
     assert list(frame.step.unique()) == [0, 40] and len(frame) == 4
     traces = across_checkpoints(tiny_run, sgld_traces, steps=[40], progress=False, num_chains=2, num_burnin=2,
                                 num_draws=3)
@@ -71,9 +79,192 @@ def test_llc_per_step_averages_the_chains_of_each_checkpoint():
                         _traces(0, [3.0, 3.0, 3.0], init_loss=2.0, nbeta=4.0),  # LLC 4, 4, 4
                         _traces(10, [0.5], init_loss=0.25, nbeta=2.0)], ignore_index=True)  # one chain: LLC 0.5
     table = llc_per_step(traces.sample(frac=1, random_state=0))
-    assert list(table.columns) == ["step", "llc_mean", "llc_std", "init_loss"]
+    assert list(table.columns) == ["step", "llc_mean", "llc_std", "init_loss", *DIAGNOSTICS]
+    assert not table.ok.any() and table.stable.isna().all()  # uncalibrated settings are never ok
     assert table.step.tolist() == [0, 10, 40]
     assert table.llc_mean.tolist() == pytest.approx([4.0, 0.5, 10.0])
     assert table.llc_std.iloc[0] == pytest.approx(0.0) and pd.isna(table.llc_std.iloc[1])
     assert table.llc_std.iloc[2] == pytest.approx(50 ** 0.5)  # sample std of 5 and 15
     assert table.init_loss.tolist() == [2.0, 0.25, 1.0]
+
+
+# ----- calibrated estimates: known answers ------------------------------------------------------
+
+def test_default_call_calibrates_a_regular_model_to_half_its_dimension():
+    """The default call chooses its own settings: d / 2 within 10 %, with its diagnostics."""
+    model, data = _regression(11)
+    frame = local_learning_coefficient(model, data)
+    assert {"llc", "llc_std", "lr", "localization", "nbeta", *DIAGNOSTICS} <= set(frame.columns)
+    assert frame.ok.all() and frame.preconditioned.all()
+    assert frame.nbeta.iloc[0] == pytest.approx(2000 / math.log(2000))  # n / log n of the data
+    assert frame.llc_mean.iloc[0] == pytest.approx(12 / 2, rel=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d_in, n, noise, scale", [(4, 2000, 0.5, 1.0), (11, 5000, 3.0, 10.0),
+                                                   (20, 1000, 1.0, 0.1), (49, 3000, 0.2, 1.0)])
+def test_calibration_holds_across_dimensions_noise_and_input_scales(d_in, n, noise, scale):
+    """d 5 to 50, n 1000 to 5000, noise 0.2 to 3, inputs of scale 0.1 to 10 (the bias then has a
+    curvature 100 times off the weights'): d / 2 within 10 % (measured 0.97-1.03)."""
+    model, data = _regression(d_in, n, noise=noise, scale=scale)
+    frame = local_learning_coefficient(model, data)
+    assert frame.ok.all()
+    assert frame.llc_mean.iloc[0] == pytest.approx((d_in + 1) / 2, rel=0.1)
+
+
+class _ReducedRank(torch.nn.Module):
+    """x -> B A x, A [H, M], B [N, H]."""
+
+    def __init__(self, M: int, N: int, H: int):
+        super().__init__()
+        self.A, self.B = torch.nn.Parameter(torch.zeros(H, M)), torch.nn.Parameter(torch.zeros(N, H))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, M] -> [batch, N]
+        return x @ self.A.T @ self.B.T
+
+
+def _reduced_rank(M: int, N: int, H: int, r: int, n: int = 5000, seed: int = 0):
+    """A reduced-rank regression at its true parameter: a rank-r map with H - r redundant hidden units."""
+    g = torch.Generator().manual_seed(seed)
+    U, V = torch.linalg.qr(torch.randn(N, r, generator=g))[0], torch.linalg.qr(torch.randn(M, r, generator=g))[0]
+    s = torch.linspace(1, 2, r).sqrt()
+    model = _ReducedRank(M, N, H)
+    with torch.no_grad():
+        model.A[:r], model.B[:, :r] = s[:, None] * V.T, U * s
+    x = torch.randn(n, M, generator=g)
+    truth = (U * s ** 2) @ V.T  # [N, M] = B A
+    return model, (x, x @ truth.T + 0.5 * torch.randn(n, N, generator=g))
+
+
+def test_reduced_rank_learning_coefficient_formula():
+    """Aoyagi & Watanabe (2005): every case, and the regular limit H = r (half the dimension of the rank-r maps)."""
+    assert rrr_learning_coefficient(1, 1, 1, 0) == 0.5  # y = a b x at 0
+    assert rrr_learning_coefficient(4, 4, 3, 1) == 6.0  # (2*4*8 - 0 - 16) / 8, M + N + H + r even
+    assert rrr_learning_coefficient(3, 2, 2, 1) == 2.5  # (2*3*5 - 1 - 9 + 1) / 8 - odd: the extra 1/8
+    assert rrr_learning_coefficient(1, 6, 2, 1) == (2 * 1 - 2 * 1 + 6 * 1) / 2  # M + H < N + r
+    assert rrr_learning_coefficient(6, 1, 2, 1) == (2 * 1 - 2 * 1 + 6 * 1) / 2  # N + H < M + r
+    assert rrr_learning_coefficient(2, 2, 5, 3) == 2.0  # M + N < H + r: M N / 2
+    for M, N, r in [(3, 5, 2), (4, 4, 4), (6, 2, 1)]:
+        assert rrr_learning_coefficient(M, N, r, r) == r * (M + N - r) / 2
+    with pytest.raises(ValueError, match="allowed"):
+        rrr_learning_coefficient(3, 3, 2, 3)
+
+
+@pytest.mark.slow
+def test_singular_model_matches_aoyagi_watanabe():
+    """Reduced-rank regression M=3, N=2, H=2, r=1 (5 of 10 weights' worth of a regular model):
+    the default call within 20 % of lambda = 2.5 (measured 2.41), far from d / 2 = 5."""
+    model, data = _reduced_rank(3, 2, 2, 1)
+    frame = local_learning_coefficient(model, data)
+    assert frame.ok.all()
+    assert frame.llc_mean.iloc[0] == pytest.approx(rrr_learning_coefficient(3, 2, 2, 1), rel=0.2)
+
+
+# ----- diagnostics ------------------------------------------------------------------------------
+
+def _synthetic(levels: list[list[float]], init: float = 1.0) -> pd.DataFrame:
+    rows = [(c, i, level, False) for c, chain in enumerate(levels) for i, level in enumerate(chain)]
+    return pd.DataFrame(rows, columns=["chain", "sgld_step", "loss", "burnin"]).assign(init_loss=init, nbeta=10.0)
+
+
+def test_flatness_tells_a_level_trace_from_a_climbing_one():
+    g = torch.Generator().manual_seed(0)
+    noise = (0.01 * torch.randn(2, 200, generator=g)).tolist()
+    level = _synthetic([[1.5 + e for e in chain] for chain in noise])
+    climbing = _synthetic([[1.0 + i / 200 + e for i, e in enumerate(chain)] for chain in noise])
+    assert flat_after_burnin(level) and not flat_after_burnin(climbing)
+
+
+def test_failing_settings_are_flagged():
+    """A step size far too large diverges; the row says so and is not ok."""
+    model, data = _regression(4, n=500)
+    frame = local_learning_coefficient(model, data, SGLDConfig(num_chains=2, num_burnin=5, num_draws=20, lr=10.0,
+                                                               localization=0.0, batch_size=100, nbeta=50.0))
+    assert frame.diverged.all() and not frame.ok.any()
+    with pytest.raises(ValueError, match="config is invalid"):
+        local_learning_coefficient(model, data, SGLDConfig(), calibrate=True)
+
+
+def test_calibration_round_trips_through_its_cache_frames():
+    model, data = _regression(3, n=300)
+    calibration = calibrate(model, data, rounds=1, max_steps=200)
+    again = Calibration.from_frames(calibration.scales_frame(), calibration.sweep)
+    assert again.config == calibration.config and again.scales == pytest.approx(calibration.scales)
+    assert again.diagnostics() == calibration.diagnostics()
+    assert calibration.sweep.chosen.sum() == 1
+
+
+def test_plot_marks_failing_checkpoints_hollow():
+    chains = pd.DataFrame({"step": [0, 0, 10, 10], "llc": [1.0, 1.2, 2.0, 2.2], "ok": [True, True, False, False]})
+    metrics = pd.DataFrame({"step": [0, 10], "eval_loss": [1.0, 0.5]})
+    fig = plot_llc(chains, metrics)
+    symbols = {t.name: (list(t.x), t.marker.symbol) for t in fig.data if t.name and "diagnostics" in t.name}
+    assert symbols == {"diagnostics pass": ([0], "circle"), "diagnostics fail (hollow)": ([10], "circle-open")}
+
+
+# ----- per-component (weight-restricted) LLC ----------------------------------------------------
+
+def test_restricting_to_k_weights_gives_k_halves():
+    """A planted answer: sampling k of the 12 weights of a regular model (the rest fixed) gives k / 2."""
+    model, data = _regression(11)
+    first = torch.zeros(1, 11, dtype=torch.bool)
+    first[0, :4] = True
+    frame = component_llc(model, data, {"4 weights": {"weight": first}, "bias": "bias",
+                                        "all": {"weight": None, "bias": None}})
+    table = frame.set_index("component")
+    assert table.dimension.to_dict() == {"4 weights": 4, "bias": 1, "all": 12}
+    assert table.llc["4 weights"] == pytest.approx(2.0, rel=0.15)
+    assert table.llc["all"] == pytest.approx(6.0, rel=0.1)
+    assert table.llc["bias"] == pytest.approx(0.5, rel=0.3)
+    assert table.ok.all()
+
+
+def test_a_head_moves_only_its_own_slices(tiny_run):
+    """devinterp's head masks on this encoder: SGLD on head 1 of layer 0 changes only that head's
+    slices of W_Q/W_K/W_V/W_O (and b_Q/b_K/b_V); every other weight stays at w*."""
+    model = tiny_run.load_model(40)
+    cfg = model.cfg
+    masks = component_masks(model, "l0h1")
+    assert sorted(masks) == sorted(f"blocks.0.attn.{n}" for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"))
+    assert int(masks["blocks.0.attn.W_Q"].sum()) == cfg.d_model * cfg.d_head
+    seen = []
+
+    def loss_fn(sampler, data):
+        seen.append(sampler)
+        from analyses.llc import mse_loss
+
+        return mse_loss(sampler, data)
+
+    from analyses.walk import analysis_batch
+
+    sgld_traces(model, analysis_batch(tiny_run, 32), SGLDConfig(num_chains=1, num_burnin=1, num_draws=3, lr=1e-3,
+                                                                 batch_size=16), loss_fn=loss_fn, masks=masks)
+    before, after = dict(model.named_parameters()), dict(seen[-1].named_parameters())
+    for name, p in before.items():
+        moved = after[name].detach() != p.detach()
+        if name in masks:
+            assert moved[masks[name]].all() and not moved[~masks[name]].any(), name
+        else:
+            assert not moved.any(), name
+    with pytest.raises(ValueError, match="component='l9h0' is invalid"):
+        component_masks(model, "l9h0")
+
+
+def test_report_section_calibrates_once_and_flags(tiny_run):
+    """The registry entry: one calibration per run (cached in the run directory, reused by a second
+    call), the per-step table with its diagnostics, the failing checkpoints named in the note."""
+    from analyses.context import QUICK, Context
+    from analyses.registry import get
+
+    ctx = Context(tiny_run, QUICK, progress=False, steps_asked=[20, 40])
+    tables = get("llc").compute(ctx)
+    assert list(tables["llc"].step) == [20, 40] and set(DIAGNOSTICS) <= set(tables["llc"].columns)
+    assert tables["llc_calibration"].chosen.sum() == 1
+    cache = tiny_run.path / "cache"
+    assert len(list((cache / "llc_calibration").iterdir())) == 1 and len(list((cache / "llc_traces").iterdir())) == 2
+    again = get("llc").compute(ctx)
+    pd.testing.assert_frame_equal(again["llc"], tables["llc"])
+    assert len(list((cache / "llc_traces").iterdir())) == 2  # the same settings, read back: nothing new
+    parts = get("llc").draw(ctx, tables)
+    failing = tables["llc"].step[~tables["llc"].ok].tolist()
+    assert ("diagnostics fail at steps" in parts["note"]) == bool(failing)

@@ -113,5 +113,50 @@ def test_the_report_of_a_token_run_shows_the_sections_that_apply(tmp_path):
     assert report.errors == {}
     import re
     sections = re.findall(r'<section id="([^"]+)" data-status="ok">', report.html)
-    assert sections == ["overview", "phases", "llc", "plateau_dynamics"]
+    assert sections == ["overview", "phases", "llc", "views", "scrubber", "sequence_patching", "plateau_dynamics",
+                        "early_warning"]
     assert "<script src=" not in report.html
+
+
+def test_attention_views_of_a_causal_token_model_name_its_tokens_and_hide_the_future(mws):
+    from analyses.views import attention_page, token_names
+
+    cfg, task, batch, model = mws
+    names = token_names(batch)
+    assert names[:2] == ["x1", "x2"] and names[cfg.data.length] == "SEP" and len(names) == batch.tokens.shape[1]
+    page = attention_page(model, batch[:8], examples=(1,), head_labels={(0, 0): "map 0.10"})
+    assert '"maskUpperTri": true' in page.replace('"maskUpperTri":true', '"maskUpperTri": true')
+    assert f"SEP:{cfg.data.separator}" in page and "L0H0 map 0.10" in page
+    assert "<script src=" not in page  # offline: the bundle is inlined
+
+
+def test_the_scrubber_of_a_causal_model_leaves_the_future_blank(mws):
+    from analyses.scrubber import pattern_frame, plot_attention_scrubber
+    from analyses.sequences import head_map_share
+    from analyses.views import token_names
+
+    cfg, task, batch, model = mws
+    patterns = pattern_frame(model, batch).assign(step=0)
+    labels = head_map_share(model, batch).assign(step=0, queries="all")
+    fig = plot_attention_scrubber(patterns, labels, names=token_names(batch), causal=True)
+    z = np.array(fig.data[0].z, dtype=float)
+    assert np.isnan(z[np.triu_indices(len(z), 1)]).all() and not np.isnan(z[np.tril_indices(len(z))]).any()
+    assert fig.layout.annotations[0].text.startswith("L0H0 map ")
+
+
+def test_patching_a_token_both_runs_share_recovers_nothing_and_one_head_is_its_layer(mws):
+    """The separator is the same token in clean and corrupted sequences: patching its embedding
+    moves nothing. With one head, patching z and patching attn_out are the same patch."""
+    from analyses.sequence_patching import patching_agreement, sequence_patching
+
+    cfg, task, batch, model = mws
+    with torch.no_grad():
+        model.W_U.copy_(torch.randn(model.W_U.shape, generator=torch.Generator().manual_seed(0)))  # a read-out that reads
+    frame = sequence_patching(model, batch, sites=("resid_pre", "attn_out", "z"))
+    assert abs(frame.ld_gap.iloc[0]) > 0.01
+    exact = frame[frame.method == "exact"].set_index(["site", "layer", "pos"]).recovery
+    assert exact["resid_pre", 0, cfg.data.length] == pytest.approx(0.0, abs=1e-6)
+    assert exact["z"].to_numpy() == pytest.approx(exact["attn_out"].to_numpy(), abs=1e-5)
+    assert exact["resid_pre"].abs().max() > 0.05  # the inputs do carry the answer
+    agreement = patching_agreement(frame.assign(step=0)).set_index("site")
+    assert set(agreement.index) == {"resid_pre", "attn_out", "z"} and agreement.pearson.notna().all()

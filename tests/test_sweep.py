@@ -1,8 +1,10 @@
 """Run families on Ray Tune (`mechlrmc sweep`): validation before launch, trials that equal plain
 runs, a killed sweep that finishes on re-run with the same numbers, and failures that stay local."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,6 +111,7 @@ def test_sweep_on_local_ray_equals_plain_runs(tmp_path):
     assert again.returncode == 0 and "4 of 4 trials finished" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert not (tmp_path / "family" / ".tune").exists()  # Tune's own records are not kept
+    assert json.loads((tmp_path / "family" / summary.run[0] / "provenance.json").read_text())["node_id"]
 
 
 @pytest.mark.slow
@@ -127,9 +130,11 @@ def test_sweep_killed_with_its_process_group_finishes_on_rerun(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert Run(out / "seed=0").steps[-1] < 400  # killed mid-way
+    assert list((out / ".tune").glob("launch-*"))  # the killed driver's Tune records
     done = subprocess.run([*CLI, "sweep", str(spec), "--out", str(out), "--quiet"], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
+    assert not (out / ".tune").exists()  # the re-run finished the family and dropped the stale records
     for name in ("seed=0", "seed=1"):
         plain = train(RunConfig.from_yaml(out / name / "config.yaml"), tmp_path / "plain" / name, progress=False)
         _same_metrics(out / name, plain.path)
@@ -156,18 +161,44 @@ def test_a_failing_trial_is_reported_while_the_others_finish(tmp_path):
     assert "trial 'train.device=cuda,seed=0' failed" in done.stderr and "1 of 2 trials finished" in done.stdout
 
 
-def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch, capsys):
-    """--address of no running head: one line naming the address, exit code 1, nothing trained."""
-    import ray
-
+def test_an_unreachable_address_is_one_line_within_the_timeout(tmp_path, capsys):
+    """--address of a port where nothing listens: one line naming the address within --connect-timeout, exit
+    code 1, and nothing left behind (no sweep.yaml, no ray.log)."""
     from mechlrmc.cli import main
 
-    def refuse(address=None, **kwargs):
-        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
-
-    monkeypatch.setattr(ray, "init", refuse)
+    with socket.socket() as s:  # a port that was free a moment ago: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     spec = _spec(tmp_path, preset="tiny", steps=5, seeds=1)
-    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", "10.9.8.7:6379", "--quiet"]) == 1
+    start = time.monotonic()
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}",
+                 "--connect-timeout", "2", "--quiet"]) == 1
+    assert time.monotonic() - start < 2 + 10  # the timeout, and importing Ray
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mechlrmc: error: could not connect to the Ray cluster at 10.9.8.7:6379")
-    assert not (tmp_path / "out" / "seed=0").exists()
+    assert len(err) == 1 and err[0].startswith(f"mechlrmc: error: could not reach the Ray cluster at 127.0.0.1:{port} "
+                                               "within 2 s (Connection refused)")
+    assert "--connect-timeout" in err[0]
+    assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}",
+                 "--connect-timeout", "-1"]) == 2
+    assert "--connect-timeout=-1.0 is invalid: allowed a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_a_head_that_accepts_connections_but_never_answers_is_one_line_within_the_timeout(tmp_path, capsys):
+    """A port that accepts TCP connections and says nothing (a stopped head): one line within
+    --connect-timeout, not after Ray's own fixed wait of about 40 s."""
+    from mechlrmc.cli import main
+
+    spec = _spec(tmp_path, preset="tiny", steps=5, seeds=1)
+    with socket.socket() as head:
+        head.bind(("127.0.0.2", 0))
+        head.listen()
+        address = f"127.0.0.2:{head.getsockname()[1]}"
+        start = time.monotonic()
+        assert main(["sweep", str(spec), "--out", str(tmp_path / "out"), "--address", address,
+                     "--connect-timeout", "3", "--quiet"]) == 1
+        assert time.monotonic() - start < 3 + 10  # the timeout, and importing Ray
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mechlrmc: error: could not connect to the Ray cluster at {address}")
+    assert "did not answer within 3 s" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -61,6 +61,20 @@ def test_mws_outputs_of_the_paper_setting_by_hand():
         assert y == [x[0]] + [(x[j - 1] + x[j]) % 17 for j in range(1, 16)]
 
 
+def test_mws_analytic_plateau_by_hand():
+    """y_1 = x_1 is uniform on 16 values; y_j = (x_{j-1} + x_j) mod 17 is 0 in 16 of 256 cases and
+    each other value in 15: the no-information level and the level with output 1 solved."""
+    import math
+
+    h_first = math.log(16)
+    h_sum = -(16 / 256 * math.log(16 / 256) + 16 * (15 / 256) * math.log(15 / 256))
+    level = get_task("mws").plateau(get_task("mws").config())
+    assert level["loss_out"] == pytest.approx((h_first + 15 * h_sum) / 16, abs=2e-3)
+    assert level["loss_out_first_solved"] == pytest.approx(15 * h_sum / 16, abs=2e-3)
+    assert level["acc_out"] == pytest.approx(1 / 16, abs=2e-3)
+    assert level["acc_out_first_solved"] == pytest.approx((1 + 15 * 16 / 256) / 16, abs=2e-3)
+
+
 def _cells(on_map: torch.Tensor) -> dict[int, list[int]]:
     return {q: torch.nonzero(on_map[q]).flatten().tolist() for q in range(on_map.shape[0]) if on_map[q].any()}
 

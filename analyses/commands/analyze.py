@@ -47,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     from mechlrmc.errors import OptionError
     from mechlrmc.runs import Run
 
+    group = args.analysis in GROUPS
     entries = [get(n) for n in GROUPS.get(args.analysis, (args.analysis,))]
     run = Run(args.run)
     set_threads(args, run.config)
@@ -61,6 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     out = output_dir(args, run)
     written = []
     for analysis in entries:
+        if not analysis.applies(ctx) and group:  # a group runs the members that apply
+            print(f"{analysis.name}: skipped, it does not apply to {run.config.data.task} runs")
+            continue
         if not analysis.applies(ctx):
             raise OptionError(f"analysis {analysis.name!r} does not apply to {run.path}: it needs "
                               f"{analysis.needs or 'a task in ' + str(list(analysis.tasks))}")

@@ -188,6 +188,24 @@ class SequenceTask(Task):
         out["collapse"] = float((cos.sum((-2, -1)) - n).mean() / (n * (n - 1))) if n > 1 else float("nan")
         return out
 
+    def plateau(self, cfg: SequenceConfig, n: int = 1 << 16) -> dict[str, float]:
+        """The no-information level of the outputs: a model that predicts every output from its
+        marginal distribution (ignoring the inputs) has `loss_out` = mean_j H(y_j) and `acc_out` =
+        mean_j max_v P(y_j = v). The marginals are counted on `n` sequences of a fixed generator
+        (the entropy is biased by about (modulus - 1) / 2n nats: < 2e-4 by default). On MWS
+        (k = 2, p = 17) this is 2.829 nats and 0.0625; the observed plateau sits at the level with
+        output 1 (a copy of x_1) solved, 15/16 of it (P4, docs/FINDINGS.md): `loss_out_first_solved`
+        and `acc_out_first_solved`."""
+        batch = self.sample(cfg, n, torch.Generator().manual_seed(0))
+        counts = F.one_hot(batch.outputs, cfg.modulus).sum(0).double()  # [L, modulus]
+        p = counts / n
+        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)  # [L]
+        best = p.max(-1).values
+        tail = slice(1, None) if cfg.length > 1 else slice(0, 0)
+        return {"loss_out": float(entropy.mean()), "acc_out": float(best.mean()),
+                "loss_out_first_solved": float(entropy[tail].sum() / cfg.length),
+                "acc_out_first_solved": float((1.0 + best[tail].sum()) / cfg.length)}
+
     def summary(self, row) -> str:
         return (f"eval loss={row.eval_loss:.4g} acc_out={row.eval_acc_out:.3f} greedy_acc={row.eval_greedy_acc:.3f} "
                 f"rep={row.eval_rep:.3f} (truth {row.eval_rep_true:.3f})")
