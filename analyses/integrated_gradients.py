@@ -28,8 +28,9 @@ sweep on the shipped 4-layer model, several times cheaper than the stock one (be
 layer's activation, so downstream layers are still recomputed) with the same left Riemann points:
 for single-position patches one stack of full forwards per site instead of one per layer, and the
 alpha = 0 point shared by all groups (whole-layer patches keep their own layer's path). It also
-misses the interaction between the layers; asked for one metric, it runs one backward. On the shipped final checkpoint it is the estimator that meets issue 15's target
-(masked Pearson >= 0.9 at >= 20x the stock sweep, benchmarks/attribution_sweep.py).
+misses the interaction between the layers; asked for one metric, it runs one backward. On the
+shipped final checkpoint it is the estimator that meets the attribution target (masked Pearson
+>= 0.9 at >= 20x the stock sweep, benchmarks/attribution_sweep.py).
 """
 
 from __future__ import annotations
