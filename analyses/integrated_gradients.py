@@ -101,12 +101,10 @@ def _path_gradients(model: HookedEncoder, name: str, layer: int, start: torch.Te
     return torch.stack(out)
 
 
-def integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
-                               sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
-                               groups: torch.Tensor | None = None) -> pd.DataFrame:
-    """Integrated-gradients recovery of every patch of every (site, granularity) in `sites`
-    (default `DEFAULT_SITES`): the table of `attribution_sweep`. `groups` [G, pos] (bool) are the
-    positions that move together for single-position patches (default `diagonal_groups`)."""
+def _prepare(model: HookedEncoder, clean: Batch, corrupted: Batch, sites, steps: int, groups):
+    """What both sweeps start from: (device, corrupted tokens, positions, position groups, patch
+    grids, clean prediction, clean and corrupted caches of the patched sites (and each block's
+    input on the corrupted run), metric weights)."""
     if not isinstance(steps, int) or steps < 1:
         raise OptionError(f"steps={steps!r} is invalid: allowed an integer >= 1")
     sites = sites or DEFAULT_SITES
@@ -114,7 +112,6 @@ def integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Ba
     clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
     pos = clean_tokens.shape[1]
     split = _checked_groups(clean, groups, pos).to(device)
-    whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     grids = {(s, g): _patch_grid(model, s, g, pos) for s, grans in sites.items() for g in grans}
     names = sorted({hook_name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
     starts = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)}
@@ -123,6 +120,18 @@ def integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Ba
         corrupt_pred, corrupt_cache = model.run_with_cache(corrupt_tokens,
                                                            names_filter=lambda n: n in names or n in starts)
     weights = metric_weights(clean_pred, corrupt_pred, clean.observed.to(device))
+    return device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights
+
+
+def integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
+                               sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
+                               groups: torch.Tensor | None = None) -> pd.DataFrame:
+    """Integrated-gradients recovery of every patch of every (site, granularity) in `sites`
+    (default `DEFAULT_SITES`): the table of `attribution_sweep`. `groups` [G, pos] (bool) are the
+    positions that move together for single-position patches (default `diagonal_groups`)."""
+    device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
+        model, clean, corrupted, sites, steps, groups)
+    whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     per_entry: dict[tuple[str, bool], torch.Tensor] = {}  # (hook, single position?) -> [2, pos, (head)]
     for (site, granularity), grid in grids.items():
         single = "pos" in granularity
@@ -159,23 +168,11 @@ def joint_integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupt
     `integrated_gradients_sweep`: with one group it is cheap, and shifting every layer by a whole
     layer's delta at once is where the layers interact most (on the shipped run's step 8000, `z`
     per layer and head: Pearson -0.45 on one path, 0.79 on each layer's own)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise OptionError(f"steps={steps!r} is invalid: allowed an integer >= 1")
     if not metrics or any(m not in METRICS for m in metrics):
         raise OptionError(f"metrics={metrics!r} is invalid: allowed a non-empty subset of {METRICS}")
-    sites = sites or DEFAULT_SITES
-    device = next(model.parameters()).device
-    clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
-    b, pos = clean_tokens.shape
-    split = _checked_groups(clean, groups, pos).to(device)
-    grids = {(s, g): _patch_grid(model, s, g, pos) for s, grans in sites.items() for g in grans}
-    names = sorted({hook_name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
-    starts = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)}
-    with torch.no_grad():
-        clean_pred, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
-        corrupt_pred, corrupt_cache = model.run_with_cache(corrupt_tokens,
-                                                           names_filter=lambda n: n in names or n in starts)
-    weights = metric_weights(clean_pred, corrupt_pred, clean.observed.to(device))
+    device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
+        model, clean, corrupted, sites, steps, groups)
+    b = corrupt_tokens.shape[0]
     wanted = [METRICS.index(m) for m in metrics]
     whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     per_entry: dict[tuple[str, bool], torch.Tensor] = {}  # (hook, single position?) -> [2, pos, (head)]

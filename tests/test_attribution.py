@@ -156,10 +156,14 @@ def _sharpened_model(scale: float = 16.0, n_layers: int = 2) -> HookedEncoder:
     return model
 
 
-def test_integrated_gradients_with_one_step_is_attribution(setup):
+@pytest.mark.parametrize("sweep", ["integrated_gradients_sweep", "joint_integrated_gradients_sweep"])
+def test_integrated_gradients_with_one_step_is_attribution(setup, sweep):
+    """Both path estimators (per layer, and every layer on one path) reduce to first order at 1 step."""
     model, clean, corrupted, _ = setup
     first = attribution_sweep(model, clean, corrupted, ALL_SITES)
-    one = integrated_gradients_sweep(model, clean, corrupted, ALL_SITES, steps=1)
+    one = {"integrated_gradients_sweep": integrated_gradients_sweep,
+           "joint_integrated_gradients_sweep": joint_integrated_gradients_sweep}[sweep](
+        model, clean, corrupted, ALL_SITES, steps=1)
     pd.testing.assert_frame_equal(one.drop(columns=["recovery_mask", "recovery_obs"]),
                                   first.drop(columns=["recovery_mask", "recovery_obs"]))
     for col in ("recovery_mask", "recovery_obs"):
@@ -244,17 +248,6 @@ def test_registry_section_shows_both_estimators(tiny_run):
 
 
 # ----- joint integrated gradients (all layers of a site on one path) ----------------------------
-
-def test_joint_integrated_gradients_with_one_step_is_attribution(setup):
-    model, clean, corrupted, _ = setup
-    first = attribution_sweep(model, clean, corrupted, ALL_SITES)
-    one = joint_integrated_gradients_sweep(model, clean, corrupted, ALL_SITES, steps=1)
-    pd.testing.assert_frame_equal(one.drop(columns=["recovery_mask", "recovery_obs"]),
-                                  first.drop(columns=["recovery_mask", "recovery_obs"]))
-    for col in ("recovery_mask", "recovery_obs"):
-        torch.testing.assert_close(torch.tensor(one[col].to_numpy()), torch.tensor(first[col].to_numpy()),
-                                   atol=1e-10, rtol=1e-7)
-
 
 def test_joint_integrated_gradients_is_the_layer_path_for_one_layer():
     """With one layer the joint path is that layer's own path: the same estimate as
