@@ -151,9 +151,59 @@ def sampled_dimension(model: torch.nn.Module, masks: Masks | None = None) -> int
     return sum(p.numel() if m is None else int(m.sum()) for _, p, m in sampled_parameters(model, masks))
 
 
+def flat_positions(model: torch.nn.Module, masks: Masks | None = None) -> torch.Tensor:
+    """Where the sampled weights (`sampled_parameters` order, masked entries in row-major order) sit
+    in the flattening of all of `model`'s parameters: a restriction of the whole model's coordinates
+    (the rows and columns of its Hessian that a component keeps)."""
+    offsets, start = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name], start = start, start + p.numel()
+    parts = [offsets[name] + (torch.arange(p.numel()) if m is None else m.flatten().nonzero()[:, 0].cpu())
+             for name, p, m in sampled_parameters(model, masks)]
+    return torch.cat(parts)
+
+
+class Reparametrized(torch.nn.Module):
+    """`model` with its sampled weights at w* + T u and the rest at w*: `u` (zeros: w*) is the only
+    parameter, SGLD's coordinates. `transform` T ([sampled weights, dim u]; None: the identity) is a
+    fixed preconditioner: plain isotropic SGLD in u is preconditioned SGLD in w with covariance T T^T,
+    whose stationary distribution is the same tempered posterior, localised by |u|^2 (the LLC, read
+    as localization -> 0, does not depend on the coordinates)."""
+
+    def __init__(self, model: torch.nn.Module, masks: Masks | None = None, transform: torch.Tensor | None = None):
+        super().__init__()
+        from torch.func import functional_call
+
+        self.base, self._call = model, functional_call
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # (name, w*, flat indices of the sampled entries or None for all of them)
+        self.sampled = [(name, p.detach(), None if m is None else m.flatten().nonzero()[:, 0])
+                        for name, p, m in sampled_parameters(model, masks)]
+        self.sizes = [p.numel() if where is None else len(where) for _, p, where in self.sampled]
+        first = next(model.parameters())
+        self.transform = None if transform is None else transform.to(first)
+        size = sum(self.sizes) if transform is None else transform.shape[1]
+        self.u = torch.nn.Parameter(torch.zeros(size, dtype=first.dtype, device=first.device))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The sampled parameters at w* + T u (the others are the base model's own)."""
+        delta = self.u if self.transform is None else self.transform @ self.u
+        out = {}
+        for (name, base, where), part in zip(self.sampled, delta.split(self.sizes)):
+            if where is not None:
+                part = torch.zeros(base.numel(), dtype=part.dtype, device=part.device).index_add(0, where, part)
+            out[name] = base + part.reshape(base.shape)
+        return out
+
+    def forward(self, *args, **kwargs):
+        return self._call(self.base, self.weights(), args, kwargs)
+
+
 def sgld_traces(model: torch.nn.Module, batch_or_loader: Data, config: SGLDConfig = DEFAULTS,
                 loss_fn: Callable = mse_loss, progress: bool = False, masks: Masks | None = None,
-                scales: dict[str, float] | None = None, **overrides) -> pd.DataFrame:
+                scales: dict[str, float] | None = None, transform: torch.Tensor | None = None,
+                **overrides) -> pd.DataFrame:
     """The minibatch loss of every SGLD step of every chain, `(chain, sgld_step, loss, burnin,
     init_loss)` with init_loss = L(w*), and with `config.paired` a column `reference_loss`: L(w*) on
     the same minibatch (a control variate: the difference has the same mean and far less minibatch
@@ -163,8 +213,10 @@ def sgld_traces(model: torch.nn.Module, batch_or_loader: Data, config: SGLDConfi
     `masks` restricts the sampling to some weights (the rest stay at w*: the weight-restricted LLC).
     `scales` (parameter name -> k) is a fixed diagonal preconditioner: that tensor moves with step
     lr / k and localization localization * k, i.e. plain SGLD in coordinates u = sqrt(k) w
-    (`analyses.llc_calibrate`). A chain whose loss stops being finite ends there; its last row has
-    loss inf (`diverged_chains`)."""
+    (`analyses.llc_calibrate`). `transform` (a matrix T over the sampled weights, in
+    `flat_positions` order) is a full preconditioner instead: SGLD moves u with w = w* + T u
+    (`Reparametrized`), and `scales` is ignored. A chain whose loss stops being finite ends there;
+    its last row has loss inf (`diverged_chains`)."""
     from devinterp.optim import SGMCMC
     from devinterp.optim.prior import GaussianPrior
 
@@ -180,7 +232,11 @@ def sgld_traces(model: torch.nn.Module, batch_or_loader: Data, config: SGLDConfi
         for p in sampler.parameters():
             p.requires_grad_(False)
         groups = []
-        for name, p, mask in sampled_parameters(sampler, masks):
+        if transform is not None:
+            sampler = Reparametrized(sampler, masks, transform)
+            groups.append({"params": [sampler.u], "lr": config.lr,
+                           "prior": GaussianPrior(config.localization, "initial") if config.localization else None})
+        for name, p, mask in sampled_parameters(sampler, masks) if transform is None else []:
             k = 1.0 if scales is None else float(scales[name])
             p.requires_grad_(True)
             groups.append({"params": [p], "lr": config.lr / k, "mask": mask,
@@ -220,8 +276,10 @@ def llc_from_traces(traces: pd.DataFrame) -> pd.DataFrame:
     chains (paired traces: the mean of loss - reference_loss over the draws)."""
     init_loss, nbeta = float(traces.init_loss.iloc[0]), float(traces.nbeta.iloc[0])
     drawn = traces[~traces.burnin].assign(excess=excess_loss(traces[~traces.burnin])).groupby("chain")
-    frame = pd.DataFrame({"chain": drawn.loss.mean().index, "llc": nbeta * drawn.excess.mean().to_numpy(),
-                          "sampled_loss": drawn.loss.mean().to_numpy(), "init_loss": init_loss})
+    chains = pd.Index(sorted(traces.chain.unique()), name="chain")  # one that diverged in its burn-in: inf
+    excess, loss = (drawn[c].mean().reindex(chains, fill_value=math.inf) for c in ("excess", "loss"))
+    frame = pd.DataFrame({"chain": chains, "llc": nbeta * excess.to_numpy(), "sampled_loss": loss.to_numpy(),
+                          "init_loss": init_loss})
     return frame.assign(llc_mean=frame.llc.mean(), llc_std=frame.llc.std(ddof=1) if len(frame) > 1 else 0.0)
 
 
@@ -273,21 +331,23 @@ def local_learning_coefficient(model: torch.nn.Module, batch_or_loader: Data, co
             raise ValueError("config is invalid with calibrate=True: allowed None (pass config with calibrate=False)")
         calibration = calibrate_settings(model, batch_or_loader, loss_fn, masks, progress=progress, **overrides)
         return estimate_with(model, batch_or_loader, calibration.config, calibration.scales, loss_fn, masks,
-                             calibration.diagnostics(), start, progress)
+                             calibration.diagnostics(), start, progress, calibration.transform())
     config = replace(DEFAULTS if config is None else config, **overrides).validate()
     return estimate_with(model, batch_or_loader, config, None, loss_fn, masks, {}, start, progress)
 
 
 def estimate_with(model: torch.nn.Module, data: Data, config: SGLDConfig, scales: dict[str, float] | None,
                   loss_fn: Callable = mse_loss, masks: Masks | None = None, calibration: dict | None = None,
-                  start: float | None = None, progress: bool = False) -> pd.DataFrame:
-    """The LLC rows of `local_learning_coefficient` with given settings; `calibration` holds the
-    calibration's `stable` and `localization_ok` (NaN when absent); `diverged` and `flat` are
-    measured on these chains and `ok` needs all four."""
+                  start: float | None = None, progress: bool = False,
+                  transform: torch.Tensor | None = None) -> pd.DataFrame:
+    """The LLC rows of `local_learning_coefficient` with given settings and preconditioner (`scales`
+    per tensor, or a full `transform`: `sgld_traces`); `calibration` holds the calibration's
+    `stable` and `localization_ok` (NaN when absent); `diverged` and `flat` are measured on these
+    chains and `ok` needs all four."""
     from analyses.llc_calibrate import flat_after_burnin
 
     start = time.perf_counter() if start is None else start
-    traces = sgld_traces(model, data, config, loss_fn, progress, masks=masks, scales=scales)
+    traces = sgld_traces(model, data, config, loss_fn, progress, masks=masks, scales=scales, transform=transform)
     frame = llc_from_traces(traces)
     diverged = bool(diverged_chains(traces)) or bool((frame.llc.abs() > sampled_dimension(model, masks)).any())
     flat = not diverged and flat_after_burnin(traces)
@@ -296,7 +356,9 @@ def estimate_with(model: torch.nn.Module, data: Data, config: SGLDConfig, scales
     ok = not diverged and flat and all(v is True for v in checks.values())
     settings = {k: v for k, v in asdict(config).items() if k != "nbeta"}
     return frame.assign(nbeta=config.inverse_temperature, seconds=time.perf_counter() - start, **settings,
-                        preconditioned=scales is not None, diverged=diverged, flat=flat, **checks, ok=ok)
+                        preconditioned=scales is not None or transform is not None,
+                        preconditioner="full" if transform is not None else "per-tensor" if scales else "none",
+                        diverged=diverged, flat=flat, **checks, ok=ok)
 
 
 def plot_sgld_traces(traces: pd.DataFrame) -> go.Figure:

@@ -14,6 +14,16 @@ The estimate LLC = nbeta (E[L(w)] - L(w*)) is only as good as the sampler's sett
    coordinates: tensor t moves with step lr / k_t and localization localization * k_t, so `lr` and
    `localization` below are dimensionless. The LLC does not depend on the coordinates. (A point
    with no curvature at all is scaled as if it had curvature 1.)
+   One scale per tensor cannot undo curvature that differs within a tensor: inputs with a mean
+   (X^T X has one eigenvalue d times the rest) or features of very different scales leave most
+   directions so flat, next to the sharpest that sets the step, that the localization holds them
+   and the estimate falls short (0.72 and 0.39 of d / 2 for a regression with inputs of mean 3, and
+   with features 1 to 100 in scale). So a model with at most `FULL_LIMIT` sampled weights is
+   preconditioned by its whole Hessian instead (`sampled_hessian`, `whitening`): SGLD runs in
+   u = T^-1 (w - w*) where every resolved direction has curvature 1 (`analyses.llc.Reparametrized`).
+   Directions flatter than a floor (a fraction of the sharpest), or negative, are scaled like the
+   sharpest; the floor starts at 1e-5 and coarsens (1e-3, 0.1, 1) while the first chains diverge: a
+   singular model's near-flat directions, whitened, run away from w*.
 3. A small sweep, walked from lr 0.2, localization 0.02: at each point (lr, gamma) chains run
    at (lr, gamma), (lr / 2, gamma) and (lr, gamma / 2), each for 2 / (lr gamma) burn-in steps and as
    many draws (the relaxation time of a direction held only by the localization), at most
@@ -50,10 +60,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyses.llc import (Data, Masks, SGLDConfig, _indexable, _is_batch, _size, diverged_chains, excess_loss,
-                          llc_from_traces, mse_loss, sampled_dimension, sampled_parameters, sgld_traces)
+from analyses.llc import (Data, Masks, Reparametrized, SGLDConfig, _indexable, _is_batch, _size, diverged_chains,
+                          excess_loss, flat_positions, llc_from_traces, mse_loss, sampled_dimension,
+                          sampled_parameters, sgld_traces)
 
 START_LR, START_LOCALIZATION = 0.2, 0.02
+FULL_LIMIT = 4096  # models with at most this many sampled weights are preconditioned by their whole Hessian
+# whole-Hessian preconditioning: eigenvalues below this fraction of the largest are not whitened; the
+# calibration starts at the first and coarsens while the chains diverge
+FULL_FLOORS = (1e-5, 1e-3, 1e-1, 1.0)
 CHAINS = 2  # chains per setting of the sweep
 FLOOR = 1e-6  # a tensor's curvature is at least FLOOR times the largest one (flat tensors stay bounded)
 
@@ -123,6 +138,38 @@ def curvature_scales(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: 
     return {name: float(h) * top for (name, _, _), h in zip(named, diagonal)}
 
 
+def sampled_hessian(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: Callable = mse_loss,
+                    masks: Masks | None = None, examples: int = 4096) -> torch.Tensor:
+    """The Hessian of nbeta L over the sampled weights (`flat_positions` order), float64, on at most
+    `examples` examples: one Hessian-vector product (double backpropagation) per weight."""
+    sampler = Reparametrized(copy.deepcopy(model).train(), masks)
+    u = sampler.u
+    eye = torch.eye(len(u), dtype=u.dtype, device=u.device)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(nbeta * loss_fn(sampler, _head(data, examples)), u, create_graph=True)[0]
+        try:  # rows in batches (vmap over the double backward)
+            rows = [torch.autograd.grad(grad, u, eye[i:i + 256], retain_graph=True, is_grads_batched=True)[0]
+                    for i in range(0, len(u), 256)]
+        except RuntimeError:  # an op without a batching rule: one row at a time
+            rows = [torch.autograd.grad(grad, u, e, retain_graph=True)[0][None] for e in eye]
+    hessian = torch.cat(rows).double()
+    return (hessian + hessian.T) / 2
+
+
+def whitening(hessian: torch.Tensor, floor: float = FULL_FLOORS[0]) -> torch.Tensor:
+    """The full preconditioner T = Q diag(lambda')^-1/2 of a Hessian H = Q diag(lambda) Q^T: lambda' =
+    lambda where it is at least `floor` times the largest, else the largest. In u = T^-1 (w - w*)
+    every direction of resolved positive curvature has curvature 1 (the sharpest included), so none
+    is left to the localization because a sharper one sets the step (correlated inputs, features of
+    very different scales). A flat or negative direction (a singular model's, or a saddle's) is
+    scaled like the sharpest, as the per-tensor preconditioner would: its curvature in u stays
+    within `floor` of 0 and the localization holds it."""
+    values, vectors = torch.linalg.eigh(hessian.double())
+    top = float(values.max()) if float(values.max()) > 0 else 1.0
+    resolved = torch.where(values >= floor * top, values, torch.full_like(values, top))
+    return (vectors * resolved.rsqrt()).float()
+
+
 def _block_means(traces: pd.DataFrame, blocks: int) -> pd.DataFrame:
     """The drawn excess losses averaged in `blocks` consecutive blocks per chain: `chain, block, x, excess`
     (x: the block's centre as a fraction of the draws)."""
@@ -178,7 +225,9 @@ def chain_length(lr: float, localization: float, max_steps: int, stretch: float 
 @dataclass
 class Calibration:
     """The chosen SGLD settings (`config`, dimensionless lr and localization), the preconditioner
-    `scales`, the diagnostics at the chosen point and the `sweep` (one row per setting tried)."""
+    (`scales` per tensor; for a model of at most `FULL_LIMIT` sampled weights the `hessian` of
+    nbeta L, whose `transform` is used instead), the diagnostics at the chosen point and the `sweep`
+    (one row per setting tried)."""
 
     config: SGLDConfig
     scales: dict[str, float]
@@ -188,10 +237,28 @@ class Calibration:
     stable: bool
     localization_ok: bool
     sweep: pd.DataFrame
+    hessian: torch.Tensor | None = None
+    floor: float | None = None  # of the full preconditioner (`whitening`)
 
     @property
     def ok(self) -> bool:
         return not self.diverged and self.flat and self.stable and self.localization_ok
+
+    @property
+    def preconditioner(self) -> str:
+        return "per-tensor" if self.hessian is None else "full"
+
+    def transform(self, model: torch.nn.Module | None = None, masks: Masks | None = None) -> torch.Tensor | None:
+        """The full preconditioner (None: per-tensor `scales`), restricted to the weights `masks`
+        selects (a component of the calibrated model: its rows and columns of the Hessian)."""
+        if self.hessian is None:
+            return None
+        if masks is None:
+            return whitening(self.hessian, self.floor)
+        if model is None or len(self.hessian) != sum(p.numel() for p in model.parameters()):
+            raise ValueError("masks are invalid for this calibration: allowed with the model it calibrated whole")
+        keep = flat_positions(model, masks)
+        return whitening(self.hessian[keep][:, keep], self.floor)
 
     def diagnostics(self) -> dict:
         return {"diverged": self.diverged, "flat": self.flat, "stable": self.stable,
@@ -200,6 +267,9 @@ class Calibration:
     def scales_frame(self) -> pd.DataFrame:
         """One row per sampled tensor with its scale; the settings and diagnostics as columns (a cache entry)."""
         settings = asdict(self.config)
+        if self.hessian is not None:
+            raise ValueError("a calibration with a full preconditioner is invalid for the cache frames: "
+                             "allowed per-tensor scales (calibrate with full_limit=0)")
         return pd.DataFrame({"param": list(self.scales), "scale": list(self.scales.values())}).assign(
             dimension=self.dimension, **settings, **self.diagnostics())
 
@@ -215,32 +285,40 @@ class Calibration:
 def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, masks: Masks | None = None,
               nbeta: float | None = None, batch_size: int | None = None, num_chains: int = 4,
               max_steps: int = 4000, rounds: int = 4, tol: float = 0.1, target_error: float = 0.03,
-              seed: int = 0, progress: bool = False) -> Calibration:
+              full_limit: int = FULL_LIMIT, seed: int = 0, progress: bool = False) -> Calibration:
     """SGLD settings for the LLC of `model` at its weights on `data`, by the procedure of the module
     docstring: the sweep runs `CHAINS` chains per setting; the chosen config has `num_chains` chains
     and enough draws (at most `max_steps`) for a standard error of about `target_error` of the
     estimate. `batch_size` defaults to all examples up to 4096 (the paired minibatch losses keep
-    the minibatch noise small beyond)."""
+    the minibatch noise small beyond). A model with at most `full_limit` sampled weights is
+    preconditioned by its whole Hessian (`whitening`) rather than per tensor."""
     n = effective_sample_size(data)
     nbeta = default_nbeta(n) if nbeta is None else float(nbeta)
     batch_size = min(n, 4096) if batch_size is None else batch_size
     scales = curvature_scales(model, data, nbeta, loss_fn, masks, seed=seed)
     dimension = sampled_dimension(model, masks)
+    hessian = sampled_hessian(model, data, nbeta, loss_fn, masks) if dimension <= full_limit else None
+    floor = None if hessian is None else FULL_FLOORS[0]
+    transform = None if hessian is None else whitening(hessian, floor)
     base = SGLDConfig(num_chains=CHAINS, batch_size=batch_size, nbeta=nbeta, seed=seed, paired=True)
-    results: dict[tuple[float, float, int], tuple[pd.DataFrame, bool, bool, float]] = {}
+    results: dict[tuple[float, float, int, float | None], tuple[pd.DataFrame, bool, bool, float]] = {}
 
     def estimate(lr: float, localization: float, stretch: float):
         steps = chain_length(lr, localization, max_steps, stretch)
-        if (lr, localization, steps) not in results:
+        if (lr, localization, steps, floor) not in results:
             config = replace(base, lr=lr, localization=localization, num_burnin=steps, num_draws=steps)
-            traces = sgld_traces(model, data, config, loss_fn, masks=masks, scales=scales)
+            traces = sgld_traces(model, data, config, loss_fn, masks=masks, scales=scales, transform=transform)
             chains = llc_from_traces(traces)
             diverged = bool(diverged_chains(traces)) or bool((chains.llc.abs() > dimension).any())
             flat = not diverged and flat_after_burnin(traces, tol)
-            results[(lr, localization, steps)] = (chains, diverged, flat, relative_standard_error(traces))
-        return results[(lr, localization, steps)]
+            results[(lr, localization, steps, floor)] = (chains, diverged, flat, relative_standard_error(traces))
+        return results[(lr, localization, steps, floor)]
 
     point = (START_LR, START_LOCALIZATION, 1.0)  # (lr, localization, chain-length stretch)
+    for coarser in FULL_FLOORS[1:] if hessian is not None else ():  # a whitened direction that runs away
+        if not estimate(*point)[1]:  # (a singular model's near-flat one) is left to the localization
+            break
+        floor, transform = coarser, whitening(hessian, coarser)
     for round_ in tqdm(range(rounds), desc="LLC calibration", disable=not progress):
         lr, localization, stretch = point
         chains, diverged, flat, error = estimate(*point)
@@ -261,10 +339,11 @@ def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, 
     draws = CHAINS * steps * (error / target_error) ** 2 / num_chains if math.isfinite(error) else steps
     chosen = replace(base, num_chains=num_chains, lr=lr, localization=localization, num_burnin=steps,
                      num_draws=int(min(max(math.ceil(draws), steps), max_steps - steps)))
-    sweep = pd.DataFrame([{"lr": a, "localization": b, "steps": s, "llc": c.llc.mean(), "llc_std": c.llc.std(ddof=1),
-                           "diverged": d, "flat": f, "chosen": (a, b, s) == (lr, localization, steps)}
-                          for (a, b, s), (c, d, f, _) in results.items()])
-    return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep)
+    sweep = pd.DataFrame([{"lr": a, "localization": b, "steps": s, "floor": e, "llc": c.llc.mean(),
+                           "llc_std": c.llc.std(ddof=1), "diverged": d, "flat": f,
+                           "chosen": (a, b, s, e) == (lr, localization, steps, floor)}
+                          for (a, b, s, e), (c, d, f, _) in results.items()])
+    return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep, hessian, floor)
 
 
 def rrr_learning_coefficient(M: int, N: int, H: int, r: int) -> float:

@@ -78,10 +78,84 @@ def component_llc(model: torch.nn.Module, data: Data, components: Iterable[str |
     for label, component in tqdm(labelled.items(), desc="components", disable=not progress):
         masks = component_masks(model, component)
         chains = estimate_with(model, data, calibration.config, calibration.scales, loss_fn, masks,
-                               calibration.diagnostics())
+                               calibration.diagnostics(), transform=calibration.transform(model, masks))
         rows.append(chains.drop(columns=["chain", "llc", "sampled_loss"]).iloc[0]
                     .rename({"llc_mean": "llc"}).to_dict() | {"component": label,
                                                               "dimension": sampled_dimension(model, masks)})
     frame = pd.DataFrame(rows)
     return frame[["component", "llc", "llc_std", "dimension", *[c for c in frame if c not in
                                                                ("component", "llc", "llc_std", "dimension")]]]
+
+
+def run_component_llc(ctx, components: list[str] | None = None, heads: bool = False,
+                      num_chains: int | None = None) -> pd.DataFrame:
+    """The refined LLC of every component at a run's key checkpoints (plateau, drop, end), one row
+    per (moment, component): `component_llc` with the run's one calibration (the report's,
+    `analyses.llc_report.run_calibration`, cached; `num_chains` may lower its chain count to save
+    time), each checkpoint's rows cached in the run directory. `ctx` an `analyses.context.Context`;
+    `components` default `model_components` (with every head when `heads`)."""
+    from dataclasses import asdict, replace
+
+    from analyses.llc_report import QUICK, REPORT, run_calibration
+    from analyses.store import cached
+
+    calibration = run_calibration(ctx, QUICK if ctx.quick else REPORT)
+    if num_chains is not None:
+        calibration = replace(calibration, config=replace(calibration.config, num_chains=num_chains))
+    names = list(components or model_components(ctx.model(ctx.final), heads=heads))
+    scales = {name: float(f"{k:.6g}") for name, k in calibration.scales.items()}  # as read back from the cache
+    settings = {**asdict(calibration.config), "scales": scales, "batch": len(ctx.batch),
+                "data": asdict(ctx.run.config.data), "components": names}
+    frames = []
+    for moment, step in tqdm(ctx.key.items(), desc="component LLC", unit="ckpt", disable=not ctx.progress):
+        rows = cached(ctx.run, "llc_components", step, settings,
+                      lambda: component_llc(ctx.model(step), ctx.batch, names, calibration))
+        frames.append(rows.assign(moment=moment, step=step))
+    return pd.concat(frames, ignore_index=True)
+
+
+def component_changes(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Which components' refined LLC changes at the drop, over a family: `per_run` holds
+    `run_component_llc` rows with a `run` column. Per component: in how many runs the LLC at the
+    drop and at the end is above (`rises`) or below (`falls`) its plateau value by more than twice
+    the chains' combined standard deviation, the median ratio end / plateau, and in how many runs
+    all three checkpoints' diagnostics pass (`ok`)."""
+    rows = []
+    for component, part in per_run.groupby("component", sort=False):
+        wide = part.pivot_table(index="run", columns="moment", values=["llc", "llc_std"], aggfunc="first")
+        ok = part.groupby("run").ok.all()
+        record = {"component": component, "runs": len(wide), "ok": f"{int(ok.sum())} of {len(ok)}"}
+        for moment in ("drop", "end"):
+            if ("llc", moment) not in wide or ("llc", "plateau") not in wide:
+                continue
+            change = wide["llc"][moment] - wide["llc"]["plateau"]
+            noise = 2 * (wide["llc_std"][moment].fillna(0) + wide["llc_std"]["plateau"].fillna(0))
+            record[f"rises_{moment}"] = f"{int((change > noise).sum())} of {len(change)}"
+            record[f"falls_{moment}"] = f"{int((change < -noise).sum())} of {len(change)}"
+        if ("llc", "end") in wide and ("llc", "plateau") in wide:
+            record["end_over_plateau"] = float((wide["llc"]["end"] / wide["llc"]["plateau"]).median())
+        rows.append(record)
+    return pd.DataFrame(rows)
+
+
+def plot_component_llc(per_run: pd.DataFrame):
+    """The refined LLC of each component (a panel each) at the plateau, drop and end checkpoints,
+    one line per run; a moment whose diagnostics fail is a hollow marker."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    components = list(dict.fromkeys(per_run.component))
+    columns = min(len(components), 5)
+    fig = make_subplots(rows=-(-len(components) // columns), cols=columns, subplot_titles=components,
+                        horizontal_spacing=0.04, vertical_spacing=0.12)
+    colours = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+    order = {"plateau": 0, "drop": 1, "end": 2}
+    for i, component in enumerate(components):
+        for j, (run, part) in enumerate(per_run[per_run.component == component].groupby("run", sort=False)):
+            part = part.sort_values("moment", key=lambda m: m.map(order))
+            fig.add_scatter(x=part.moment, y=part.llc, mode="lines+markers", name=str(run), legendgroup=str(run),
+                            showlegend=i == 0, line=dict(color=colours[j % len(colours)], width=1.5),
+                            marker=dict(size=7, symbol=["circle" if ok else "circle-open" for ok in part.ok]),
+                            row=i // columns + 1, col=i % columns + 1)
+    return fig.update_layout(title="Refined LLC per component at the plateau, drop and end (hollow: diagnostics fail)",
+                             template="plotly_white", height=260 * (-(-len(components) // columns)) + 80)

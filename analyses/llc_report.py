@@ -32,7 +32,9 @@ def run_calibration(ctx, options: dict):
 
     def compute():
         if not memo:
-            memo["calibration"] = calibrate(ctx.model(ctx.final), ctx.batch, progress=ctx.progress, **options)
+            # per-tensor preconditioning (full_limit 0): the cache keeps scales, not a whole-model Hessian
+            memo["calibration"] = calibrate(ctx.model(ctx.final), ctx.batch, progress=ctx.progress, full_limit=0,
+                                            **options)
         return memo["calibration"]
 
     scales = cached(ctx.run, "llc_calibration", ctx.final, settings, lambda: compute().scales_frame())
@@ -87,3 +89,45 @@ def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     return {"note": note, "llc": plot_llc(chains, ctx.run.metrics, ctx.phases.drop_step),
             "sgld_traces": plot_sgld_traces(traces[traces.step.isin(list(moments.values()))]),
             "llc_table": table.reset_index(), "llc_calibration": tables["llc_calibration"]}
+
+
+def llc_across_drop(table: pd.DataFrame, drop_step: float | None) -> dict:
+    """Does the drop show in one run's LLC? `table` is `llc_per_step` (`step, llc_mean, llc_std, ok`):
+    the last checkpoint before the drop against the first at or after it. `rises` when the LLC goes
+    up by more than twice the chains' summed standard deviations; `ok` when both checkpoints pass
+    their diagnostics (a verdict on flagged estimates is not a finding)."""
+    if drop_step is None or pd.isna(drop_step):
+        return {"before": None, "after": None, "ratio": float("nan"), "rises": False, "ok": False}
+    before, after = table[table.step < drop_step], table[table.step >= drop_step]
+    if before.empty or after.empty:
+        return {"before": None, "after": None, "ratio": float("nan"), "rises": False, "ok": False}
+    b, a = before.iloc[-1], after.iloc[0]
+    noise = 2 * sum(0.0 if pd.isna(row.llc_std) else float(row.llc_std) for row in (b, a))
+    return {"before": int(b.step), "after": int(a.step), "ratio": float(a.llc_mean / b.llc_mean),
+            "rises": bool(a.llc_mean - b.llc_mean > noise), "ok": bool(b.ok and a.ok)}
+
+
+def family_llc(tables: dict[str, pd.DataFrame], drops: dict[str, float]) -> pd.DataFrame:
+    """One row per run (`llc_across_drop`), from each run's `llc_per_step` table and drop step; the
+    verdict a README can quote is "rises in k of N runs whose estimates pass"."""
+    return pd.DataFrame([{"run": name, "drop_step": drops.get(name), **llc_across_drop(table, drops.get(name))}
+                         for name, table in tables.items()])
+
+
+def plot_family_llc(tables: dict[str, pd.DataFrame], drops: dict[str, float]):
+    """Every run's LLC against the steps from its drop (mean +- std over chains); a checkpoint whose
+    diagnostics fail is a hollow marker."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    colours = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
+    for i, (name, table) in enumerate(tables.items()):
+        x = table.step - (drops.get(name) or 0)
+        fig.add_scatter(x=x, y=table.llc_mean, error_y=dict(type="data", array=table.llc_std.fillna(0), width=2),
+                        mode="lines+markers", name=str(name), line=dict(color=colours[i % len(colours)]),
+                        marker=dict(size=8, symbol=["circle" if ok else "circle-open" for ok in table.ok],
+                                    line_width=2))
+    fig.add_vline(x=0, line_dash="dot", line_color="grey")
+    return fig.update_layout(title="LLC of each run, aligned at its drop (hollow: diagnostics fail)",
+                             xaxis_title="steps from the drop", yaxis_title="LLC (calibrated)",
+                             template="plotly_white", height=420)

@@ -98,7 +98,7 @@ ANALYSES: list[Analysis] = [
            steps="all", tasks=None),
     _entry("llc", "Local learning coefficient", "finding 1",
            "The calibrated LLC (SGLD estimate of the effective dimension, halved; settings chosen once per run and "
-           "checked: checkpoints whose diagnostics fail are hollow) at the checkpoints around the drop under the "
+           "checked: checkpoints whose diagnostics fail are hollow) at the plateau, drop and end checkpoints under the "
            "loss curves: does the drop show as a change in the model's effective complexity?", "llc_report",
            tasks=None),
     _entry("copy", "Copy check", "finding 2",
