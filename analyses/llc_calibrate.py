@@ -20,7 +20,7 @@ The estimate LLC = nbeta (E[L(w)] - L(w*)) is only as good as the sampler's sett
    and the estimate falls short (0.72 and 0.39 of d / 2 for a regression with inputs of mean 3, and
    with features 1 to 100 in scale). So a model with at most `FULL_LIMIT` sampled weights is
    preconditioned by its whole Hessian instead (`sampled_hessian`, `whitening`): SGLD runs in
-   u = T^-1 (w - w*) where every resolved direction has curvature 1 (`analyses.llc.Reparametrized`).
+   u = T^-1 (w - w*) where every resolved direction has curvature 1 (`analyses.llc_coordinates.Reparametrized`).
    Directions flatter than a floor (a fraction of the sharpest), or negative, are scaled like the
    sharpest; the floor starts at 1e-5 and coarsens (1e-3, 0.1, 1) while the first chains diverge: a
    singular model's near-flat directions, whitened, run away from w*.
@@ -60,9 +60,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyses.llc import (Data, Masks, Reparametrized, SGLDConfig, _indexable, _is_batch, _size, diverged_chains,
-                          excess_loss, flat_positions, llc_from_traces, mse_loss, sampled_dimension,
-                          sampled_parameters, sgld_traces)
+from analyses.llc import (Data, Masks, SGLDConfig, _indexable, _is_batch, _size, diverged_chains, excess_loss,
+                          llc_from_traces, mse_loss, sampled_dimension, sampled_parameters, sgld_traces)
+from analyses.llc_coordinates import Reparametrized, flat_positions
 
 START_LR, START_LOCALIZATION = 0.2, 0.02
 FULL_LIMIT = 4096  # models with at most this many sampled weights are preconditioned by their whole Hessian

@@ -94,18 +94,16 @@ def run_component_llc(ctx, components: list[str] | None = None, heads: bool = Fa
     `analyses.llc_report.run_calibration`, cached; `num_chains` may lower its chain count to save
     time), each checkpoint's rows cached in the run directory. `ctx` an `analyses.context.Context`;
     `components` default `model_components` (with every head when `heads`)."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
-    from analyses.llc_report import QUICK, REPORT, run_calibration
+    from analyses.llc_report import QUICK, REPORT, chain_settings, run_calibration
     from analyses.store import cached
 
     calibration = run_calibration(ctx, QUICK if ctx.quick else REPORT)
     if num_chains is not None:
         calibration = replace(calibration, config=replace(calibration.config, num_chains=num_chains))
     names = list(components or model_components(ctx.model(ctx.final), heads=heads))
-    scales = {name: float(f"{k:.6g}") for name, k in calibration.scales.items()}  # as read back from the cache
-    settings = {**asdict(calibration.config), "scales": scales, "batch": len(ctx.batch),
-                "data": asdict(ctx.run.config.data), "components": names}
+    settings = {**chain_settings(ctx, calibration), "components": names}
     frames = []
     for moment, step in tqdm(ctx.key.items(), desc="component LLC", unit="ckpt", disable=not ctx.progress):
         rows = cached(ctx.run, "llc_components", step, settings,
@@ -141,7 +139,6 @@ def component_changes(per_run: pd.DataFrame) -> pd.DataFrame:
 def plot_component_llc(per_run: pd.DataFrame):
     """The refined LLC of each component (a panel each) at the plateau, drop and end checkpoints,
     one line per run; a moment whose diagnostics fail is a hollow marker."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     components = list(dict.fromkeys(per_run.component))

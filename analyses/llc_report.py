@@ -42,6 +42,14 @@ def run_calibration(ctx, options: dict):
     return Calibration.from_frames(scales, sweep)
 
 
+def chain_settings(ctx, calibration) -> dict:
+    """What decides a checkpoint's cached chains under the run's `calibration`: its config, its
+    scales (rounded as the cache reads them back), the analysis batch and the task's data."""
+    scales = {name: float(f"{k:.6g}") for name, k in calibration.scales.items()}
+    return {**asdict(calibration.config), "scales": scales, "batch": len(ctx.batch),
+            "data": asdict(ctx.run.config.data)}
+
+
 def llc_tables(ctx) -> dict[str, pd.DataFrame]:
     """SGLD traces at the key checkpoints (plateau, drop, end; or the asked steps) with the
     run's calibrated settings, each cached in the run directory (`analyses.store`) under its
@@ -50,9 +58,7 @@ def llc_tables(ctx) -> dict[str, pd.DataFrame]:
 
     options = QUICK if ctx.quick else REPORT
     calibration = run_calibration(ctx, options)
-    scales = {name: float(f"{k:.6g}") for name, k in calibration.scales.items()}  # as read back from the cache
-    settings = {**asdict(calibration.config), "scales": scales, "batch": len(ctx.batch),
-                "data": asdict(ctx.run.config.data)}
+    settings = chain_settings(ctx, calibration)
     frames = []
     # the key checkpoints (plateau, drop, end) unless steps are asked for: calibrated chains are long
     steps = ctx.steps if ctx.steps_asked is not None else sorted(set(ctx.key.values()))
@@ -96,9 +102,8 @@ def llc_across_drop(table: pd.DataFrame, drop_step: float | None) -> dict:
     the last checkpoint before the drop against the first at or after it. `rises` when the LLC goes
     up by more than twice the chains' summed standard deviations; `ok` when both checkpoints pass
     their diagnostics (a verdict on flagged estimates is not a finding)."""
-    if drop_step is None or pd.isna(drop_step):
-        return {"before": None, "after": None, "ratio": float("nan"), "rises": False, "ok": False}
-    before, after = table[table.step < drop_step], table[table.step >= drop_step]
+    dropped = drop_step is not None and not pd.isna(drop_step)
+    before, after = (table[table.step < drop_step], table[table.step >= drop_step]) if dropped else (table[:0],) * 2
     if before.empty or after.empty:
         return {"before": None, "after": None, "ratio": float("nan"), "rises": False, "ok": False}
     b, a = before.iloc[-1], after.iloc[0]
