@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyses.llc import Data, Masks, estimate_with, mse_loss, sampled_dimension
+from analyses.llc import _COLOURS, Data, Masks, estimate_with, mse_loss, sampled_dimension
 from analyses.llc_calibrate import Calibration, calibrate
 
 # names this project's encoder gives the embeddings and the read-out (devinterp expects embed.W_E, unembed.W_U)
@@ -145,13 +145,12 @@ def plot_component_llc(per_run: pd.DataFrame):
     columns = min(len(components), 5)
     fig = make_subplots(rows=-(-len(components) // columns), cols=columns, subplot_titles=components,
                         horizontal_spacing=0.04, vertical_spacing=0.12)
-    colours = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
     order = {"plateau": 0, "drop": 1, "end": 2}
     for i, component in enumerate(components):
         for j, (run, part) in enumerate(per_run[per_run.component == component].groupby("run", sort=False)):
             part = part.sort_values("moment", key=lambda m: m.map(order))
             fig.add_scatter(x=part.moment, y=part.llc, mode="lines+markers", name=str(run), legendgroup=str(run),
-                            showlegend=i == 0, line=dict(color=colours[j % len(colours)], width=1.5),
+                            showlegend=i == 0, line=dict(color=_COLOURS[j % len(_COLOURS)], width=1.5),
                             marker=dict(size=7, symbol=["circle" if ok else "circle-open" for ok in part.ok]),
                             row=i // columns + 1, col=i % columns + 1)
     return fig.update_layout(title="Refined LLC per component at the plateau, drop and end (hollow: diagnostics fail)",

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pandas as pd
 from tqdm.auto import tqdm
 
-from analyses.llc import llc_from_traces, llc_per_step, plot_llc, plot_sgld_traces, sgld_traces
+from analyses.llc import _COLOURS, llc_from_traces, llc_per_step, plot_llc, plot_sgld_traces, sgld_traces
 
 # calibration budgets (`analyses.llc_calibrate.calibrate` options) of the report and of quick runs
 REPORT = {"batch_size": 64, "max_steps": 300, "rounds": 2, "num_chains": 3}
@@ -125,11 +125,10 @@ def plot_family_llc(tables: dict[str, pd.DataFrame], drops: dict[str, float]):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    colours = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692")
     for i, (name, table) in enumerate(tables.items()):
         x = table.step - (drops.get(name) or 0)
         fig.add_scatter(x=x, y=table.llc_mean, error_y=dict(type="data", array=table.llc_std.fillna(0), width=2),
-                        mode="lines+markers", name=str(name), line=dict(color=colours[i % len(colours)]),
+                        mode="lines+markers", name=str(name), line=dict(color=_COLOURS[i % len(_COLOURS)]),
                         marker=dict(size=8, symbol=["circle" if ok else "circle-open" for ok in table.ok],
                                     line_width=2))
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
