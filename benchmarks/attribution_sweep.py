@@ -2,10 +2,10 @@
 
 All three take the same clean / corrupted (-X, same mask) batch on the same checkpoint and give the
 recovery of every (layer, position, head) patch of `z`. "stock" is
-`transformer_lens.patching.get_act_patch_attn_head_out_by_pos` through `analyses.patching.stock_sweep`
-(one forward per patch); "attribution" is `analyses.attribution.attribution_sweep` (one clean
+`transformer_lens.patching.get_act_patch_attn_head_out_by_pos` through `analyses.causal.patching.stock_sweep`
+(one forward per patch); "attribution" is `analyses.causal.attribution.attribution_sweep` (one clean
 forward, one corrupted forward and one backward for all patches); "integrated gradients" is
-`analyses.integrated_gradients.integrated_gradients_sweep` (`--steps` points along each layer's
+`analyses.causal.integrated_gradients.integrated_gradients_sweep` (`--steps` points along each layer's
 path, its position groups stacked along the batch); "joint integrated gradients" is
 `joint_integrated_gradients_sweep` (`--steps` points along one path for all layers at once), timed
 with the masked metric only (the target) and with both metrics. The script prints each estimator's
@@ -49,10 +49,10 @@ def main() -> None:
     import transformer_lens.patching as tl_patching
     from scipy import stats
 
-    from analyses.attribution import attribution_sweep
-    from analyses.integrated_gradients import integrated_gradients_sweep, joint_integrated_gradients_sweep
-    from analyses.patching import corrupt, stock_sweep
-    from analyses.walk import analysis_batch
+    from analyses.base.walk import analysis_batch
+    from analyses.causal.attribution import attribution_sweep
+    from analyses.causal.integrated_gradients import integrated_gradients_sweep, joint_integrated_gradients_sweep
+    from analyses.causal.patching import corrupt, stock_sweep
     from mechlrmc.runs import Run
 
     tl_patching.tqdm = lambda it, *a, **k: it  # silence its per-patch progress bar

@@ -33,8 +33,8 @@ def main() -> None:
 
     import transformer_lens.patching as tl_patching
 
-    from analyses.patching import batched_sweep, corrupt, stock_sweep
-    from analyses.walk import analysis_batch
+    from analyses.base.walk import analysis_batch
+    from analyses.causal.patching import batched_sweep, corrupt, stock_sweep
     from mechlrmc.runs import Run
 
     tl_patching.tqdm = lambda it, *a, **k: it  # silence its per-patch progress bar (negligible time)

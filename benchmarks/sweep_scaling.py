@@ -35,8 +35,8 @@ def main() -> None:
     import torch
 
     from mechlrmc.sweep import sweep
-    from mechlrmc.trials import SweepSpec
     from mechlrmc.train import train
+    from mechlrmc.trials import SweepSpec
 
     out = Path(args.out or tempfile.mkdtemp(prefix="sweep_scaling_"))
     spec = SweepSpec.from_dict({"preset": args.preset, "steps": args.steps, "seeds": args.trials,

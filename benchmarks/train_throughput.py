@@ -30,8 +30,7 @@ from transformers import BertConfig, BertModel
 
 from mechlrmc.config import RunConfig, preset
 from mechlrmc.convert import from_reference_state_dict
-from mechlrmc.tasks.lrmc import sample
-from mechlrmc.tasks.lrmc import split_losses
+from mechlrmc.tasks.lrmc import sample, split_losses
 from mechlrmc.train import make_optimizer
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analyses.family import family_summary, plot_drop_steps, plot_family_curves
-from analyses.phases import detect_phases, plot_phases
+from analyses.family.figures import plot_drop_steps, plot_family_curves
+from analyses.family.summary import family_summary
+from analyses.plateau.figures import plot_phases
+from analyses.plateau.phases import detect_phases
 from mechlrmc.runs import Run
 
 DOCS = Path(__file__).resolve().parent

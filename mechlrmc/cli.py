@@ -51,9 +51,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from mechlrmc.runs import Run
-
     from mechlrmc.provenance import describe
+    from mechlrmc.runs import Run
 
     run = Run(args.run)
     print(run.config.to_yaml(), end="")

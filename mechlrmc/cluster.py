@@ -42,9 +42,7 @@ def _pass_token_through() -> None:
     """Use this machine's Ray token where one exists and $RAY_AUTH_MODE is unset (Ray itself does so
     only for a cluster it finds on its own, not for an address it is given)."""
     try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     except ImportError:  # a Ray without token authentication
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)

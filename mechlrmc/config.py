@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 import yaml
@@ -199,9 +199,7 @@ class RunConfig:
         _require(
             self.model.n_ctx == 0 or self.model.n_ctx >= self.data.seq_len,
             "model.n_ctx", self.model.n_ctx,
-            f"0 or >= the sequence length of data.task={self.data.task!r} (data.m * data.n = {self.data.seq_len})"
-            if self.data.task == DEFAULT_TASK else
-            f"0 or >= the sequence length of data.task={self.data.task!r} ({self.data.seq_len})",
+            f"0 or >= the sequence length of data.task={self.data.task!r} ({self.data.seq_len_text})",
         )
         task.check(self)
 

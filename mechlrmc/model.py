@@ -305,7 +305,7 @@ def model_from_state(
     dtype: torch.dtype = torch.float32,
 ) -> HookedEncoder:
     """The model of `cfg` holding the weights `state`, in eval mode on `device` (`Run.load_model`,
-    `analyses.swaps`). The weights pass through `dtype` on the way in; the parameters keep the
+    `analyses.weights.swaps`). The weights pass through `dtype` on the way in; the parameters keep the
     config's dtype. A ValueError names the missing and unexpected keys when `state` does not fit."""
     model = HookedEncoder(cfg, seed=None)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)

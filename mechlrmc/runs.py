@@ -327,7 +327,7 @@ class Run:
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         text = file.read_text()
-        return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]))
+        return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]), float_precision="round_trip")  # exactly the floats written
 
     @property
     def evals(self) -> pd.DataFrame:

@@ -8,7 +8,7 @@ Trainer's callbacks. At every evaluation it logs, under the evaluation's step,
   one forward pass, a fraction of the evaluation's cost): `attention_progress/LlHh` (share on the
   task's optimal attention map), `attention_entropy/LlHh`, `collapse/Ll` (mean pairwise cosine of
   block l's output across the scored positions) and, on LRMC, `heads/SCORE/LlHh` (the taxonomy
-  shares of finding 4);
+  shares of finding 4, on a task that supports "matrix");
 - `weight_norm/COMPONENT` and `grad_norm/COMPONENT` (the last step's gradients);
 and every `train.log_images_every` steps (0: every 10th evaluation), at step 0 and at the last
 step, `attention_pattern/LlHh`: each head's |pattern| averaged over the batch, as an image scaled
@@ -32,17 +32,14 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+import mechlrmc
 from mechlrmc import measures
 from mechlrmc.errors import UsageError
 from mechlrmc.runs import atomic_write
-
-if TYPE_CHECKING:
-    from mechlrmc.config import RunConfig
-    from mechlrmc.train import Trainer
 
 SINKS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "both": ("tensorboard", "wandb"), "none": ()}
 MEASURE_EXAMPLES = 256  # examples of the evaluation batch the measures are taken on
@@ -62,16 +59,16 @@ def require(log: str) -> None:
                              f"pip install 'mechlrmc[telemetry]' (or use train.log='none')")
 
 
-def attach(trainer: Trainer) -> Telemetry | None:
+def attach(trainer: mechlrmc.train.Trainer) -> Telemetry | None:
     """A `Telemetry` on `trainer`'s callbacks, or None where `train.log` is "none"."""
     return Telemetry(trainer) if trainer.cfg.train.log != "none" else None
 
 
-def image_every(cfg: RunConfig) -> int:
+def image_every(cfg: mechlrmc.config.RunConfig) -> int:
     return cfg.train.log_images_every or IMAGE_EVERY_EVALS * cfg.train.eval_every
 
 
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
+def flat_config(cfg: mechlrmc.config.RunConfig) -> dict[str, Any]:
     """{"section.key": value} with lists as text (hyper-parameters must be scalars)."""
     return {f"{section}.{key}": value if isinstance(value, (bool, int, float, str)) else str(value)
             for section, values in cfg.to_dict().items() for key, value in values.items()}
@@ -80,7 +77,7 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 class Telemetry:
     """Computes the measures at each evaluation and sends them to the sinks of `train.log`."""
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, trainer: mechlrmc.train.Trainer):
         cfg = trainer.cfg
         self.cfg = cfg
         self.batch = trainer.eval_data[:MEASURE_EXAMPLES].to(trainer.device)
@@ -95,7 +92,7 @@ class Telemetry:
         if "wandb" in names:
             self.sinks.append(WandbSink(path, cfg))
 
-    def measure(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def measure(self, trainer: mechlrmc.train.Trainer) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """This evaluation's scalars ({tag: value}: the metrics row, the measures on the batch, the
         norms) and, at an image step, its images ({tag: uint8 [H, W]})."""
         out = {}
@@ -110,7 +107,7 @@ class Telemetry:
         for layer, (pattern, h) in enumerate(zip(patterns, hidden)):
             heads = {"attention_progress": measures.attention_share(pattern, on_map),
                      "attention_entropy": measures.attention_entropy(pattern, causal)}
-            if self.cfg.data.task in measures.TAXONOMY_TASKS:
+            if "matrix" in trainer.task.supports:
                 scores = measures.matrix_head_scores(pattern, self.batch.observed, self.batch.m, self.batch.n)
                 heads.update({f"heads/{name}": value for name, value in scores.items()})
             for group, values in heads.items():
@@ -126,16 +123,16 @@ class Telemetry:
                     images[f"attention_pattern/L{layer}H{head}"] = image
         return out, images
 
-    def on_eval(self, trainer: Trainer) -> None:
+    def on_eval(self, trainer: mechlrmc.train.Trainer) -> None:
         scalars, images = self.measure(trainer)
         for sink in self.sinks:
             sink.log(trainer.step, scalars, images)
 
-    def on_checkpoint(self, trainer: Trainer) -> None:
+    def on_checkpoint(self, trainer: mechlrmc.train.Trainer) -> None:
         for sink in self.sinks:
             sink.checkpoint()
 
-    def on_close(self, trainer: Trainer) -> None:
+    def on_close(self, trainer: mechlrmc.train.Trainer) -> None:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
@@ -155,7 +152,7 @@ class TensorBoardSink:
     """Scalars and images into `RUN/tensorboard/`, flushed at every evaluation. A resumed writer
     purges what a killed one wrote after the resume step."""
 
-    def __init__(self, path: Path, cfg: RunConfig, step: int, resumed: bool):
+    def __init__(self, path: Path, cfg: mechlrmc.config.RunConfig, step: int, resumed: bool):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -186,7 +183,7 @@ class WandbSink:
     until the next checkpoint, so a resume, which replays the steps since the last one, never
     sends a step twice."""
 
-    def __init__(self, path: Path, cfg: RunConfig):
+    def __init__(self, path: Path, cfg: mechlrmc.config.RunConfig):
         import wandb
 
         self.wandb = wandb

@@ -8,7 +8,7 @@ and checkpoints follow the `TrainConfig` schedule; anything else hangs on callba
 (`mechlrmc.telemetry`). The trainer is handed its model (default: a fresh
 `HookedEncoder` of the config's seed) and the names of its trainable parameters (default: all);
 the others are frozen (`requires_grad=False`, not in the optimizer), so component-wise training
-(`analyses.freeze`) is an ordinary `Trainer`.
+(`analyses.weights.freeze`) is an ordinary `Trainer`.
 
 Exact resume: at every checkpoint the weights, Adam state, data-generator state and wall time go
 to `resume.safetensors` (its layout: `mechlrmc.resume`); a resumed run replays the same batches
@@ -32,7 +32,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from mechlrmc import provenance, resume as resume_file, telemetry
+from mechlrmc import provenance, telemetry
+from mechlrmc import resume as resume_file
 from mechlrmc.config import ConfigError, RunConfig
 from mechlrmc.errors import OptionError
 from mechlrmc.intervention import AttentionIntervention

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from analyses.ablation import ablate, head_ablation_sweep
+from analyses.causal.ablation import ablate, head_ablation_sweep
 from mechlrmc.config import preset
-from mechlrmc.tasks.lrmc import sample
-from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import sample, split_losses
 
 
 @pytest.fixture(scope="module")

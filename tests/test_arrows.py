@@ -89,7 +89,7 @@ def test_the_command_line_starts_without_torch_or_the_analysis_layer():
     import sys
 
     probe = ("import sys; from mechlrmc.cli import build_parser; build_parser(); import analyses; "
-             "print(sorted(m for m in ('torch', 'ray', 'analyses.heads', 'analyses.report') if m in sys.modules)); "
-             "analyses.head_taxonomy; print('analyses.heads' in sys.modules)")
+             "print(sorted(m for m in ('torch', 'ray', 'analyses.attention.heads', 'analyses.report.run_report') if m in sys.modules)); "
+             "analyses.head_taxonomy; print('analyses.attention.heads' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]" and out[1] == "True", out

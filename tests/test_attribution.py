@@ -4,16 +4,18 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.attribution import FAILS_PEARSON, HOLDS_PEARSON, attribution, attribution_agreement, \
-    attribution_sweep, attribution_verdict, compare_with_patching
-from analyses.integrated_gradients import diagonal_groups, integrated_gradients_sweep, joint_integrated_gradients_sweep
-from analyses.patching import DEFAULT_SITES, GRANULARITIES, SITES, _masks, _patch_grid, batched_sweep, corrupt, \
-    hook_name, patching, recovery_metrics
-from analyses.walk import analysis_batch
+from analyses.base.walk import analysis_batch
+from analyses.causal.agreement import (FAILS_PEARSON, HOLDS_PEARSON, attribution_agreement, attribution_verdict,
+    compare_with_patching)
+from analyses.causal.attribution import attribution, attribution_sweep
+from analyses.causal.integrated_gradients import (diagonal_groups, integrated_gradients_sweep,
+    joint_integrated_gradients_sweep)
+from analyses.causal.patching import (DEFAULT_SITES, GRANULARITIES, SITES, batched_sweep, corrupt, hook_name,
+    patch_grid, patch_masks, patching, recovery_metrics)
 from mechlrmc.config import preset
 from mechlrmc.errors import OptionError
-from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import sample
 
 ALL_SITES = {s: tuple(g for g in GRANULARITIES if "head" not in g or s == "z") for s in SITES}
 
@@ -45,7 +47,7 @@ def _interpolated_recovery(model, clean, corrupted, site, patch, alpha):
     """Exact recovery when the patched entries move a fraction alpha of the way to clean."""
     name = hook_name(site, patch[0])
     _, cache = model.run_with_cache(clean.tokens, names_filter=lambda n: n == name)
-    mask = _masks([patch], clean.tokens.shape[1], model.cfg.n_heads, site)[0][None, ..., None]  # [1, pos, (h,) 1]
+    mask = patch_masks([patch], clean.tokens.shape[1], model.cfg.n_heads, site)[0][None, ..., None]  # [1, pos, (h,) 1]
 
     def nudge(act, hook):
         return torch.where(mask, act + alpha * (cache[name] - act), act)
@@ -65,7 +67,7 @@ def test_matches_a_finite_difference(setup, site):
     checked = 0
     for g in grans:
         part = frame[frame.granularity == g].reset_index(drop=True)
-        patches = _patch_grid(model, site, g, clean.tokens.shape[1])
+        patches = patch_grid(model, site, g, clean.tokens.shape[1])
         for k in range(0, len(patches), max(1, len(patches) // 5)):
             eps = 1e-4
             slope = (_interpolated_recovery(model, clean, corrupted, site, patches[k], eps)
@@ -136,9 +138,9 @@ def test_verdict_per_moment_and_site():
 
 
 def test_default_sites_are_patchings():
-    import analyses.attribution
+    import analyses.causal.attribution
 
-    assert analyses.attribution.DEFAULT_SITES is DEFAULT_SITES
+    assert analyses.causal.attribution.DEFAULT_SITES is DEFAULT_SITES
 
 
 # ----- integrated gradients ----------------------------------------------------------------------
@@ -233,8 +235,8 @@ def test_agreement_covers_both_estimators(setup):
 
 
 def test_registry_section_shows_both_estimators(tiny_run):
-    from analyses.context import QUICK, Context
-    from analyses.registry import get
+    from analyses.base.context import QUICK, Context
+    from analyses.base.registry import get
 
     ctx = Context(tiny_run, QUICK, progress=False)
     tables = get("attribution").compute(ctx)

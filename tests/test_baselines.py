@@ -5,13 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from analyses.baselines import (
-    compare_baselines, copy_zero_predict, evaluate_ood, model_predict, nuclear_norm_complete, nuclear_norms,
-    ood_variants,
-)
+from analyses.completion.baselines import (compare_baselines, copy_zero_predict, evaluate_ood, model_predict,
+    nuclear_norm_complete, nuclear_norms, ood_variants)
 from mechlrmc.config import DataConfig, preset
-from mechlrmc.tasks.lrmc import MASK_ID, encode_values, sample
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import MASK_ID, encode_values, sample
 
 DATA = DataConfig(m=4, n=4, rank=1, p_mask=0.3)
 

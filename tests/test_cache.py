@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analyses.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names
+from analyses.base.cache import cache_hooks, chunked_cache, mean_patterns, pattern_names
 from mechlrmc.config import preset
-from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import sample
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.copying import copy_check, summarize_copy
-from analyses.phases import detect_phases
-from analyses.walk import analysis_batch
+from analyses.base.walk import analysis_batch
+from analyses.completion.copying import copy_check, summarize_copy
+from analyses.plateau.phases import detect_phases
 from mechlrmc.config import DataConfig
 from mechlrmc.tasks.lrmc import decode_tokens, sample
 

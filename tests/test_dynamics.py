@@ -5,14 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from analyses.dynamics import attention_progress, collapse, compare_interventions, dynamics_summary, repetition, \
-    track_dynamics
-from analyses.phases import detect_phases
+from analyses.plateau.dynamics import (attention_progress, collapse, compare_interventions, dynamics_summary,
+    repetition, track_dynamics)
+from analyses.plateau.phases import detect_phases
 from mechlrmc.config import preset
-from mechlrmc.tasks.lrmc import MASK_ID, decode_tokens, sample
 from mechlrmc.intervention import bias_pattern
-from mechlrmc.tasks.lrmc import optimal_attention_map
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import MASK_ID, decode_tokens, optimal_attention_map, sample
 
 CFG = preset("tiny").override({"data.m": 4, "data.n": 4})
 

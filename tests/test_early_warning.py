@@ -3,15 +3,14 @@ top Hessian eigenvalue and the component norms on cases with a known answer."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from analyses.early_warning import (component_norms, early_warning_table, essential_dynamics, milestones,
-                                    plot_drop_aligned, top_hessian_eigenvalue)
+from analyses.plateau.early_warning import (component_norms, early_warning_table, essential_dynamics, milestones,
+    top_hessian_eigenvalue)
+from analyses.plateau.figures import plot_drop_aligned
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks import get_task, preset
 
@@ -85,7 +84,7 @@ def test_essential_dynamics_of_outputs_moving_along_one_line_is_that_line():
         def forward(self, tokens):
             return direction * self.t
 
-    batch = type("B", (), {"tokens": torch.zeros(4, 3)})()
+    batch = type("B", (), {"tokens": torch.zeros(4, 3), "task": "lrmc"})()  # a batch says its task
     frame = essential_dynamics(None, range(len(pace)), batch, load=lambda s: Planted(pace[s]))
     pc1 = frame[frame.measure == "essential dynamics PC1"].value.to_numpy()
     assert abs(np.corrcoef(pc1, pace)[0, 1]) == pytest.approx(1.0, abs=1e-6)

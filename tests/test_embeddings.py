@@ -1,7 +1,7 @@
 import torch
 
-from analyses.embeddings import embedding_geometry, position_silhouettes, token_embedding_geometry
-from analyses.walk import analysis_batch
+from analyses.base.walk import analysis_batch
+from analyses.representations.embeddings import embedding_geometry, position_silhouettes, token_embedding_geometry
 from mechlrmc.model import HookedEncoder
 
 

@@ -1,8 +1,8 @@
 import torch
 
-from mechlrmc.tasks.lrmc import eval_batch
 from mechlrmc.export import export_run
 from mechlrmc.runs import Run
+from mechlrmc.tasks.lrmc import eval_batch
 
 
 def test_float16_export_keeps_outputs_and_can_be_cut(tiny_run, tmp_path):

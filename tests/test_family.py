@@ -13,16 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.family import (
-    across_runs, drop_sharpness, family_summary, find_family, place_in_family, plot_drop_steps, plot_family_curves,
-    varied_keys,
-)
-from analyses.family_report import build_family_report
-from analyses.findings import family_findings, findings_table
-from analyses.heads import head_taxonomy
+from analyses.attention.heads import head_taxonomy
+from analyses.family.figures import plot_drop_steps, plot_family_curves
+from analyses.family.findings import family_findings, findings_table
+from analyses.family.summary import (across_runs, drop_sharpness, family_summary, find_family, place_in_family,
+    varied_keys)
+from analyses.report.family_report import build_family_report
 from mechlrmc.config import preset
 from mechlrmc.model import HookedEncoder
-from mechlrmc.runs import METRIC_COLUMNS, Run
+from mechlrmc.runs import Run
 
 STEPS = 8000
 EVERY = 250
@@ -81,7 +80,7 @@ def test_drop_sharpness_separates_sharp_from_slow_drops(tmp_path):
 
 def test_varied_keys_ignore_the_seed(planted):
     path, _ = planted
-    from analyses.family import family_runs
+    from analyses.family.summary import family_runs
 
     assert varied_keys(family_runs(path)) == ["train.lr"]
 
@@ -134,7 +133,7 @@ def test_component_training_finding_reads_planted_component_runs(tiny_run, tmp_p
     step; without an attention run there is nothing to count."""
     import shutil
 
-    from analyses.findings import component_training_finding
+    from analyses.family.findings import component_training_finding
 
     assert component_training_finding(tiny_run, tmp_path / "none") is None
     for components, below_from in (("attn", 20), ("mlp", None)):
@@ -285,7 +284,7 @@ def test_shipped_families_install_with_the_package(tmp_path):
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
     run = _demo_run(tmp_path / "demo", None)
-    script = ("import analyses, sys; from analyses.family import find_family; from mechlrmc.runs import Run; "
+    script = ("import analyses, sys; from analyses.family.summary import find_family; from mechlrmc.runs import Run; "
               f"print(analyses.__file__); print(find_family(Run({str(run.path)!r})))")
     outside = tmp_path / "elsewhere"
     outside.mkdir()

@@ -1,6 +1,6 @@
 import torch
 
-from analyses.freeze import freeze_info, freeze_sweep, freeze_train
+from analyses.weights.freeze import freeze_info, freeze_sweep, freeze_train
 from mechlrmc.runs import Run
 
 
@@ -32,7 +32,7 @@ def test_freeze_run_resumes_exactly(tiny_run, tmp_path):
     uninterrupted 20-step run: frozen parameters carry no Adam state and stay the reference."""
     import pandas as pd
 
-    from analyses.freeze import freeze_trainer
+    from analyses.weights.freeze import freeze_trainer
 
     source = str(tiny_run.path)
     whole = freeze_train(tiny_run, "attn", tmp_path / "whole", steps=20, progress=False)

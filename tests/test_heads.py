@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.heads import default_structured_mask, head_onsets, head_taxonomy, score_pattern, structured_taxonomy
-from mechlrmc.config import DataConfig, RunConfig, ModelConfig
-from mechlrmc.tasks.lrmc import row_col_index, sample
+from analyses.attention.heads import (default_structured_mask, head_onsets, head_taxonomy, score_pattern,
+    structured_taxonomy)
+from mechlrmc.config import DataConfig, ModelConfig, RunConfig
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import row_col_index, sample
 
 
 def _uniform_over(keys: torch.Tensor) -> torch.Tensor:

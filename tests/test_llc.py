@@ -4,11 +4,14 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.llc import (SGLDConfig, llc_from_traces, llc_per_step, local_learning_coefficient, plot_llc,
-                          sgld_traces)
-from analyses.llc_calibrate import Calibration, calibrate, flat_after_burnin, rrr_learning_coefficient
-from analyses.llc_components import component_llc, component_masks
-from analyses.walk import across_checkpoints
+from analyses.base.walk import across_checkpoints
+from analyses.llc.calibrate import Calibration, calibrate, flat_after_burnin, rrr_learning_coefficient
+from analyses.llc.components import component_llc, component_masks
+from analyses.llc.data import SGLDConfig
+from analyses.llc.estimator import llc_per_step, local_learning_coefficient
+from analyses.llc.figures import plot_llc
+from analyses.llc.sampler import llc_from_traces, sgld_traces
+from mechlrmc.errors import OptionError
 
 DIAGNOSTICS = ["diverged", "flat", "stable", "localization_ok", "ok"]
 
@@ -47,7 +50,7 @@ def test_regular_model_has_llc_half_its_dimension(d_in):
 
 def test_loader_and_overrides(tiny_run):
     model = tiny_run.load_model(40)
-    from analyses.walk import analysis_batch
+    from analyses.base.walk import analysis_batch
 
     batch = analysis_batch(tiny_run, 64)
     loader = [batch[i:i + 16] for i in range(0, 64, 16)]
@@ -119,7 +122,7 @@ def test_curvature_within_a_tensor_is_whitened(mean, spread):
 def test_whitening_gives_the_resolved_directions_curvature_one():
     """T^T H T: eigenvalue 1 for every direction above the floor; a negative or flat direction is
     scaled like the sharpest, so its curvature stays within the floor of 0."""
-    from analyses.llc_calibrate import whitening
+    from analyses.llc.calibrate import whitening
 
     q = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0)))[0].double()
     hessian = q @ torch.diag(torch.tensor([1e4, 30.0, 1.0, 0.0, -2.0], dtype=torch.float64)) @ q.T
@@ -252,22 +255,22 @@ def test_restricting_to_k_weights_gives_k_halves():
 
 
 def test_a_head_moves_only_its_own_slices(tiny_run):
-    """devinterp's head masks on this encoder: SGLD on head 1 of layer 0 changes only that head's
-    slices of W_Q/W_K/W_V/W_O (and b_Q/b_K/b_V); every other weight stays at w*."""
+    """A head of the component vocabulary (`attn.0.1`) on this encoder: SGLD on head 1 of layer 0
+    changes only that head's slices of W_Q/W_K/W_V/W_O (and b_Q/b_K/b_V); every other weight stays at w*."""
     model = tiny_run.load_model(40)
     cfg = model.cfg
-    masks = component_masks(model, "l0h1")
+    masks = component_masks(model, "attn.0.1")
     assert sorted(masks) == sorted(f"blocks.0.attn.{n}" for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"))
     assert int(masks["blocks.0.attn.W_Q"].sum()) == cfg.d_model * cfg.d_head
     seen = []
 
     def loss_fn(sampler, data):
         seen.append(sampler)
-        from analyses.llc import mse_loss
+        from analyses.llc.data import mse_loss
 
         return mse_loss(sampler, data)
 
-    from analyses.walk import analysis_batch
+    from analyses.base.walk import analysis_batch
 
     sgld_traces(model, analysis_batch(tiny_run, 32), SGLDConfig(num_chains=1, num_burnin=1, num_draws=3, lr=1e-3,
                                                                  batch_size=16), loss_fn=loss_fn, masks=masks)
@@ -278,15 +281,32 @@ def test_a_head_moves_only_its_own_slices(tiny_run):
             assert moved[masks[name]].all() and not moved[~masks[name]].any(), name
         else:
             assert not moved.any(), name
-    with pytest.raises(ValueError, match="component='l9h0' is invalid"):
-        component_masks(model, "l9h0")
+    with pytest.raises(OptionError, match="component 'attn.9.0' is out of range"):
+        component_masks(model, "attn.9.0")
+
+
+def test_the_component_vocabulary_selects_what_devinterp_selects(tiny_run):
+    """`attn.L.H`, `attn.L` and `mlp.L` mask exactly the entries devinterp 2.0.1's restriction strings
+    `lLhH`, `lL attn` and `lL mlp` mask (the names changed, the sampled weights did not)."""
+    from devinterp.slt.weight_restrictions import create_param_masks
+
+    model = tiny_run.load_model(40)
+    params = dict(model.named_parameters())
+
+    def full(masks):
+        return {n: (torch.ones_like(params[n], dtype=torch.bool) if m is None else m.bool()) for n, m in masks.items()}
+
+    for ours, theirs in (("attn.0.1", "l0h1"), ("attn.1.0", "l1h0"), ("attn.0", "l0 attn"), ("mlp.1", "l1 mlp")):
+        a, b = full(component_masks(model, ours)), full(create_param_masks(model, theirs))
+        assert sorted(a) == sorted(b), ours
+        assert all(torch.equal(a[n], b[n]) for n in a), ours
 
 
 def test_report_section_calibrates_once_and_flags(tiny_run):
     """The registry entry: one calibration per run (cached in the run directory, reused by a second
     call), the per-step table with its diagnostics, the failing checkpoints named in the note."""
-    from analyses.context import QUICK, Context
-    from analyses.registry import get
+    from analyses.base.context import QUICK, Context
+    from analyses.base.registry import get
 
     ctx = Context(tiny_run, QUICK, progress=False, steps_asked=[20, 40])
     tables = get("llc").compute(ctx)
@@ -305,16 +325,18 @@ def test_report_section_calibrates_once_and_flags(tiny_run):
 def test_component_llc_over_a_run_and_a_family(tiny_run):
     """The key checkpoints' refined LLC per component with the run's one calibration, cached; the
     family table counts a planted rise and a planted fall against the chains' spread."""
-    from analyses.context import QUICK, Context
-    from analyses.llc_components import component_changes, plot_component_llc, run_component_llc
+    from analyses.base.context import QUICK, Context
+    from analyses.llc.adapters import run_component_llc
+    from analyses.llc.components import component_changes
+    from analyses.llc.figures import plot_component_llc
 
     ctx = Context(tiny_run, QUICK, progress=False)
-    rows = run_component_llc(ctx, ["l0 attn", "embed"])
-    assert set(rows.moment) == set(ctx.key) and set(rows.component) == {"l0 attn", "embed"}
+    rows = run_component_llc(ctx, ["attn.0", "embeddings"])
+    assert set(rows.moment) == set(ctx.key) and set(rows.component) == {"attn.0", "embeddings"}
     assert {"llc", "llc_std", "dimension", "ok"} <= set(rows.columns)
     cached = len(list((tiny_run.path / "cache" / "llc_components").iterdir()))
     assert cached == len(set(ctx.key.values()))
-    pd.testing.assert_frame_equal(run_component_llc(ctx, ["l0 attn", "embed"]), rows)  # read back
+    pd.testing.assert_frame_equal(run_component_llc(ctx, ["attn.0", "embeddings"]), rows)  # read back
 
     def planted(run, attn, embed):
         return pd.DataFrame([{"run": run, "moment": m, "component": c, "llc": v, "llc_std": 0.1, "ok": True}
@@ -330,7 +352,8 @@ def test_component_llc_over_a_run_and_a_family(tiny_run):
 
 
 def test_family_llc_verdict_counts_only_a_rise_beyond_the_chains_spread():
-    from analyses.llc_report import family_llc, plot_family_llc
+    from analyses.llc.figures import plot_family_llc
+    from analyses.llc.runs import family_llc
 
     def table(values, stds, ok=True):
         return pd.DataFrame({"step": [100, 200, 300], "llc_mean": values, "llc_std": stds, "ok": ok})

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from analyses.lm_checkpoints import (across_lm_checkpoints, checkpoint_series, consecutive_repetition,
-                                     lm_dynamics_summary, lm_repetition_collapse, mean_pairwise_cosine,
-                                     plot_lm_dynamics)
+from analyses.plateau.figures import plot_lm_dynamics
+from analyses.plateau.lm_checkpoints import (across_lm_checkpoints, checkpoint_series, lm_dynamics_summary,
+    lm_repetition_collapse)
 from mechlrmc.errors import OptionError
+from mechlrmc.measures import consecutive_repetition, mean_pairwise_cosine
 
 VOCAB, SAVE_AT, N_NEW = 64, (0, 20, 150), 8
 

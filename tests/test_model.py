@@ -4,9 +4,8 @@ from transformer_lens import ActivationCache, FactoredMatrix, patching
 
 from mechlrmc.config import preset
 from mechlrmc.convert import from_reference_state_dict
-from mechlrmc.tasks.lrmc import sample
-from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import sample, split_losses
 
 transformers = pytest.importorskip("transformers")
 

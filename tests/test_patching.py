@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from analyses.patching import batched_outputs, batched_sweep, corrupt, patching, stock_sweep, _patch_grid
-from analyses.walk import analysis_batch
+from analyses.base.walk import analysis_batch
+from analyses.causal.patching import batched_outputs, batched_sweep, corrupt, patch_grid, patching, stock_sweep
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_self_patching_is_a_no_op(setup, site):
     grans = ["layer", "layer_pos"] + (["layer_head", "layer_pos_head"] if site == "z" else [])
     reference = model(clean.tokens)
     for g in grans:
-        patches = _patch_grid(model, site, g, clean.tokens.shape[1])
+        patches = patch_grid(model, site, g, clean.tokens.shape[1])
         out = batched_outputs(model, clean.tokens, clean.tokens, site, patches)
         torch.testing.assert_close(out, reference.expand_as(out), atol=1e-5, rtol=1e-5)
 

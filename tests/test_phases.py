@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.phases import detect_phases, plot_phases, steps_around_drop
+from analyses.plateau.figures import plot_phases
+from analyses.plateau.phases import detect_phases, steps_around_drop
 from mechlrmc.config import preset
 from mechlrmc.runs import Run
 

@@ -1,9 +1,9 @@
 import torch
 
-from analyses.probes import fit_probe, probe, probe_scores, probe_targets
-from analyses.walk import analysis_batch
-from mechlrmc.tasks.lrmc import decode_tokens
+from analyses.base.walk import analysis_batch
+from analyses.representations.probes import fit_probe, probe, probe_scores, probe_targets
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import decode_tokens
 
 
 def test_fit_probe_recovers_a_planted_linear_map_and_not_noise():

@@ -15,9 +15,8 @@ from torch import nn
 
 from mechlrmc.cli import main
 from mechlrmc.config import preset
-from mechlrmc.tasks.lrmc import sample
-from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.runs import Run
+from mechlrmc.tasks.lrmc import sample, split_losses
 from mechlrmc.train import DATA_SEED_OFFSET
 
 transformers = pytest.importorskip("transformers")

@@ -8,9 +8,9 @@ from collections import Counter
 import pandas as pd
 import plotly.graph_objects as go
 
-from analyses import registry
-from analyses.context import QUICK, Context
-from analyses.report import build_report
+from analyses.base import registry
+from analyses.base.context import QUICK, Context
+from analyses.report.run_report import build_report
 from mechlrmc.cli import main
 from mechlrmc.runs import Run
 
@@ -20,7 +20,7 @@ def test_every_entry_names_functions_that_exist():
     assert len(names) == len(set(names))
     for analysis in registry.ANALYSES:
         assert callable(analysis._resolve(analysis.tables)) and callable(analysis._resolve(analysis.figures))
-        assert analysis.finding and analysis.caption and (analysis.tasks is None or analysis.tasks)
+        assert analysis.finding and analysis.caption and isinstance(analysis.requires, tuple)
     for members in registry.GROUPS.values():
         assert all(registry.get(m) for m in members)
 

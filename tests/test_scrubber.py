@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from analyses.scrubber import pattern_frame, plot_attention_scrubber, save_attention_scrubber, scrub_data
-from analyses.walk import analysis_batch
 from test_report import _wait, browser  # noqa: F401  (the headless Chromium fixture)
+
+from analyses.attention.figures import plot_attention_scrubber, save_attention_scrubber
+from analyses.attention.scrubber import pattern_frame, scrub_data
+from analyses.base.walk import analysis_batch
 
 HEATMAPS_JS = """
 const gd = document.querySelector('div.plotly-graph-div');

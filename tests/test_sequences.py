@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.phases import detect_phases, key_checkpoints
-from analyses.sequences import mean_pairwise_cosine, native_measures
+from analyses.plateau.phases import detect_phases
+from analyses.plateau.sequences import native_measures
+from mechlrmc.measures import mean_pairwise_cosine
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 from mechlrmc.tasks import get_task, preset
@@ -82,7 +83,7 @@ def test_phases_of_a_token_run_find_a_planted_drop(tmp_path):
 
 
 def test_the_plateau_papers_findings_on_planted_runs(tmp_path):
-    from analyses.sequence_findings import intervention_findings, sequence_run_findings
+    from analyses.family.sequence_findings import intervention_findings, sequence_run_findings
 
     steps = np.arange(0, 400, 10)
     rows = [{"step": int(s), "eval_loss": 2.5 if s < 150 else 0.02, "eval_loss_out": 2.9 if s == 0 else 2.5 if s < 150 else 0.02,
@@ -105,7 +106,7 @@ def test_the_plateau_papers_findings_on_planted_runs(tmp_path):
 
 
 def test_the_report_of_a_token_run_shows_the_sections_that_apply(tmp_path):
-    from analyses.report import build_report
+    from analyses.report.run_report import build_report
     from mechlrmc.train import train
 
     run = train(preset("mws_tiny"), tmp_path / "mws", progress=False)
@@ -119,10 +120,10 @@ def test_the_report_of_a_token_run_shows_the_sections_that_apply(tmp_path):
 
 
 def test_attention_views_of_a_causal_token_model_name_its_tokens_and_hide_the_future(mws):
-    from analyses.views import attention_page, token_names
+    from analyses.attention.views import attention_page
 
     cfg, task, batch, model = mws
-    names = token_names(batch)
+    names = batch.position_names()
     assert names[:2] == ["x1", "x2"] and names[cfg.data.length] == "SEP" and len(names) == batch.tokens.shape[1]
     page = attention_page(model, batch[:8], examples=(1,), head_labels={(0, 0): "map 0.10"})
     assert '"maskUpperTri": true' in page.replace('"maskUpperTri":true', '"maskUpperTri": true')
@@ -131,14 +132,14 @@ def test_attention_views_of_a_causal_token_model_name_its_tokens_and_hide_the_fu
 
 
 def test_the_scrubber_of_a_causal_model_leaves_the_future_blank(mws):
-    from analyses.scrubber import pattern_frame, plot_attention_scrubber
-    from analyses.sequences import head_map_share
-    from analyses.views import token_names
+    from analyses.attention.figures import plot_attention_scrubber
+    from analyses.attention.heads import head_map_share
+    from analyses.attention.scrubber import pattern_frame
 
     cfg, task, batch, model = mws
     patterns = pattern_frame(model, batch).assign(step=0)
     labels = head_map_share(model, batch).assign(step=0, queries="all")
-    fig = plot_attention_scrubber(patterns, labels, names=token_names(batch), causal=True)
+    fig = plot_attention_scrubber(patterns, labels, names=batch.position_names(), causal=True)
     z = np.array(fig.data[0].z, dtype=float)
     assert np.isnan(z[np.triu_indices(len(z), 1)]).all() and not np.isnan(z[np.tril_indices(len(z))]).any()
     assert fig.layout.annotations[0].text.startswith("L0H0 map ")
@@ -147,7 +148,7 @@ def test_the_scrubber_of_a_causal_model_leaves_the_future_blank(mws):
 def test_patching_a_token_both_runs_share_recovers_nothing_and_one_head_is_its_layer(mws):
     """The separator is the same token in clean and corrupted sequences: patching its embedding
     moves nothing. With one head, patching z and patching attn_out are the same patch."""
-    from analyses.sequence_patching import patching_agreement, sequence_patching
+    from analyses.causal.sequence_patching import patching_agreement, sequence_patching
 
     cfg, task, batch, model = mws
     with torch.no_grad():

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from mechlrmc.config import ConfigError, TrainConfig, preset
-from mechlrmc.tasks.lrmc import sample
-from mechlrmc.tasks.lrmc import split_losses
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
+from mechlrmc.tasks.lrmc import sample, split_losses
 from mechlrmc.train import make_optimizer, train
 
 

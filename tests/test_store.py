@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from analyses.store import cached, clear, entry_path
+from analyses.base.store import cached, clear, entry_path
 from mechlrmc.runs import CheckpointError, Run
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from analyses.components import component_params, model_component_params
-from analyses.swaps import swap_grid, swapped_model
+from analyses.weights.swaps import swap_grid, swapped_model
+from mechlrmc.components import component_params, model_component_params
 from mechlrmc.model import HookedEncoder
 
 
@@ -35,7 +35,7 @@ def test_swapping_everything_gives_model_a_and_nothing_gives_b(tiny_run):
 
 
 def test_swap_grid_baselines_match_the_checkpoints(tiny_run):
-    from analyses.walk import analysis_batch
+    from analyses.base.walk import analysis_batch
     from mechlrmc.tasks.lrmc import evaluate
 
     batch = analysis_batch(tiny_run, size=64)

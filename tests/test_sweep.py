@@ -18,8 +18,8 @@ import yaml
 from mechlrmc.config import RunConfig
 from mechlrmc.runs import Run
 from mechlrmc.sweep import sweep
-from mechlrmc.trials import SweepError, SweepSpec
 from mechlrmc.train import train
+from mechlrmc.trials import SweepError, SweepSpec
 
 CLI = [sys.executable, "-m", "mechlrmc.cli"]
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import REFERENCE_RUN
 
 from mechlrmc import tasks
 from mechlrmc.config import RunConfig, preset
@@ -16,8 +17,6 @@ from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import METRIC_COLUMNS, Run
 from mechlrmc.tasks import TASKS, get_task
 from mechlrmc.train import Trainer, train
-
-from conftest import REFERENCE_RUN
 
 X = torch.tensor([[3, 4, 1, 2]])  # inputs of the hand examples: L = 4, values 1..4, p = 5
 

@@ -19,14 +19,15 @@ from tensorboard.backend.event_processing.event_multiplexer import EventMultiple
 from tensorboard.plugins.hparams import plugin_data_pb2
 from wandb.proto import wandb_internal_pb2
 
-from analyses.dynamics import collapse
-from analyses.heads import score_pattern
+from analyses.attention.heads import score_pattern
+from analyses.plateau.dynamics import collapse
 from mechlrmc import measures
 from mechlrmc.cli import main
 from mechlrmc.config import ConfigError, preset
 from mechlrmc.progress import interactive
 from mechlrmc.runs import Run
 from mechlrmc.train import Trainer, train
+
 
 def _events(path: Path) -> EventAccumulator:
     events = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
@@ -94,7 +95,7 @@ def test_tensorboard_holds_the_metrics_and_the_measures(tensorboard_run):
                 *(f"heads/{s}/{h}" for s in measures.MATRIX_SCORES for h in heads),
                 *(f"collapse/L{l}" for l in range(cfg.model.n_layers)),
                 *(f"{kind}/{c}" for kind in ("weight_norm", "grad_norm")
-                  for c in ("embed", "pos_embed", "unembed", "blocks.0.attn", "blocks.1.mlp"))}
+                  for c in ("embed", "pos_embed", "unembed", "attn.0", "mlp.1", "ln.0"))}
     assert expected <= tags
     metrics = tensorboard_run.metrics.set_index("step")
     eval_steps = [0, 10, 20, 30, 40]
@@ -179,7 +180,7 @@ def test_a_token_task_logs_repetition_and_attention_progress(tmp_path):
     assert all(e.value == np.float32(metrics.loc[e.step, "eval_rep"]) for e in rep)
     # one layer, one head: the head's share on the map is the task's own attn_on_map
     assert all(e.value == pytest.approx(metrics.loc[e.step, "eval_attn_on_map"], rel=1e-5) for e in progress)
-    assert {"attention_entropy/L0H0", "collapse/L0", "grad_norm/blocks.0.attn"} <= set(events.Tags()["scalars"])
+    assert {"attention_entropy/L0H0", "collapse/L0", "grad_norm/attn.0"} <= set(events.Tags()["scalars"])
     assert not any(t.startswith("heads/") for t in events.Tags()["scalars"])  # LRMC's taxonomy only
 
 

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.views import attention_page, example_labels
+from analyses.attention.views import attention_page
 from mechlrmc.cli import main
 from mechlrmc.config import preset
-from mechlrmc.tasks.lrmc import sample
 from mechlrmc.model import HookedEncoder
+from mechlrmc.tasks.lrmc import sample
 
 
 def test_page_is_offline_and_complete():
@@ -23,7 +23,7 @@ def test_page_is_offline_and_complete():
     views = cfg.model.n_layers * (1 + 2)
     assert page.count("CircuitsVis.render(") == views and page.count('class="view"') == views
     assert "L1H0 row" in page and "L0H1" in page
-    labels = example_labels(batch, 3)
+    labels = batch.example_names(3)
     assert sum(l.endswith(":MASK") for l in labels) == int(batch.masked[3].sum())
     masked_cells = int(batch.masked[0].sum() + batch.masked[3].sum())  # one matrix table per layer
     assert page.count('class="masked"') == cfg.model.n_layers * masked_cells

@@ -1,7 +1,7 @@
 """The analysis layer's subcommands of `mechlrmc`, found by the core through the `mechlrmc.commands`
 entry point (pyproject.toml), so the core never imports this package.
 
-    mechlrmc analyze NAME RUN     any registered analysis (analyses.registry): tables as CSV, figures as HTML
+    mechlrmc analyze NAME RUN     any registered analysis (analyses.base.registry): tables as CSV, figures as HTML
     mechlrmc analyze freeze RUN   the component-wise training sweep;  mechlrmc analyze intervention ...
     mechlrmc report RUN|SWEEP     the registry assembled into one offline HTML file
     mechlrmc freeze-train RUN     train chosen components with the rest fixed

@@ -1,4 +1,4 @@
-"""`mechlrmc analyze NAME RUN`: one registered analysis (analyses.registry), or a group of them.
+"""`mechlrmc analyze NAME RUN`: one registered analysis (analyses.base.registry), or a group of them.
 
     mechlrmc analyze NAME RUN [-o OUT] [--steps all|around_drop|S ...] [--batch-size N] [--threads N]
         writes the entry's tables as OUT/<table>.csv and its figures as OUT/<figure>.html
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analyses.commands._shared import add_threads, output_dir, parse_steps, set_threads
-from analyses import registry
-from analyses.registry import GROUPS, Analysis, get
+from analyses.base import registry
+from analyses.base.registry import GROUPS, Analysis, get
+from analyses.commands.common import add_threads, output_dir, parse_steps, set_threads
 
 
 def _write(out, name: str, part) -> str | None:
@@ -21,7 +21,7 @@ def _write(out, name: str, part) -> str | None:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from analyses.page import Page
+    from analyses.report.page import Page
     from mechlrmc.runs import atomic_write
 
     if isinstance(part, pd.DataFrame):
@@ -42,8 +42,8 @@ def _write(out, name: str, part) -> str | None:
 def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from analyses.context import FULL, Context
-    from analyses.family import find_family
+    from analyses.base.context import FULL, Context
+    from analyses.family.summary import find_family
     from mechlrmc.errors import OptionError
     from mechlrmc.runs import Run
 

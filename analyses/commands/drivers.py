@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from analyses.commands._shared import add_threads, output_dir, parse_init, set_threads
+from analyses.commands.common import add_threads, output_dir, parse_init, set_threads
 
 
 def _save(fig, path: Path) -> None:
@@ -22,8 +22,9 @@ def _save(fig, path: Path) -> None:
 
 
 def _freeze(args: argparse.Namespace) -> int:
-    from analyses.components import FREEZE_SET
-    from analyses.freeze import DEFAULT_STEPS, freeze_sweep, plot_freeze
+    from analyses.weights.figures import plot_freeze
+    from analyses.weights.freeze import DEFAULT_STEPS, freeze_sweep
+    from mechlrmc.components import FREEZE_SET
     from mechlrmc.runs import Run
 
     run = Run(args.run)
@@ -41,7 +42,7 @@ def _freeze(args: argparse.Namespace) -> int:
 
 
 def _freeze_train(args: argparse.Namespace) -> int:
-    from analyses.freeze import DEFAULT_STEPS, freeze_train
+    from analyses.weights.freeze import DEFAULT_STEPS, freeze_train
     from mechlrmc.runs import Run
 
     run = Run(args.run)
@@ -55,7 +56,8 @@ def _freeze_train(args: argparse.Namespace) -> int:
 
 
 def _intervention(args: argparse.Namespace) -> int:
-    from analyses.dynamics import compare_interventions, plot_interventions
+    from analyses.plateau.dynamics import compare_interventions
+    from analyses.plateau.figures import plot_interventions
     from mechlrmc.config import RunConfig, preset
 
     cfg = (RunConfig.from_yaml(args.config) if args.config else preset(args.preset)).override(args.set)
@@ -75,7 +77,7 @@ def _intervention(args: argparse.Namespace) -> int:
 def _freeze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="init", help="start the trained components from 'init' (step 0) or a step")
     p.add_argument("--reference", type=int, help="checkpoint the frozen components come from (default: last)")
-    p.add_argument("--steps", type=int, help="training steps of each run (default analyses.freeze.DEFAULT_STEPS)")
+    p.add_argument("--steps", type=int, help="training steps of each run (default analyses.weights.freeze.DEFAULT_STEPS)")
     add_threads(p)
 
 

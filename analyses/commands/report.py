@@ -1,6 +1,6 @@
 """`mechlrmc report RUN|SWEEP -o report.html [--quick] [--interventions DIR] [--workers N]`:
-one standalone offline HTML file with every analysis of the registry (analyses.report), or the
-family report of a sweep directory (analyses.family_report) with its tables as CSV beside it."""
+one standalone offline HTML file with every analysis of the registry (analyses.report.run_report), or the
+family report of a sweep directory (analyses.report.family_report) with its tables as CSV beside it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from analyses.commands._shared import add_threads, set_threads
+from analyses.commands.common import add_threads, set_threads
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analyses.report import write_report
+    from analyses.report.run_report import write_report
     from mechlrmc.runs import Run
 
     if not Path(args.run, "config.yaml").is_file() and Path(args.run).is_dir():
@@ -26,8 +26,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _family_report(args: argparse.Namespace) -> int:
     """A sweep directory: the family report, plus its tables as CSV beside the HTML."""
-    from analyses.family import family_runs
-    from analyses.family_report import FamilyContext, write_family_report
+    from analyses.family.summary import family_runs
+    from analyses.report.family_report import FamilyContext, write_family_report
 
     runs = family_runs(args.run)
     set_threads(args, runs[0].config)

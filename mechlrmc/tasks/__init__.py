@@ -16,10 +16,10 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Iterator
 
+import mechlrmc
 from mechlrmc.validation import ConfigError
 
 if TYPE_CHECKING:
-    from mechlrmc.config import RunConfig
     from mechlrmc.tasks.base import Task
 
 DEFAULT_TASK = "lrmc"
@@ -82,7 +82,7 @@ def preset_names() -> list[str]:
     return sorted(set(BUILTIN_PRESETS) | {p for t in _registered.values() for p in t.presets})
 
 
-def preset(name: str) -> RunConfig:
+def preset(name: str) -> mechlrmc.config.RunConfig:
     """A fresh copy of the named preset, from whichever task defines it."""
     owner = BUILTIN_PRESETS.get(name) or next((t.name for t in _registered.values() if name in t.presets), None)
     if owner is None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import mechlrmc
 from mechlrmc.validation import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from mechlrmc.config import RunConfig
 
 
 class TaskConfig:
@@ -42,6 +42,17 @@ class TaskConfig:
     def vocab_size(self) -> int:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """One line naming the task and its data settings (reports and summaries)."""
+        import dataclasses
+
+        return f"{self.task}: " + ", ".join(f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @property
+    def seq_len_text(self) -> str:
+        """The sequence length as a bad-input message states it (a task may say where it comes from)."""
+        return str(self.seq_len)
+
 
 class Task:
     name: ClassVar[str]
@@ -53,14 +64,23 @@ class Task:
     eval_metrics: ClassVar[tuple[str, ...]] = ("loss",)
     progress: ClassVar[dict[str, str]] = {"L": "loss"}  # progress-bar label -> train metric
     summary_metrics: ClassVar[tuple[str, ...]] = ("eval_loss",)  # a sweep's summary.csv columns
-    presets: ClassVar[dict[str, Callable[[], RunConfig]]] = {}
+    presets: ClassVar[dict[str, Callable[[], mechlrmc.config.RunConfig]]] = {}
+    # What an analysis may ask of a task (the analysis layer never compares a task's name or class):
+    phase_metric: ClassVar[str] = "loss"  # the eval metric whose drop defines the plateau and the drop
+    copy_metric: ClassVar[str | None] = None  # near 0 from the plateau's start (copying), where the task has one
+    phase_label: ClassVar[str] = "eval loss"  # how figures name the phase metric
+    final_metrics: ClassVar[tuple[str, ...]] = ("loss",)  # eval metrics a family summary reports at a run's end
+    generates: ClassVar[bool] = False  # outputs are generated greedily from a prompt (token tasks)
+    # what the task supports, named as analyses require it (`analyses.base.registry.Analysis.requires`):
+    # "matrix" (m x n matrices with observed entries: row/column structure), "generation", "optimal_map"
+    supports: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def metric_columns(self) -> tuple[str, ...]:
         """The columns of a run's metrics.csv."""
         return ("step", *self.train_metrics, *(f"eval_{m}" for m in self.eval_metrics), "wall_time")
 
-    def check(self, run_cfg: RunConfig) -> None:
+    def check(self, run_cfg: mechlrmc.config.RunConfig) -> None:
         """Reject a model the task cannot use (one line naming the field and what is allowed)."""
         causal = run_cfg.model.causal
         if causal not in self.causal:
@@ -74,7 +94,7 @@ class Task:
     def sample(self, cfg: Any, batch_size: int, generator: torch.Generator) -> Any:
         raise NotImplementedError
 
-    def eval_batch(self, run_cfg: RunConfig, size: int | None = None, seed: int | None = None) -> Any:
+    def eval_batch(self, run_cfg: mechlrmc.config.RunConfig, size: int | None = None, seed: int | None = None) -> Any:
         """The fixed evaluation batch of a run: the same data for every checkpoint."""
         import torch
 
@@ -93,6 +113,16 @@ class Task:
     def plateau(self, cfg: Any) -> dict[str, float]:
         """Analytic plateau values of (some of) the metrics; empty where none is known."""
         return {}
+
+    def phase_columns(self, evals: Any, drop_index: int, band: Any, window: int) -> dict[str, float]:
+        """Task-specific columns of a run's phase table (`analyses.plateau.phases.detect_phases`):
+        `evals` the evaluations by step, `drop_index` the row of the drop (len(evals) without one),
+        `band` the rows before the drop whose smoothed phase metric sits on the plateau."""
+        return {}
+
+    def position_names(self, batch: Any) -> list[str]:
+        """A name for every position of the model's input (attention views label their axes with it)."""
+        return [str(i) for i in range(batch.tokens.shape[1])]
 
     def summary(self, row: Any) -> str:
         """One line for the end of `mechlrmc train`, from a row of `Run.evals`."""

@@ -76,6 +76,13 @@ class DataConfig(TaskConfig):
     def seq_len(self) -> int:
         return self.m * self.n
 
+    def describe(self) -> str:
+        return f"LRMC: {self.m} x {self.n} rank-{self.rank} matrices, {self.distribution} factors, p_mask {self.p_mask}"
+
+    @property
+    def seq_len_text(self) -> str:
+        return f"data.m * data.n = {self.seq_len}"
+
     @property
     def plateau_mask_loss(self) -> float:
         """L_mask of the copy-and-zero predictor, E[X_ij^2] = rank * E[u^2]^2 (finding 1, docs/FINDINGS.md).
@@ -122,10 +129,41 @@ class Batch:
     observed: torch.Tensor  # [batch, m*n] bool
     m: int
     n: int
+    task: ClassVar[str] = "lrmc"  # the task it was sampled for
+    description: ClassVar[str] = "random masks"  # what the examples of a batch are, for captions
+    example_caption: ClassVar[str] = "masked entries grey, truth in brackets"
 
     @property
     def masked(self) -> torch.Tensor:
         return ~self.observed
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[batch, m*n]: what the read-out is trained to give at every position, the rounded X."""
+        return self.values
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """[m*n] bool: the positions the loss scores (all of them: the MSE is over every entry)."""
+        return torch.ones(self.m * self.n, dtype=torch.bool, device=self.tokens.device)
+
+    def position_names(self) -> list[str]:
+        """`r{i}c{j}` for every position (row-major)."""
+        rows, cols = row_col_index(self.m, self.n)
+        return [f"r{i}c{j}" for i, j in zip(rows.tolist(), cols.tolist())]
+
+    def example_names(self, example: int) -> list[str]:
+        """Each position of one example named with its value, or MASK where it is masked."""
+        values, observed = self.values[example].tolist(), self.observed[example].tolist()
+        return [f"{p}:{v:+.2f}" if o else f"{p}:MASK" for p, v, o in zip(self.position_names(), values, observed)]
+
+    def example_rows(self, example: int) -> list[list[tuple[str, bool]]]:
+        """One example's matrix as table rows of (cell text, greyed): masked entries greyed, with
+        the hidden truth in brackets."""
+        values = self.matrices[example].tolist()
+        observed = self.observed[example].view(self.m, self.n).tolist()
+        return [[(f"{v:+.2f}", False) if o else (f"[{v:+.2f}]", True) for v, o in zip(row, obs)]
+                for row, obs in zip(values, observed)]
 
     @property
     def matrices(self) -> torch.Tensor:
@@ -321,6 +359,11 @@ class _LRMC(Task):
     eval_metrics = ("loss", "loss_obs", "loss_mask", "corr_mask")
     progress = {"L": "loss", "L_mask": "loss_mask"}
     summary_metrics = ("eval_loss", "eval_loss_mask", "eval_corr_mask")
+    phase_metric = "loss_mask"
+    copy_metric = "loss_obs"
+    phase_label = "eval L_mask"
+    final_metrics = ("loss", "loss_mask", "corr_mask")
+    supports = frozenset({"matrix", "optimal_map"})
     presets = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
 
     def sample(self, cfg: DataConfig, batch_size: int, generator: torch.Generator) -> Batch:
@@ -338,6 +381,12 @@ class _LRMC(Task):
     def plateau(self, cfg: DataConfig) -> dict[str, float]:
         """Copy the observed entries, predict 0 at masked ones (finding 1)."""
         return {"loss_obs": 0.0, "loss_mask": cfg.plateau_mask_loss, "loss": cfg.p_mask * cfg.plateau_mask_loss}
+
+    def phase_columns(self, evals, drop_index: int, band, window: int) -> dict[str, float]:
+        """L on the plateau (median of the evaluations before the drop) and after it (the last
+        `window`)."""
+        return {"plateau_loss": float(evals.eval_loss.iloc[1:drop_index].median()),
+                "post_drop_loss": float(evals.eval_loss.iloc[-window:].median())}
 
     def summary(self, row) -> str:
         return f"eval L={row.eval_loss:.4g} L_obs={row.eval_loss_obs:.4g} L_mask={row.eval_loss_mask:.4g}"

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from mechlrmc import measures
 from mechlrmc.tasks.base import Task, TaskConfig
 from mechlrmc.validation import check_types, require
 
@@ -63,6 +64,13 @@ class SequenceBatch:
 
     sequences: torch.Tensor  # [batch, 2L+1] long
     cfg: SequenceConfig  # the data config it was sampled from
+    description: ClassVar[str] = "sequences"  # what the examples of a batch are, for captions
+    example_caption: ClassVar[str] = "inputs x, outputs y"
+
+    @property
+    def task(self) -> str:
+        """The name of the task it was sampled for."""
+        return self.cfg.task
 
     @property
     def length(self) -> int:
@@ -97,25 +105,25 @@ class SequenceBatch:
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
+    def position_names(self) -> list[str]:
+        """Names of the model's input positions: `x1..xL`, `SEP`, `y1..y(L-1)`."""
+        n = self.length
+        return [f"x{i}" for i in range(1, n + 1)] + ["SEP"] + [f"y{j}" for j in range(1, n)]
+
+    def example_names(self, example: int) -> list[str]:
+        """Each position of one example named with its token: `x1:7`."""
+        return [f"{name}:{t}" for name, t in zip(self.position_names(), self.tokens[example].tolist())]
+
+    def example_rows(self, example: int) -> list[list[tuple[str, bool]]]:
+        """One example as table rows of (cell text, greyed): its inputs, then its outputs."""
+        return [[(name, True)] + [(str(v), False) for v in values.tolist()]
+                for name, values in (("x", self.inputs[example]), ("y", self.outputs[example]))]
+
     def to(self, device: torch.device | str) -> SequenceBatch:
         return replace(self, sequences=self.sequences.to(device))
 
     def __getitem__(self, index: slice | torch.Tensor) -> SequenceBatch:
         return replace(self, sequences=self.sequences[index])
-
-
-def repetition(outputs: torch.Tensor) -> torch.Tensor:
-    """Fraction of consecutive equal entries along the last axis (the paper's repetition)."""
-    return (outputs[..., 1:] == outputs[..., :-1]).float().mean()
-
-
-@torch.no_grad()
-def generate(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """`n` tokens generated greedily after `prompt` [batch, p] -> [batch, n]."""
-    seq = prompt
-    for _ in range(n):
-        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return seq[:, prompt.shape[1]:]
 
 
 class SequenceTask(Task):
@@ -128,6 +136,11 @@ class SequenceTask(Task):
     eval_metrics = ("loss", "loss_out", "acc_out", "greedy_acc", "rep", "rep_true", "attn_on_map", "collapse")
     progress = {"L": "loss", "acc": "acc_out"}
     summary_metrics = ("eval_loss", "eval_acc_out", "eval_greedy_acc", "eval_rep", "eval_rep_true")
+    phase_metric = "loss_out"
+    phase_label = "eval cross-entropy on the outputs"
+    final_metrics = ("loss", "loss_out", "greedy_acc", "rep")
+    generates = True
+    supports = frozenset({"generation", "optimal_map"})
 
     def outputs(self, cfg: SequenceConfig, inputs: torch.Tensor) -> torch.Tensor:
         """The true outputs [batch, L] (long, in 0..modulus-1) of inputs [batch, L]."""
@@ -164,28 +177,24 @@ class SequenceTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batch: SequenceBatch) -> dict[str, float]:
+        """The losses, the greedy accuracy and repetition of the generated outputs (and of the
+        truth), the share of attention on the optimal map (all heads) and the collapse after the
+        final LayerNorm across the outputs: the plateau paper's measures (`mechlrmc.measures`)."""
         device = next(model.parameters()).device
         batch = batch.to(device)
         n_layers = model.cfg.n_layers
-        names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
-        names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+        names = set(patterns) | set(measures.block_output_names(model))
         logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
         out = {k: float(v) for k, v in self.loss(logits, batch).items()}
-        generated = generate(model, batch.prompt, batch.length)
+        generated = measures.greedy_generate(model, batch.prompt, batch.length)
         out["greedy_acc"] = float((generated == batch.outputs).float().mean())
-        out["rep"], out["rep_true"] = float(repetition(generated)), float(repetition(batch.outputs))
-        on_map = self.optimal_attention_map(batch)[0]  # [q, k]
-        rows = on_map.any(-1)
-        patterns = torch.stack([cache[name] for name in names[:-1]]).abs()[..., rows, :]  # [layer, b, h, q, k]
-        share = (patterns * on_map[rows]).sum(-1) / patterns.sum(-1).clamp_min(1e-12)
-        out["attn_on_map"] = float(share.mean())
-        hidden = cache[names[-1]]
-        if model.ln_final is not None:
-            hidden = model.ln_final(hidden)
-        hidden = F.normalize(hidden[:, batch.scored].float(), dim=-1)  # [b, L, d]
-        cos = hidden @ hidden.transpose(1, 2)
-        n = cos.shape[-1]
-        out["collapse"] = float((cos.sum((-2, -1)) - n).mean() / (n * (n - 1))) if n > 1 else float("nan")
+        out["rep"] = measures.consecutive_repetition(generated)
+        out["rep_true"] = measures.consecutive_repetition(batch.outputs)
+        on_map = self.optimal_attention_map(batch)
+        out["attn_on_map"] = float(torch.stack([measures.attention_share(cache[name], on_map) for name in patterns]).mean())
+        collapse = measures.collapse_per_layer(model, cache, batch.scored)
+        out["collapse"] = collapse.get("final", collapse[str(n_layers - 1)])
         return out
 
     def plateau(self, cfg: SequenceConfig, n: int = 1 << 16) -> dict[str, float]:
@@ -205,6 +214,15 @@ class SequenceTask(Task):
         return {"loss_out": float(entropy.mean()), "acc_out": float(best.mean()),
                 "loss_out_first_solved": float(entropy[tail].sum() / cfg.length),
                 "acc_out_first_solved": float((1.0 + best[tail].sum()) / cfg.length)}
+
+    def phase_columns(self, evals, drop_index: int, band, window: int) -> dict[str, float]:
+        """The greedy accuracy (median) and the largest repetition on the plateau band, the
+        truth's repetition, and the final greedy accuracy."""
+        before = evals.iloc[band[0]:band[-1] + 1] if len(band) else evals.iloc[1:drop_index]
+        return {"plateau_greedy_acc": float(before.eval_greedy_acc.median()),
+                "plateau_max_rep": float(before.eval_rep.max()),
+                "rep_true": float(evals.eval_rep_true.median()),
+                "final_greedy_acc": float(evals.eval_greedy_acc.iloc[-1])}
 
     def summary(self, row) -> str:
         return (f"eval loss={row.eval_loss:.4g} acc_out={row.eval_acc_out:.3f} greedy_acc={row.eval_greedy_acc:.3f} "

@@ -1,0 +1,1 @@
+"""Attention heads: the head taxonomy, attention views and the scrubber across checkpoints."""

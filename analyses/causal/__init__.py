@@ -1,0 +1,1 @@
+"""Causal interventions on activations: ablation, activation patching, attribution patching and integrated gradients."""

@@ -1,0 +1,378 @@
+"""Calibrated SGLD settings for the LLC: chosen from the model and the data, kept only where they pass.
+
+The estimate LLC = nbeta (E[L(w)] - L(w*)) is only as good as the sampler's settings (devinterp's
+"LLC estimation guide"). `calibrate` chooses them by this procedure:
+
+1. nbeta = n / log n from the effective sample size n, the number of examples that L averages
+   (devinterp's `default_nbeta`, applied to the data rather than to one minibatch).
+2. Curvature: each parameter tensor t gets a scale k_t = nbeta * h_t * lambda_P, with h_t its mean
+   Hessian diagonal (Hutchinson probes; where the probes do not resolve it, the largest resolved
+   value) and lambda_P the top eigenvalue of the Hessian of
+   nbeta * L in the coordinates u_t = sqrt(nbeta h_t) w_t (power iteration). In the coordinates
+   u_t = sqrt(k_t) w_t the sharpest direction has curvature 1 and tensors of very different
+   curvature (a weight matrix on large inputs beside a bias) move alike. SGLD runs in these
+   coordinates: tensor t moves with step lr / k_t and localization localization * k_t, so `lr` and
+   `localization` below are dimensionless. The LLC does not depend on the coordinates. (A point
+   with no curvature at all is scaled as if it had curvature 1.)
+   One scale per tensor cannot undo curvature that differs within a tensor: inputs with a mean
+   (X^T X has one eigenvalue d times the rest) or features of very different scales leave most
+   directions so flat, next to the sharpest that sets the step, that the localization holds them
+   and the estimate falls short (0.72 and 0.39 of d / 2 for a regression with inputs of mean 3, and
+   with features 1 to 100 in scale). So a model with at most `FULL_LIMIT` sampled weights is
+   preconditioned by its whole Hessian instead (`sampled_hessian`, `whitening`): SGLD runs in
+   u = T^-1 (w - w*) where every resolved direction has curvature 1 (`analyses.llc.coordinates.Reparametrized`).
+   Directions flatter than a floor (a fraction of the sharpest), or negative, are scaled like the
+   sharpest; the floor starts at 1e-5 and coarsens (1e-3, 0.1, 1) while the first chains diverge: a
+   singular model's near-flat directions, whitened, run away from w*.
+3. A small sweep, walked from lr 0.2, localization 0.02: at each point (lr, gamma) chains run
+   at (lr, gamma), (lr / 2, gamma) and (lr, gamma / 2), each for 2 / (lr gamma) burn-in steps and as
+   many draws (the relaxation time of a direction held only by the localization), at most
+   `max_steps`. The point is kept when
+   - no chain diverges (a non-finite loss, or an LLC beyond the number of sampled weights);
+   - the traces are flat after burn-in: the trend of the draws' block means is below `tol` of the
+     mean excess loss, or within three standard errors of zero (minibatch noise);
+   - the estimate is stable: at lr / 2 it changes by less than `tol` / 2 (plus one standard error
+     of the difference of the chains' means); the step's bias (discretisation, minibatch noise) is
+     about linear in lr, so it is then below ~`tol`;
+   - the localization does not dominate: at gamma / 2 it changes by less than `tol` / 2 likewise
+     (in a singular model the estimate keeps rising as gamma falls, slowly: the test is strict).
+   Otherwise lr is halved (divergence, instability) and / or gamma is halved (localization); when
+   only the traces fail the chains are made twice as long; at most `rounds` points. If none passes,
+   the last point is returned with `ok` False. The chosen point then gets `num_chains` chains with
+   enough draws for a standard error of about `target_error` (block means of the sweep's traces).
+
+Minibatches are all examples up to 4096 and their losses are paired with L(w*) on the same
+minibatch (`SGLDConfig.paired`). For a regular model in these coordinates the step's bias is about
++lr / 4 and the localization's about -gamma, so the starting point is within ~2 % of d / 2. Known
+answers for the tests: d / 2 for a regular model, `rrr_learning_coefficient` for reduced-rank
+regression.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analyses.llc.coordinates import Reparametrized, flat_positions
+from analyses.llc.data import (Data, Masks, SGLDConfig, data_size, is_batch, is_indexable, mse_loss, sampled_dimension,
+    sampled_parameters)
+from analyses.llc.sampler import diverged_chains, excess_loss, llc_from_traces, sgld_traces
+
+START_LR, START_LOCALIZATION = 0.2, 0.02
+
+
+FULL_LIMIT = 4096  # models with at most this many sampled weights are preconditioned by their whole Hessian
+
+
+# whole-Hessian preconditioning: eigenvalues below this fraction of the largest are not whitened; the
+# calibration starts at the first and coarsens while the chains diverge
+FULL_FLOORS = (1e-5, 1e-3, 1e-1, 1.0)
+
+
+CHAINS = 2  # chains per setting of the sweep
+
+
+FLOOR = 1e-6  # a tensor's curvature is at least FLOOR times the largest one (flat tensors stay bounded)
+
+
+def effective_sample_size(data: Data) -> int:
+    """The number of examples the loss L averages over: rows of a batch or tensor pair, or all
+    examples of an iterable of them (one pass)."""
+    if is_indexable(data):
+        return data_size(data)
+    return sum(data_size(item) for item in data)
+
+
+def default_nbeta(n: int) -> float:
+    """n / log n (devinterp's guidance, the WBIC temperature); 1 for a single example."""
+    return n / math.log(n) if n > 1 else 1.0
+
+
+def _head(data: Data, size: int):
+    """At most `size` examples of `data` (for the curvature probes)."""
+    if is_indexable(data):
+        return data[:size] if is_batch(data) else (data[0][:size], data[1][:size])
+    return next(iter(data))
+
+
+def curvature_scales(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: Callable = mse_loss,
+                     masks: Masks | None = None, probes: int = 8, iterations: int = 20, examples: int = 128,
+                     seed: int = 0) -> dict[str, float]:
+    """The preconditioner k_t of every sampled tensor (step 2 of the procedure): nbeta times its mean
+    Hessian diagonal, times the top eigenvalue of the Hessian in the coordinates that scaling gives.
+    A tensor whose diagonal estimate is not above two standard errors of the probes (off-diagonal
+    terms swamp it, as in a network's attention weights) gets the largest trusted value instead, so
+    a network is mostly preconditioned by one scalar. Hessian-vector products by double
+    backpropagation on at most `examples` examples."""
+    sampler = copy.deepcopy(model).train()
+    named = sampled_parameters(sampler, masks)
+    params = [p.requires_grad_(True) for _, p, _ in named]
+    weights = [torch.ones_like(p) if m is None else m.to(p.dtype) for _, p, m in named]
+    with torch.enable_grad():  # also inside a caller's no_grad (the report)
+        loss = nbeta * loss_fn(sampler, _head(data, examples))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+
+    @torch.enable_grad()
+    def hvp(vectors):
+        out = torch.autograd.grad(grads, params, grad_outputs=vectors, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h * w for h, p, w in zip(out, params, weights)]
+
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(probes):  # Hutchinson: E[v * Hv] is the Hessian diagonal
+        v = [(torch.randint(0, 2, p.shape, generator=generator).to(p) * 2 - 1) * w for p, w in zip(params, weights)]
+        samples.append([float((a * b).sum()) / max(float(w.sum()), 1.0) for a, b, w in zip(v, hvp(v), weights)])
+    samples = torch.tensor(samples, dtype=torch.float64)  # [probe, tensor]
+    mean, error = samples.mean(0), samples.std(0) / math.sqrt(probes)
+    trusted = mean > 2 * error  # off-diagonal terms can swamp the diagonal (a network's Q, K...)
+    common = float(mean[trusted].max()) if bool(trusted.any()) else 1.0
+    diagonal = torch.where(trusted, mean, torch.full_like(mean, common))
+    diagonal = diagonal.clamp_min(float(diagonal.max()) * FLOOR)
+    root = [1 / math.sqrt(float(h)) for h in diagonal]
+    v = [torch.randn(p.shape, generator=generator).to(p) * w for p, w in zip(params, weights)]
+    top = 1.0
+    for _ in range(iterations):  # power iteration on D^-1/2 H D^-1/2
+        norm = math.sqrt(sum(float((x * x).sum()) for x in v))
+        v = [x / norm for x in v]
+        hv = [r * h for r, h in zip(root, hvp([r * x for r, x in zip(root, v)]))]
+        top = abs(sum(float((x * y).sum()) for x, y in zip(v, hv))) or 1.0
+        v = hv
+    return {name: float(h) * top for (name, _, _), h in zip(named, diagonal)}
+
+
+def sampled_hessian(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: Callable = mse_loss,
+                    masks: Masks | None = None, examples: int = 4096) -> torch.Tensor:
+    """The Hessian of nbeta L over the sampled weights (`flat_positions` order), float64, on at most
+    `examples` examples: one Hessian-vector product (double backpropagation) per weight."""
+    sampler = Reparametrized(copy.deepcopy(model).train(), masks)
+    u = sampler.u
+    eye = torch.eye(len(u), dtype=u.dtype, device=u.device)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(nbeta * loss_fn(sampler, _head(data, examples)), u, create_graph=True)[0]
+        try:  # rows in batches (vmap over the double backward)
+            rows = [torch.autograd.grad(grad, u, eye[i:i + 256], retain_graph=True, is_grads_batched=True)[0]
+                    for i in range(0, len(u), 256)]
+        except RuntimeError:  # an op without a batching rule: one row at a time
+            rows = [torch.autograd.grad(grad, u, e, retain_graph=True)[0][None] for e in eye]
+    hessian = torch.cat(rows).double()
+    return (hessian + hessian.T) / 2
+
+
+def whitening(hessian: torch.Tensor, floor: float = FULL_FLOORS[0]) -> torch.Tensor:
+    """The full preconditioner T = Q diag(lambda')^-1/2 of a Hessian H = Q diag(lambda) Q^T: lambda' =
+    lambda where it is at least `floor` times the largest, else the largest. In u = T^-1 (w - w*)
+    every direction of resolved positive curvature has curvature 1 (the sharpest included), so none
+    is left to the localization because a sharper one sets the step (correlated inputs, features of
+    very different scales). A flat or negative direction (a singular model's, or a saddle's) is
+    scaled like the sharpest, as the per-tensor preconditioner would: its curvature in u stays
+    within `floor` of 0 and the localization holds it."""
+    values, vectors = torch.linalg.eigh(hessian.double())
+    top = float(values.max()) if float(values.max()) > 0 else 1.0
+    resolved = torch.where(values >= floor * top, values, torch.full_like(values, top))
+    return (vectors * resolved.rsqrt()).float()
+
+
+def _block_means(traces: pd.DataFrame, blocks: int) -> pd.DataFrame:
+    """The drawn excess losses averaged in `blocks` consecutive blocks per chain: `chain, block, x, excess`
+    (x: the block's centre as a fraction of the draws)."""
+    drawn = traces[~traces.burnin]
+    position = drawn.groupby("chain").cumcount().to_numpy()
+    block = np.minimum(position * blocks // (position.max() + 1), blocks - 1)
+    frame = pd.DataFrame({"chain": drawn.chain.to_numpy(), "block": block, "excess": excess_loss(drawn).to_numpy()})
+    means = frame.groupby(["chain", "block"]).excess.mean().reset_index()
+    return means.assign(x=(means.block + 0.5) / blocks)
+
+
+def flat_after_burnin(traces: pd.DataFrame, tol: float = 0.1, blocks: int = 8) -> bool:
+    """Whether the drawn losses have no trend: the least-squares slope of the draws' block means
+    (all chains), over the span of the draws, is below `tol` of the mean excess loss E[L] - L(w*)
+    or within three standard errors of zero (the scatter of the block means: minibatch noise)."""
+    drawn = traces[~traces.burnin]
+    if drawn.empty or not np.isfinite(drawn.loss).all():
+        return False
+    means = _block_means(traces, blocks)
+    x, y = means.x.to_numpy(), means.excess.to_numpy()
+    if len(np.unique(x)) < 2:
+        return True
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    se = math.sqrt(residual.var(ddof=2) / ((x - x.mean()) ** 2).sum()) if len(y) > 2 else 0.0
+    return bool(abs(slope) <= tol * abs(y.mean()) or abs(slope) <= 3 * se)
+
+
+def relative_standard_error(traces: pd.DataFrame, blocks: int = 8) -> float:
+    """The standard error of the mean excess loss over the draws (block means: autocorrelation
+    within a block does not count twice), relative to that mean."""
+    if traces[~traces.burnin].empty:
+        return math.inf
+    means = _block_means(traces, blocks).excess
+    return float(means.std(ddof=1) / math.sqrt(len(means)) / abs(means.mean())) if len(means) > 1 else math.inf
+
+
+def _agree(a: pd.DataFrame, b: pd.DataFrame, tol: float) -> bool:
+    """Two estimates (rows per chain) agree within `tol` relative plus one standard error of the difference."""
+    ma, mb = a.llc.mean(), b.llc.mean()
+    if not (math.isfinite(ma) and math.isfinite(mb)):
+        return False
+    se = math.sqrt(sum(f.llc.var(ddof=1) / len(f) if len(f) > 1 else 0.0 for f in (a, b)))
+    return bool(abs(ma - mb) <= tol * max(abs(ma), abs(mb)) + se)
+
+
+def chain_length(lr: float, localization: float, max_steps: int, stretch: float = 1.0, min_steps: int = 50) -> int:
+    """Burn-in (= draws) steps: `stretch` times 2 / (lr * localization), the relaxation time of a
+    direction held only by the localization, within [min_steps, max_steps / 2]."""
+    return int(min(max(math.ceil(stretch * 2 / (lr * localization)), min_steps), max_steps // 2))
+
+
+@dataclass
+class Calibration:
+    """The chosen SGLD settings (`config`, dimensionless lr and localization), the preconditioner
+    (`scales` per tensor; for a model of at most `FULL_LIMIT` sampled weights the `hessian` of
+    nbeta L, whose `transform` is used instead), the diagnostics at the chosen point and the `sweep`
+    (one row per setting tried)."""
+
+    config: SGLDConfig
+    scales: dict[str, float]
+    dimension: int
+    diverged: bool
+    flat: bool
+    stable: bool
+    localization_ok: bool
+    sweep: pd.DataFrame
+    hessian: torch.Tensor | None = None
+    floor: float | None = None  # of the full preconditioner (`whitening`)
+
+    @property
+    def ok(self) -> bool:
+        return not self.diverged and self.flat and self.stable and self.localization_ok
+
+    @property
+    def preconditioner(self) -> str:
+        return "per-tensor" if self.hessian is None else "full"
+
+    def transform(self, model: torch.nn.Module | None = None, masks: Masks | None = None) -> torch.Tensor | None:
+        """The full preconditioner (None: per-tensor `scales`), restricted to the weights `masks`
+        selects (a component of the calibrated model: its rows and columns of the Hessian)."""
+        if self.hessian is None:
+            return None
+        if masks is None:
+            return whitening(self.hessian, self.floor)
+        if model is None or len(self.hessian) != sum(p.numel() for p in model.parameters()):
+            raise ValueError("masks are invalid for this calibration: allowed with the model it calibrated whole")
+        keep = flat_positions(model, masks)
+        return whitening(self.hessian[keep][:, keep], self.floor)
+
+    def diagnostics(self) -> dict:
+        return {"diverged": self.diverged, "flat": self.flat, "stable": self.stable,
+                "localization_ok": self.localization_ok, "ok": self.ok}
+
+    def scales_frame(self) -> pd.DataFrame:
+        """One row per sampled tensor with its scale; the settings and diagnostics as columns (a cache entry)."""
+        settings = asdict(self.config)
+        if self.hessian is not None:
+            raise ValueError("a calibration with a full preconditioner is invalid for the cache frames: "
+                             "allowed per-tensor scales (calibrate with full_limit=0)")
+        return pd.DataFrame({"param": list(self.scales), "scale": list(self.scales.values())}).assign(
+            dimension=self.dimension, **settings, **self.diagnostics())
+
+    @classmethod
+    def from_frames(cls, scales: pd.DataFrame, sweep: pd.DataFrame) -> Calibration:
+        row = scales.iloc[0]
+        fields = {k: int(row[k]) for k in ("num_chains", "num_burnin", "num_draws", "batch_size", "seed")}
+        fields |= {k: float(row[k]) for k in ("lr", "localization", "nbeta")} | {"paired": bool(row.paired)}
+        return cls(SGLDConfig(**fields), dict(zip(scales.param, scales.scale.astype(float))), int(row.dimension),
+                   bool(row.diverged), bool(row.flat), bool(row.stable), bool(row.localization_ok), sweep)
+
+
+def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, masks: Masks | None = None,
+              nbeta: float | None = None, batch_size: int | None = None, num_chains: int = 4,
+              max_steps: int = 4000, rounds: int = 4, tol: float = 0.1, target_error: float = 0.03,
+              full_limit: int = FULL_LIMIT, seed: int = 0, progress: bool = False) -> Calibration:
+    """SGLD settings for the LLC of `model` at its weights on `data`, by the procedure of the module
+    docstring: the sweep runs `CHAINS` chains per setting; the chosen config has `num_chains` chains
+    and enough draws (at most `max_steps`) for a standard error of about `target_error` of the
+    estimate. `batch_size` defaults to all examples up to 4096 (the paired minibatch losses keep
+    the minibatch noise small beyond). A model with at most `full_limit` sampled weights is
+    preconditioned by its whole Hessian (`whitening`) rather than per tensor."""
+    n = effective_sample_size(data)
+    nbeta = default_nbeta(n) if nbeta is None else float(nbeta)
+    batch_size = min(n, 4096) if batch_size is None else batch_size
+    scales = curvature_scales(model, data, nbeta, loss_fn, masks, seed=seed)
+    dimension = sampled_dimension(model, masks)
+    hessian = sampled_hessian(model, data, nbeta, loss_fn, masks) if dimension <= full_limit else None
+    floor = None if hessian is None else FULL_FLOORS[0]
+    transform = None if hessian is None else whitening(hessian, floor)
+    base = SGLDConfig(num_chains=CHAINS, batch_size=batch_size, nbeta=nbeta, seed=seed, paired=True)
+    results: dict[tuple[float, float, int, float | None], tuple[pd.DataFrame, bool, bool, float]] = {}
+
+    def estimate(lr: float, localization: float, stretch: float):
+        steps = chain_length(lr, localization, max_steps, stretch)
+        if (lr, localization, steps, floor) not in results:
+            config = replace(base, lr=lr, localization=localization, num_burnin=steps, num_draws=steps)
+            traces = sgld_traces(model, data, config, loss_fn, masks=masks, scales=scales, transform=transform)
+            chains = llc_from_traces(traces)
+            diverged = bool(diverged_chains(traces)) or bool((chains.llc.abs() > dimension).any())
+            flat = not diverged and flat_after_burnin(traces, tol)
+            results[(lr, localization, steps, floor)] = (chains, diverged, flat, relative_standard_error(traces))
+        return results[(lr, localization, steps, floor)]
+
+    point = (START_LR, START_LOCALIZATION, 1.0)  # (lr, localization, chain-length stretch)
+    for coarser in FULL_FLOORS[1:] if hessian is not None else ():  # a whitened direction that runs away
+        if not estimate(*point)[1]:  # (a singular model's near-flat one) is left to the localization
+            break
+        floor, transform = coarser, whitening(hessian, coarser)
+    for round_ in tqdm(range(rounds), desc="LLC calibration", disable=not progress):
+        lr, localization, stretch = point
+        chains, diverged, flat, error = estimate(*point)
+        stable = localization_ok = False
+        if not diverged:
+            half_lr, half_loc = estimate(lr / 2, localization, stretch), estimate(lr, localization / 2, stretch)
+            stable = not half_lr[1] and _agree(chains, half_lr[0], tol / 2)
+            localization_ok = not half_loc[1] and _agree(chains, half_loc[0], tol / 2)
+            flat = flat and half_lr[2] and half_loc[2]
+        if (not diverged and flat and stable and localization_ok) or round_ == rounds - 1:
+            break
+        if diverged or not stable or not localization_ok:
+            point = (lr / 2 if diverged or not stable else lr,
+                     localization / 2 if not diverged and not localization_ok else localization, stretch)
+        else:  # only the traces fail: longer chains are the remedy
+            point = (lr, localization, stretch * 2)
+    steps = chain_length(lr, localization, max_steps, stretch)
+    draws = CHAINS * steps * (error / target_error) ** 2 / num_chains if math.isfinite(error) else steps
+    chosen = replace(base, num_chains=num_chains, lr=lr, localization=localization, num_burnin=steps,
+                     num_draws=int(min(max(math.ceil(draws), steps), max_steps - steps)))
+    sweep = pd.DataFrame([{"lr": a, "localization": b, "steps": s, "floor": e, "llc": c.llc.mean(),
+                           "llc_std": c.llc.std(ddof=1), "diverged": d, "flat": f,
+                           "chosen": (a, b, s, e) == (lr, localization, steps, floor)}
+                          for (a, b, s, e), (c, d, f, _) in results.items()])
+    return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep, hessian, floor)
+
+
+def rrr_learning_coefficient(M: int, N: int, H: int, r: int) -> float:
+    """The learning coefficient of reduced-rank regression (Aoyagi & Watanabe 2005, "Stochastic
+    complexities of reduced rank regression in Bayesian estimation", Neural Networks 18, Main Theorem):
+    the model x -> B A x with A of shape [H, M] and B [N, H] (M inputs, N outputs, H hidden units)
+    and a true map of rank r <= H:
+    - if N + r <= M + H, M + r <= N + H and H + r <= M + N:
+      lambda = (2 (H + r)(M + N) - (M - N)^2 - (H + r)^2) / 8, plus 1/8 if M + N + H + r is odd;
+    - else if M + H < N + r: lambda = (H M - H r + N r) / 2;
+    - else if N + H < M + r: lambda = (H N - H r + M r) / 2;
+    - else (M + N < H + r): lambda = M N / 2.
+    At H = r it is r (M + N - r) / 2, half the dimension of the rank-r matrices (the regular case)."""
+    if not (0 <= r <= H and min(M, N, H) >= 1):
+        raise ValueError(f"(M, N, H, r)={(M, N, H, r)} is invalid: allowed M, N, H >= 1 and 0 <= r <= H")
+    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
+        value = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
+        return (value + ((M + N + H + r) % 2)) / 8
+    if M + H < N + r:
+        return (H * M - H * r + N * r) / 2
+    if N + H < M + r:
+        return (H * N - H * r + M * r) / 2
+    return M * N / 2

@@ -1,0 +1,98 @@
+"""The registry's adapters of the plateau lens: `NAME_tables(ctx)` and `NAME_figures(ctx, tables)` read what they need from the run context and call the lens's plain functions."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from analyses.plateau.dynamics import attention_progress, collapse, dynamics_summary, load_interventions, repetition
+from analyses.plateau.early_warning import WARNING_BATCH, early_warning_table, run_milestones, run_trajectory
+from analyses.plateau.figures import (drop_aligned_figure, plot_dynamics, plot_interventions, plot_native_dynamics,
+    plot_phases, plot_sequence_phases)
+from analyses.plateau.sequences import native_measures
+
+
+def phases_tables(ctx) -> dict[str, pd.DataFrame]:
+    return {"phases": ctx.phases.to_frame().T.reset_index(drop=True)}
+
+
+def phases_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    if ctx.task.generates:
+        return {"phases": plot_sequence_phases(ctx.run, tables["phases"])}
+    return {"phases": plot_phases(ctx.run, tables["phases"]).update_layout(width=None)}
+
+
+DYNAMICS_BATCH = 128  # sequences per checkpoint (the paper measured on 64)
+
+
+def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
+    """Every measure at every checkpoint (or the asked ones), on `DYNAMICS_BATCH` sequences."""
+    from tqdm.auto import tqdm
+
+    batch, parts = ctx.batch[:DYNAMICS_BATCH], {}
+    for step in tqdm(ctx.every_step, desc="plateau dynamics", unit="ckpt", disable=not ctx.progress):
+        for name, frame in native_measures(ctx.model(step), batch).items():
+            parts.setdefault(name, []).append(frame.assign(step=step))
+    tables = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
+    return {name: t[["step", *[c for c in t if c != "step"]]] for name, t in tables.items()}
+
+
+def plateau_dynamics_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    rep = tables["repetition"].set_index("step")
+    plateau = rep.loc[[s for s in rep.index if s in _plateau_steps(ctx)]]
+    note = (f"<p>{min(len(ctx.batch), DYNAMICS_BATCH)} sequences generated greedily from the prompt at each of {len(rep)} checkpoints. "
+            f"On the plateau the greedy outputs repeat at up to {plateau.rep.max():.2f} against the truth's "
+            f"{rep.rep_true.median():.2f}; at the end {rep.rep.iloc[-1]:.2f}.</p>" if len(plateau) else "")
+    return {"note": note, "plateau_dynamics": plot_native_dynamics(tables, ctx.phases.drop_step),
+            "repetition_table": tables["repetition"]}
+
+
+def _plateau_steps(ctx) -> list[int]:
+    p = ctx.phases
+    if pd.isna(p.plateau_start):
+        return []
+    end = p.drop_step if p.dropped else p.final_step
+    return [s for s in ctx.run.steps if p.plateau_start <= s < end]
+
+
+DYNAMICS_BATCH = 256
+
+
+def dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
+    batch = ctx.batch[:DYNAMICS_BATCH]
+    return {fn.__name__: ctx.walk(fn, batch=batch) for fn in (repetition, collapse, attention_progress)}
+
+
+def dynamics_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    return {"dynamics": plot_dynamics(tables, ctx.run.metrics), "dynamics_summary": dynamics_summary(tables)}
+
+
+def interventions_tables(ctx) -> dict[str, pd.DataFrame]:
+    return {"interventions": load_interventions(ctx.interventions)}
+
+
+def interventions_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["interventions"]
+    return {"interventions": plot_interventions(frame), "interventions_table": frame.drop(columns="run")}
+
+
+def early_warning_tables(ctx) -> dict[str, pd.DataFrame]:
+    """The run's measures at every checkpoint (the Hessian on request, `--hessian yes`: it is most
+    of the cost) and their milestones against its drop."""
+    trajectory = run_trajectory(ctx.run, ctx.batch[:WARNING_BATCH], hessian=ctx.option("hessian", "no") == "yes",
+                                load=ctx.model, progress=ctx.progress)
+    marks = run_milestones(ctx.run, trajectory)
+    return {"trajectories": trajectory.assign(run=ctx.run.path.name), "milestones": marks,
+            "early_warning": early_warning_table(marks)}
+
+
+def early_warning_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    marks = tables["milestones"]
+    shown = marks[["measure", "start_step", "start_value", "final_value", "step_10", "lead_10", "step_50", "lead_50"]]
+    drop = marks.drop_step.iloc[0]
+    note = ("<p>No drop was detected: leads are undefined.</p>" if math.isnan(drop) else
+            f"<p>Drop at step {int(drop)}. Lead: steps before the drop at which a measure has covered 10 % (50 %) "
+            "of its change from the plateau's level to the end, for good (positive: before the drop).</p>")
+    return {"note": note, "drop_aligned": drop_aligned_figure(tables),
+            "milestones_table": shown.sort_values("lead_10", ascending=False)}

@@ -1,0 +1,1 @@
+"""What the hidden states and embeddings encode: linear probes and embedding geometry."""

@@ -1,0 +1,37 @@
+"""The registry's adapters of the representations lens: `NAME_tables(ctx)` and `NAME_figures(ctx, tables)` read what they need from the run context and call the lens's plain functions."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analyses.representations.embeddings import embedding_geometry
+from analyses.representations.figures import (plot_embedding_geometry, plot_position_tsne, plot_probes,
+    plot_token_embeddings)
+from analyses.representations.probes import DEFAULT_TARGETS, first_step_encoded, probe, probe_summary
+
+
+def probes_tables(ctx) -> dict[str, pd.DataFrame]:
+    targets = ctx.option("targets", ",".join(DEFAULT_TARGETS)).split(",")
+    frame = ctx.walk(probe, targets=targets)
+    summary = pd.concat({p: probe_summary(frame, "r2", p) for p in ("masked", "observed")}, names=["positions"])
+    return {"probes": frame, "probes_summary": summary.reset_index()}
+
+
+def probes_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    frame = tables["probes"]
+    first = first_step_encoded(frame).rename("first_step_r2_over_0.5").reset_index()
+    return {"probes": plot_probes(frame, "r2", "masked"), "probes_masked": probe_summary(frame, "r2", "masked"),
+            "first_encoded": first}
+
+
+def embeddings_tables(ctx) -> dict[str, pd.DataFrame]:
+    data = ctx.run.config.data
+    return {"embeddings": ctx.walk(embedding_geometry, precision=data.precision, value_max=data.value_max)}
+
+
+def embeddings_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    data = ctx.run.config.data
+    model = ctx.model(int(tables["embeddings"].step.max()))
+    return {"embeddings": plot_embedding_geometry(tables["embeddings"]),
+            "token_embeddings": plot_token_embeddings(model, ctx.batch, data.precision, data.value_max),
+            "position_tsne": plot_position_tsne(model, data.m, data.n)}

@@ -1,0 +1,125 @@
+"""Survival analysis of the time to the drop: a planted family's Kaplan-Meier curve matches the
+product-limit numbers worked by hand, runs that never dropped count as censored, log-rank tells
+separated settings from identical ones, and the AFT fit recovers a planted scaling exponent."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analyses.family.figures import plot_scaling, plot_survival
+from analyses.family.survival import drop_survival, k_of_n, logrank, median_drop, scaling_exponent
+
+NAN = math.nan
+
+
+def _planted() -> pd.DataFrame:
+    """Six runs: drops at 100, 200, 200, 300; two never drop (last steps 250 and 400)."""
+    return pd.DataFrame({"run": [f"seed={i}" for i in range(6)], "seed": range(6),
+                         "drop_step": [100, 200, 200, NAN, 300, NAN],
+                         "final_step": [500, 500, 500, 250, 500, 400]})
+
+
+def test_kaplan_meier_matches_hand_product_limit():
+    table = drop_survival(_planted())
+    # step:      0   100  200  250  300  400
+    # at risk:   6    6    5    3    2    1
+    # dropped:   0    1    2    0    1    0
+    # censored:  0    0    0    1    0    1
+    # S(t):      1   5/6  5/6 * (1 - 2/5) = 1/2   1/2   1/2 * (1 - 1/2) = 1/4   1/4
+    assert table.setting.unique().tolist() == ["all"]
+    assert table.step.tolist() == [0, 100, 200, 250, 300, 400]
+    assert table.at_risk.tolist() == [6, 6, 5, 3, 2, 1]
+    assert table.dropped.tolist() == [0, 1, 2, 0, 1, 0]
+    assert table.censored.tolist() == [0, 0, 0, 1, 0, 1]
+    np.testing.assert_allclose(table.survival, [1, 5 / 6, 0.5, 0.5, 0.25, 0.25])
+    assert (table.ci_low <= table.survival).all() and (table.survival <= table.ci_high).all()
+    assert table.ci_low.iloc[0] == table.ci_high.iloc[0] == 1
+
+
+def test_median_and_k_of_n_count_censored_runs():
+    median = median_drop(_planted()).iloc[0]
+    assert (median.n, median.dropped, median.censored) == (6, 4, 2)
+    assert median.median_step == 200 and median.median_reached  # S first reaches 1/2 at 200
+    assert median.ci_low <= 200 <= median.ci_high
+    assert k_of_n(_planted()) == "4 of 6 dropped, 2 censored"
+    never = _planted().assign(drop_step=[100, NAN, NAN, NAN, NAN, NAN])
+    unreached = median_drop(never).iloc[0]
+    assert not unreached.median_reached and math.isinf(unreached.median_step)
+
+
+def _two_settings(drops_a, drops_b, final: int = 2000) -> pd.DataFrame:
+    drops = [*drops_a, *drops_b]
+    return pd.DataFrame({"length": [8] * len(drops_a) + [16] * len(drops_b), "drop_step": drops,
+                         "final_step": final})
+
+
+def test_settings_get_their_own_curves_and_logrank_separates_them():
+    rng = np.random.default_rng(0)
+    early, late = rng.uniform(100, 200, 10), rng.uniform(1000, 1500, 10)
+    late[-2:] = NAN  # two slow runs censored at the final step
+    separated = _two_settings(early, late)
+    table = drop_survival(separated, by="length")
+    assert table.setting.unique().tolist() == ["length=8", "length=16"]
+    assert table.groupby("setting").survival.first().eq(1).all()
+    assert table[table.setting == "length=16"].censored.sum() == 2
+    test = logrank(separated, "length")
+    assert test.comparison.tolist() == ["all 2 settings", "length=8 vs length=16"]
+    assert test.p_value.iloc[0] < 1e-3
+
+    same = _two_settings(early, early)
+    assert logrank(same, "length").p_value.iloc[0] > 0.5
+
+
+def _power_law_family(exponent: float = 1.5, cutoff: float = 2500, seed: int = 4) -> pd.DataFrame:
+    """Drop steps t = 10 L^exponent * lognormal(0, 0.3), 20 runs per L; the few above `cutoff`
+    are censored there (no drop by the last step)."""
+    rng = np.random.default_rng(seed)
+    length = np.repeat([8, 12, 16, 24, 32], 20)
+    t = 10 * length ** exponent * rng.lognormal(0, 0.3, length.size)
+    return pd.DataFrame({"length": length, "drop_step": np.where(t < cutoff, t, NAN), "final_step": cutoff})
+
+
+@pytest.mark.parametrize("model", ["weibull", "lognormal"])
+def test_scaling_exponent_recovers_planted_power_law(model):
+    family = _power_law_family()
+    fit = scaling_exponent(family, "length", model=model).iloc[0]
+    assert 0 < fit.censored < 10 and fit.n == 100
+    assert abs(fit.exponent - 1.5) < 0.15
+    assert fit.ci_low < 1.5 < fit.ci_high
+    assert fit.p_value < 1e-6
+    assert 0.5 * 10 < fit.prefactor < 2 * 10  # the median at L = 1: 10 (log-normal noise has median 1)
+
+
+def test_aic_prefers_the_planted_noise_law():
+    family = _power_law_family()
+    aic = {model: scaling_exponent(family, "length", model=model).aic.iloc[0] for model in ("weibull", "lognormal")}
+    assert aic["lognormal"] < aic["weibull"]
+
+
+def test_scaling_exponent_refuses_what_has_no_power_law():
+    family = _power_law_family()
+    with pytest.raises(ValueError, match="distinct"):
+        scaling_exponent(family.assign(length=8), "length")
+    with pytest.raises(ValueError, match="positive"):
+        scaling_exponent(family.assign(length=family.length - 8), "length")
+    with pytest.raises(ValueError, match="allowed"):
+        scaling_exponent(family, "length", model="gamma")
+
+
+def test_plots_draw_one_group_per_setting():
+    rng = np.random.default_rng(0)
+    family = _two_settings(rng.uniform(100, 200, 6), [*rng.uniform(1000, 1500, 4), NAN, NAN])
+    fig = plot_survival(drop_survival(family, by="length"))
+    groups = list(dict.fromkeys(trace.legendgroup for trace in fig.data))
+    assert groups == ["length=8", "length=16"]
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["length=8 (n=6)", "length=16 (n=6)"]
+    assert all(t.line.shape == "hv" for t in fig.data if t.mode == "lines")
+
+    planted = _power_law_family()
+    fit = scaling_exponent(planted, "length", model="lognormal")
+    fig = plot_scaling(planted, "length", fit)
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
+    assert [t.marker.symbol for t in fig.data if t.mode == "markers"] == ["circle", "circle-open"]
+    assert f"{fit.exponent.iloc[0]:.2f}" in fig.data[-1].name
