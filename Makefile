@@ -1,11 +1,12 @@
 # The two commands of the README. Both create the virtual environment they need.
 #   make demo   train the cpu preset for DEMO_STEPS (or reuse the run in RUN), then write its HTML report
-#   make test   run the test suite
+#   make test   run the test suite, on TEST_WORKERS processes (pytest-xdist; the tests that start Ray share one)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 RUN ?= runs/cpu
 DEMO_STEPS ?= 7000
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test
@@ -23,4 +24,4 @@ demo: $(BIN)/.installed
 	@echo "report: $(RUN)/report.html"
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup

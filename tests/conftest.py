@@ -27,3 +27,18 @@ def reference_run() -> Run:
     if not (REFERENCE_RUN / "config.yaml").is_file():
         pytest.fail(f"the shipped reference run is missing from {REFERENCE_RUN}")
     return Run(REFERENCE_RUN)
+
+
+RAY_WORDS = ("sweep", "intervention", "ray", "cluster")  # tests that start Ray run one after another
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), the tests that start Ray
+    (a sweep, a cluster, a driver that trains runs through the sweep) share one worker, one at a
+    time, so two local Ray instances never compete for the machine; the rest spread over both."""
+    import inspect
+
+    for item in items:
+        source = inspect.getsource(item.function).lower() if hasattr(item, "function") else ""
+        if item.path.name in ("test_cluster.py", "test_sweep.py") or any(w in source for w in RAY_WORDS):
+            item.add_marker(pytest.mark.xdist_group("ray"))

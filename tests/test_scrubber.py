@@ -7,7 +7,8 @@ import re
 import pytest
 from test_report import _wait, browser  # noqa: F401  (the headless Chromium fixture)
 
-from analyses.attention.figures import plot_attention_scrubber, save_attention_scrubber
+from analyses.attention.figures import plot_attention_scrubber
+from analyses.attention.views import save_attention_scrubber
 from analyses.attention.scrubber import pattern_frame, scrub_data
 from analyses.base.walk import analysis_batch
 

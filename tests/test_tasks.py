@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import REFERENCE_RUN
 
+from analyses.plateau.learning_times import learning_order, learning_times
 from mechlrmc import tasks
 from mechlrmc.config import RunConfig, preset
 from mechlrmc.intervention import AttentionIntervention
@@ -197,3 +198,6 @@ def test_mws_preset_plateaus_repeats_itself_then_drops(tmp_path):
     plateau = before[before.acc < 0.3]
     assert plateau.step.max() - plateau.step.min() >= 40, table.to_string()  # flat for >= 40 steps
     assert (before.rep >= 3 * rep_truth).any(), table.to_string()
+    times = learning_times(run, batch_size=64, progress=False)  # P4 as a number: output 1 is learned first
+    assert list(times.position) == list(range(1, 17)), times.to_string()
+    assert learning_order(times)["first_precedes_median"], times.to_string()

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analyses.attention.heads import SCORES
-from analyses.attention.scrubber import scrub_data
-from analyses.base.walk import Steps, analysis_batch
 from mechlrmc.errors import OptionError
-from mechlrmc.runs import Run
-from mechlrmc.tasks.lrmc import Batch
 
 SHORT_LABELS = {"self": "S", "row": "R", "column": "C", "observed-only": "O", "uniform": "", "other": ""}
 
@@ -112,14 +106,3 @@ def plot_attention_scrubber(patterns: pd.DataFrame, taxonomy: pd.DataFrame, m: i
         margin=dict(l=30, r=30, t=80, b=30))
 
 
-def save_attention_scrubber(run: Run, path: str | Path, steps: Steps = None, batch: Batch | None = None,
-                            drop_step: float | None = None, progress: bool = True) -> Path:
-    """Compute `scrub_data` and write the scrubber as one offline HTML file (plotly.js inlined)."""
-    batch = batch if batch is not None else analysis_batch(run)
-    patterns, taxonomy = scrub_data(run, steps, batch, progress)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_attention_scrubber(patterns, taxonomy, drop_step=drop_step, names=batch.position_names(),
-                                  causal=run.config.model.causal)
-    fig.write_html(path, include_plotlyjs=True)
-    return path

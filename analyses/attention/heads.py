@@ -30,7 +30,6 @@ A column head that also avoids masked keys is labelled "column"; its `column_obs
 
 from __future__ import annotations
 
-
 import pandas as pd
 import torch
 

@@ -18,9 +18,13 @@ from pathlib import Path
 import circuitsvis as cv
 import torch
 
+from analyses.attention.figures import plot_attention_scrubber
+from analyses.attention.scrubber import scrub_data
 from analyses.base.cache import cache_hooks, mean_patterns, pattern_names
+from analyses.base.walk import Steps, analysis_batch
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
+from mechlrmc.runs import Run
 from mechlrmc.tasks.lrmc import Batch
 
 _RENDER = "CircuitsVis.render("
@@ -106,4 +110,17 @@ def save_attention_views(model: HookedEncoder, batch: Batch, path: str | Path, *
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(attention_page(model, batch, **kwargs))
+    return path
+
+
+def save_attention_scrubber(run: Run, path: str | Path, steps: Steps = None, batch: Batch | None = None,
+                            drop_step: float | None = None, progress: bool = True) -> Path:
+    """Compute `scrub_data` and write the scrubber as one offline HTML file (plotly.js inlined)."""
+    batch = batch if batch is not None else analysis_batch(run)
+    patterns, taxonomy = scrub_data(run, steps, batch, progress)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plot_attention_scrubber(patterns, taxonomy, drop_step=drop_step, names=batch.position_names(),
+                                  causal=run.config.model.causal)
+    fig.write_html(path, include_plotlyjs=True)
     return path

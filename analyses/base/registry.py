@@ -163,6 +163,11 @@ ANALYSES: list[Analysis] = [
            "Repetition of the greedy outputs against the truth's, collapse of the hidden states at every layer, "
            "each head's attention on the task's optimal map, and the accuracy of every output position, at "
            "every checkpoint.", "plateau.adapters", requires=("generation",), steps="all"),
+    _entry("learning_times", "Learning times of the outputs", "P4",
+           "Each output position's score (a token task: greedy accuracy; LRMC: 1 - masked MSE / copy-and-zero) "
+           "across the checkpoints, fitted with a logistic curve: its onset and width, positions that do not fit "
+           "named as such. Does the model learn all outputs at once, or in order?", "plateau.adapters",
+           requires=("position_scores",), steps="all"),
     _entry("early_warning", "Early warnings of the drop", "P3",
            "Every trajectory measure (attention progress per head, collapse, repetition, weight and gradient norms "
            "per component, the top Hessian eigenvalue, the essential dynamics) against the drop: the step at which "

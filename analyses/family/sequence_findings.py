@@ -35,6 +35,9 @@ COLLAPSE_GONE = 0.2  # ... and <= 0.2 at the end
 PROGRESS_SHARE = 0.5  # P3: attention on the optimal map covers half its total change before the drop
 
 
+LEARNING_BATCH = 128  # P4: sequences behind each output position's greedy accuracy at every checkpoint
+
+
 SEQUENCE_CRITERIA = {
     "P0": ("plateau then drop", f"plateau greedy accuracy <= {PLATEAU_ACC:g}, a drop is detected, final greedy "
                                 f"accuracy >= {SOLVED_ACC:g}"),
@@ -44,6 +47,9 @@ SEQUENCE_CRITERIA = {
                                                      f"final <= {COLLAPSE_GONE:g}"),
     "P3": ("attention progress precedes the drop", f"attention on the optimal map covers {PROGRESS_SHARE:.0%} of "
                                                    "its total change before the drop step (value: the lead in steps)"),
+    "P4": ("a partial solution: output 1 is learned first", "output 1's logistic onset (analyses.learning_times: "
+                                                           "greedy accuracy of each output across the checkpoints) "
+                                                           "precedes the median onset of the outputs"),
     "P5": ("the intervention moves the drop", "per seed: the run with c > 1 drops earlier than the run with "
                                               "c < 1 (a run that never dropped counts as dropping after its end)"),
 }
@@ -59,8 +65,9 @@ def _covered_at(steps: np.ndarray, values: np.ndarray, share: float) -> float:
     return float(steps[hit[0]]) if len(hit) else math.nan
 
 
-def sequence_run_findings(run: Run) -> list[dict]:
-    """P0-P3 for one token-task run: rows of `finding`, `value`, `reproduced`, `step`."""
+def sequence_run_findings(run: Run, learning: bool = True) -> list[dict]:
+    """P0-P4 for one token-task run: rows of `finding`, `value`, `reproduced`, `step`. P0-P3 read the
+    run's evaluations; P4 (with `learning`) loads every checkpoint (`analyses.learning_times`)."""
     p = detect_phases(run).iloc[0]
     evals = run.evals.sort_values("step")
     end = p.drop_step if p.dropped else p.final_step
@@ -85,6 +92,13 @@ def sequence_run_findings(run: Run) -> list[dict]:
     lead = p.drop_step - at if p.dropped and not math.isnan(at) else math.nan
     add("P3", f"half the attention progress at step {at:.0f}, {lead:+.0f} steps before the drop" if not math.isnan(lead)
         else "no drop or no progress", not math.isnan(lead) and lead > 0, at)
+    if learning and len(run.steps) >= 4:
+        from analyses.plateau.learning_times import learning_order, learning_times
+
+        order = learning_order(learning_times(run, batch_size=LEARNING_BATCH, progress=False))
+        add("P4", f"output 1 onset {order['first_onset']:.0f}, median {order['onset_median']:.0f} "
+                  f"({order['fitted']} of {order['positions']} fitted)", order["first_precedes_median"],
+            order["first_onset"])
     return out
 
 

@@ -205,8 +205,3 @@ def k_of_n(summary: pd.DataFrame) -> str:
     step): "4 of 5 dropped, 1 censored"."""
     runs = run_durations(summary)
     return f"{int(runs.dropped.sum())} of {len(runs)} dropped, {int((~runs.dropped).sum())} censored"
-
-
-# ----- figures ---------------------------------------------------------------------------------
-
-

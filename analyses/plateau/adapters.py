@@ -96,3 +96,29 @@ def early_warning_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
             "of its change from the plateau's level to the end, for good (positive: before the drop).</p>")
     return {"note": note, "drop_aligned": drop_aligned_figure(tables),
             "milestones_table": shown.sort_values("lead_10", ascending=False)}
+
+
+LEARNING_BATCH = 128  # examples per checkpoint behind each position's score
+
+
+def learning_times_tables(ctx) -> dict[str, pd.DataFrame]:
+    """Each output position's score at every checkpoint, its logistic fit, and the order of the onsets."""
+    from analyses.plateau.learning_times import fit_learning_times, learning_order, position_scores
+
+    scores = ctx.walk(position_scores, steps=ctx.every_step, batch=ctx.batch[:LEARNING_BATCH])
+    times = fit_learning_times(scores)
+    return {"position_scores": scores, "learning_times": times, "learning_order": pd.DataFrame([learning_order(times)])}
+
+
+def learning_times_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
+    from analyses.plateau.figures import plot_learning_times
+
+    order = tables["learning_order"].iloc[0]
+    note = (f"<p>{order.fitted} of {order.positions} positions fitted. Onsets from step {order.onset_min:.0f} to "
+            f"{order.onset_max:.0f} (median {order.onset_median:.0f}, interquartile range {order.onset_iqr:.0f} steps); "
+            f"position 1 {'precedes' if order.first_precedes_median else 'does not precede'} the median onset"
+            f"{f' (step {order.first_onset:.0f})' if not math.isnan(order.first_onset) else ''}.</p>"
+            if order.fitted else "<p>No position's score fits a logistic rise.</p>")
+    return {"note": note, "learning_times": plot_learning_times(tables["learning_times"], tables["position_scores"],
+                                                                ctx.phases.drop_step),
+            "learning_times_table": tables["learning_times"]}

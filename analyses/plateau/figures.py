@@ -216,3 +216,36 @@ def plot_lm_dynamics(frame: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(title_text="step", type="log" if log_steps else "linear")
     fig.update_layout(height=420, margin=dict(t=40, b=40), legend=dict(groupclick="toggleitem"))
     return fig
+
+
+def plot_learning_times(times: pd.DataFrame, scores: pd.DataFrame | None = None, drop_step: float | None = None
+                        ) -> go.Figure:
+    """Each output position's onset (marker) and its 10 %-90 % rise (bar), fitted positions only,
+    unfit ones listed in the title; with `scores`, each position's score against the step beneath."""
+    ok = times[times.fit == "ok"]
+    unfit = times[times.fit != "ok"]
+    rows = 2 if scores is not None else 1
+    fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.12,
+                        subplot_titles=["onset and 10-90 % rise of each position"]
+                        + (["score of each position against the step"] if scores is not None else []))
+    half = ok.width * math.log(9)  # half of the 10 %-90 % rise
+    fig.add_scatter(x=ok.onset, y=ok.position, mode="markers", name="onset", marker=dict(size=8, color="#1f77b4"),
+                    error_x=dict(type="data", array=half, color="#1f77b4", thickness=1.5),
+                    hovertext=[f"position {p}: onset {o:.0f}, width {w:.1f}, R² {r:.3f}"
+                               for p, o, w, r in zip(ok.position, ok.onset, ok.width, ok.r2)], row=1, col=1)
+    if drop_step is not None and not pd.isna(drop_step):
+        fig.add_vline(x=drop_step, line=dict(color="gray", dash="dot"), annotation_text="drop", row=1, col=1)
+    fig.update_yaxes(title_text="output position", autorange="reversed", row=1, col=1)
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    if scores is not None:
+        positions = sorted(scores.position.unique())
+        colours = sample_colorscale("Viridis", [i / max(1, len(positions) - 1) for i in range(len(positions))])
+        for position, colour in zip(positions, colours):
+            part = scores[scores.position == position].sort_values("step")
+            fig.add_scatter(x=part.step, y=part.score, mode="lines", name=f"position {position}",
+                            line=dict(color=colour, width=1.5), showlegend=False, row=2, col=1)
+        fig.update_yaxes(title_text="score", row=2, col=1)
+        fig.update_xaxes(title_text="step", row=2, col=1)
+    note = f"; unfit: {', '.join(f'{p} ({f})' for p, f in zip(unfit.position, unfit.fit))}" if len(unfit) else ""
+    return fig.update_layout(template="plotly_white", height=380 * rows, showlegend=False,
+                             title=f"Learning times: {len(ok)} of {len(times)} positions fitted{note}")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analyses.family.figures import plot_drop_steps, plot_family_curves
+from analyses.family.figures import plot_drop_steps, plot_family_curves, plot_survival
 from analyses.family.findings import CRITERIA, family_findings, findings_table
 from analyses.family.summary import family_runs, family_summary, varied_keys
+from analyses.family.survival import drop_survival, k_of_n, logrank, median_drop
 from analyses.report.page import Part, Report, Section, assemble
 from mechlrmc.runs import Run
 
@@ -80,6 +81,9 @@ def _curves(ctx: FamilyContext) -> list[Part]:
 
 
 def _drops(ctx: FamilyContext) -> list[Part]:
+    """Drop steps per setting as survival data: a run that has not dropped by its last step is
+    censored there (`analyses.family.survival`), so the median time to the drop and its interval
+    come from the Kaplan-Meier curve, not from the runs that happened to drop."""
     s = ctx.summary
     keys = varied_keys(ctx.runs)
     stats = (s.groupby(keys or (lambda _: "all"), dropna=False)
@@ -87,12 +91,23 @@ def _drops(ctx: FamilyContext) -> list[Part]:
                   drop_min=("drop_step", "min"), drop_max=("drop_step", "max"),
                   sharpness_median=("drop_sharpness", "median"),
                   **{f"{c}_median": (c, "median") for c in ("final_loss_mask", "final_greedy_acc") if c in s}))
-    return [plot_drop_steps(s), stats]
+    parts: list[Part] = [plot_drop_steps(s), stats]
+    if "final_step" not in s or s.final_step.isna().all():
+        return parts
+    by = keys or None
+    parts += [f"<p>Time to the drop as survival: {html.escape(k_of_n(s))}. Censored runs count as censored: "
+              "the Kaplan-Meier fraction still on the plateau against the step, with its 95 % band, and the "
+              "median time to the drop with its interval.</p>",
+              plot_survival(drop_survival(s, by)), median_drop(s, by)]
+    if keys and s.groupby(keys).ngroups > 1:
+        parts.append(logrank(s, keys))
+    return parts
 
 
 def _findings(ctx: FamilyContext) -> list[Part]:
     table = findings_table(ctx.findings)
-    return ["<p>Each cell: ✓ or ✗ and the measured value. The criteria are those of "
+    runs = f"Runs: {html.escape(k_of_n(ctx.summary))} (a run that did not drop by its last step is censored there). "
+    return [f"<p>{runs}Each cell: ✓ or ✗ and the measured value. The criteria are those of "
             "<code>analyses.family.findings.CRITERIA</code>; the plateau checkpoint is mid-plateau, the end is the last "
             "checkpoint.</p>", table]
 
@@ -112,7 +127,8 @@ SECTIONS: list[Section] = [
             "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
     Section("curves", "Loss curves", "finding 1", "Every run's phase loss (eval L_mask; a token task's output cross-entropy) on the step axis and aligned at its own "
             "drop.", _curves),
-    Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting.", _drops),
+    Section("drops", "Drop steps", "finding 1", "When each run left the plateau, per setting: the drop steps, and the "
+            "time to the drop as survival (Kaplan-Meier, censored runs counted as censored).", _drops),
     Section("findings", "Findings across seeds", "findings 1-11; P0-P5",
             "Each finding with a numeric criterion, measured on every run: reproduced in k of N.", _findings),
     Section("early_warning", "Early warnings of the drop", "P3",

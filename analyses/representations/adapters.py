@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analyses.representations.embeddings import embedding_geometry
+from analyses.representations.embeddings import embedding_geometry, position_tsne, token_embedding_plane
 from analyses.representations.figures import (plot_embedding_geometry, plot_position_tsne, plot_probes,
     plot_token_embeddings)
 from analyses.representations.probes import DEFAULT_TARGETS, first_step_encoded, probe, probe_summary
@@ -33,5 +33,6 @@ def embeddings_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     data = ctx.run.config.data
     model = ctx.model(int(tables["embeddings"].step.max()))
     return {"embeddings": plot_embedding_geometry(tables["embeddings"]),
-            "token_embeddings": plot_token_embeddings(model, ctx.batch, data.precision, data.value_max),
-            "position_tsne": plot_position_tsne(model, data.m, data.n)}
+            "token_embeddings": plot_token_embeddings(token_embedding_plane(model, ctx.batch, data.precision,
+                                                                            data.value_max)),
+            "position_tsne": plot_position_tsne(position_tsne(model, data.m, data.n))}

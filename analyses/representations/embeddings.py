@@ -104,3 +104,28 @@ def embedding_geometry(model: HookedEncoder, batch: Batch, precision: float = 0.
         **permuted_position_losses(model, batch, n_perm),
     }
     return pd.DataFrame([row])
+
+
+@torch.no_grad()
+def token_embedding_plane(model: HookedEncoder, batch: Batch, precision: float = 0.01, value_max: float = 10.0
+                          ) -> pd.DataFrame:
+    """One row per value token: its `value`, its embedding's top-2 principal components (`pc1`,
+    `pc2`) and its L2 `norm` (finding 8: sign and magnitude along the PCs, a norm symmetric in x)."""
+    ids, values = value_tokens(model, batch, precision, value_max)
+    emb = model.W_E[ids].float().cpu().numpy()
+    plane = PCA(n_components=2).fit_transform(emb)
+    return pd.DataFrame({"value": values.numpy(), "pc1": plane[:, 0], "pc2": plane[:, 1],
+                         "norm": np.linalg.norm(emb, axis=1)})
+
+
+@torch.no_grad()
+def position_tsne(model: HookedEncoder, m: int, n: int, seed: int = 0) -> pd.DataFrame:
+    """t-SNE of the position embeddings: one row per position, `x`, `y`, its `row` and `column`
+    and a `label` "(row,col)" (finding 8: clusters by column)."""
+    from sklearn.manifold import TSNE
+
+    w = model.W_pos[: m * n].float().cpu().numpy()
+    xy = TSNE(n_components=2, perplexity=min(5.0, m * n - 1.0), random_state=seed, init="pca").fit_transform(w)
+    rows, cols = row_col_index(m, n)
+    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "row": rows.numpy(), "column": cols.numpy(),
+                         "label": [f"({r},{c})" for r, c in zip(rows.tolist(), cols.tolist())]})

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
-import torch
 from plotly.subplots import make_subplots
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 
-from analyses.representations.embeddings import value_tokens
-from mechlrmc.model import HookedEncoder
-from mechlrmc.tasks.lrmc import Batch, row_col_index
 
 
 def plot_probes(frame: pd.DataFrame, metric: str = "r2", positions: str = "masked"):
@@ -37,26 +30,19 @@ def plot_embedding_geometry(frame: pd.DataFrame):
     return fig.update_layout(template="plotly_white", height=700, title="Embeddings (finding 8)")
 
 
-@torch.no_grad()
-def plot_token_embeddings(model: HookedEncoder, batch: Batch, precision: float = 0.01, value_max: float = 10.0):
-    """Token embeddings in their top-2 PCs coloured by value (left), embedding norm vs value (right)."""
-    ids, values = value_tokens(model, batch, precision, value_max)
-    emb = model.W_E[ids].float().cpu().numpy()
-    plane = PCA(n_components=2).fit_transform(emb)
+def plot_token_embeddings(frame: pd.DataFrame):
+    """Token embeddings in their top-2 PCs coloured by value (left), embedding norm vs value (right):
+    a `token_embedding_plane` frame."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("top-2 PCs of token embeddings", "||E(x)|| vs x"))
-    fig.add_scatter(x=plane[:, 0], y=plane[:, 1], mode="markers", text=[f"{v:.2f}" for v in values],
-                    marker=dict(color=values.numpy(), colorscale="RdBu", showscale=True, size=5), row=1, col=1)
-    fig.add_scatter(x=values.numpy(), y=np.linalg.norm(emb, axis=1), mode="lines", row=1, col=2)
+    fig.add_scatter(x=frame.pc1, y=frame.pc2, mode="markers", text=[f"{v:.2f}" for v in frame.value],
+                    marker=dict(color=frame.value, colorscale="RdBu", showscale=True, size=5), row=1, col=1)
+    fig.add_scatter(x=frame.value, y=frame.norm, mode="lines", row=1, col=2)
     return fig.update_layout(template="plotly_white", showlegend=False)
 
 
-@torch.no_grad()
-def plot_position_tsne(model: HookedEncoder, m: int, n: int, seed: int = 0):
-    """t-SNE of the position embeddings, labelled (row, col) and coloured by column."""
-    w = model.W_pos[: m * n].float().cpu().numpy()
-    xy = TSNE(n_components=2, perplexity=min(5.0, m * n - 1.0), random_state=seed, init="pca").fit_transform(w)
-    rows, cols = row_col_index(m, n)
-    frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "column": cols.numpy().astype(str),
-                          "row": rows.numpy(), "label": [f"({r},{c})" for r, c in zip(rows.tolist(), cols.tolist())]})
+def plot_position_tsne(frame: pd.DataFrame):
+    """t-SNE of the position embeddings, labelled (row, col) and coloured by column: a
+    `position_tsne` frame."""
+    frame = frame.assign(column=frame.column.astype(str))
     fig = px.scatter(frame, x="x", y="y", color="column", text="label", title="t-SNE of position embeddings")
     return fig.update_traces(textposition="top center").update_layout(template="plotly_white")

@@ -72,7 +72,8 @@ class Task:
     final_metrics: ClassVar[tuple[str, ...]] = ("loss",)  # eval metrics a family summary reports at a run's end
     generates: ClassVar[bool] = False  # outputs are generated greedily from a prompt (token tasks)
     # what the task supports, named as analyses require it (`analyses.base.registry.Analysis.requires`):
-    # "matrix" (m x n matrices with observed entries: row/column structure), "generation", "optimal_map"
+    # "matrix" (m x n matrices with observed entries: row/column structure), "generation", "optimal_map",
+    # "position_scores" (`position_scores` is defined)
     supports: ClassVar[frozenset[str]] = frozenset()
 
     @property
@@ -119,6 +120,12 @@ class Task:
         `evals` the evaluations by step, `drop_index` the row of the drop (len(evals) without one),
         `band` the rows before the drop whose smoothed phase metric sits on the plateau."""
         return {}
+
+    def position_scores(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """[outputs]: one score per output position that rises from the plateau (about 0 or chance)
+        to 1 as the position is learned (`analyses.plateau.learning_times`); a task that defines it
+        lists "position_scores" in `supports`."""
+        raise NotImplementedError
 
     def position_names(self, batch: Any) -> list[str]:
         """A name for every position of the model's input (attention views label their axes with it)."""

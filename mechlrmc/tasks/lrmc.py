@@ -363,7 +363,7 @@ class _LRMC(Task):
     copy_metric = "loss_obs"
     phase_label = "eval L_mask"
     final_metrics = ("loss", "loss_mask", "corr_mask")
-    supports = frozenset({"matrix", "optimal_map"})
+    supports = frozenset({"matrix", "optimal_map", "position_scores"})
     presets = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
 
     def sample(self, cfg: DataConfig, batch_size: int, generator: torch.Generator) -> Batch:
@@ -381,6 +381,17 @@ class _LRMC(Task):
     def plateau(self, cfg: DataConfig) -> dict[str, float]:
         """Copy the observed entries, predict 0 at masked ones (finding 1)."""
         return {"loss_obs": 0.0, "loss_mask": cfg.plateau_mask_loss, "loss": cfg.p_mask * cfg.plateau_mask_loss}
+
+    @torch.no_grad()
+    def position_scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """[m*n]: per matrix position, 1 - its masked MSE / the copy-and-zero MSE there (predicting 0):
+        0 on the plateau, 1 when the masked entries there are completed exactly."""
+        pred = model(batch.tokens).float()
+        masked = batch.masked.float()
+        count = masked.sum(0).clamp_min(1)
+        error = ((pred - batch.values) ** 2 * masked).sum(0) / count
+        baseline = (batch.values ** 2 * masked).sum(0) / count
+        return 1 - error / baseline.clamp_min(1e-12)
 
     def phase_columns(self, evals, drop_index: int, band, window: int) -> dict[str, float]:
         """L on the plateau (median of the evaluations before the drop) and after it (the last

@@ -140,7 +140,7 @@ class SequenceTask(Task):
     phase_label = "eval cross-entropy on the outputs"
     final_metrics = ("loss", "loss_out", "greedy_acc", "rep")
     generates = True
-    supports = frozenset({"generation", "optimal_map"})
+    supports = frozenset({"generation", "optimal_map", "position_scores"})
 
     def outputs(self, cfg: SequenceConfig, inputs: torch.Tensor) -> torch.Tensor:
         """The true outputs [batch, L] (long, in 0..modulus-1) of inputs [batch, L]."""
@@ -214,6 +214,12 @@ class SequenceTask(Task):
         return {"loss_out": float(entropy.mean()), "acc_out": float(best.mean()),
                 "loss_out_first_solved": float(entropy[tail].sum() / cfg.length),
                 "acc_out_first_solved": float((1.0 + best[tail].sum()) / cfg.length)}
+
+    @torch.no_grad()
+    def position_scores(self, model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+        """[L]: the accuracy of each output position generated greedily from the prompt (P4)."""
+        generated = measures.greedy_generate(model, batch.prompt, batch.length)
+        return (generated == batch.outputs).float().mean(0)
 
     def phase_columns(self, evals, drop_index: int, band, window: int) -> dict[str, float]:
         """The greedy accuracy (median) and the largest repetition on the plateau band, the
