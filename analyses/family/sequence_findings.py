@@ -35,8 +35,6 @@ COLLAPSE_GONE = 0.2  # ... and <= 0.2 at the end
 PROGRESS_SHARE = 0.5  # P3: attention on the optimal map covers half its total change before the drop
 
 
-LEARNING_BATCH = 128  # P4: sequences behind each output position's greedy accuracy at every checkpoint
-
 
 SEQUENCE_CRITERIA = {
     "P0": ("plateau then drop", f"plateau greedy accuracy <= {PLATEAU_ACC:g}, a drop is detected, final greedy "
@@ -93,7 +91,7 @@ def sequence_run_findings(run: Run, learning: bool = True) -> list[dict]:
     add("P3", f"half the attention progress at step {at:.0f}, {lead:+.0f} steps before the drop" if not math.isnan(lead)
         else "no drop or no progress", not math.isnan(lead) and lead > 0, at)
     if learning and len(run.steps) >= 4:
-        from analyses.plateau.learning_times import learning_order, learning_times
+        from analyses.plateau.learning_times import LEARNING_BATCH, learning_order, learning_times
 
         order = learning_order(learning_times(run, batch_size=LEARNING_BATCH, progress=False))
         add("P4", f"output 1 onset {order['first_onset']:.0f}, median {order['onset_median']:.0f} "

@@ -23,14 +23,14 @@ def phases_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     return {"phases": plot_phases(ctx.run, tables["phases"]).update_layout(width=None)}
 
 
-DYNAMICS_BATCH = 128  # sequences per checkpoint (the paper measured on 64)
+SEQUENCE_BATCH = 128  # sequences per checkpoint of plateau_dynamics (the paper measured on 64)
 
 
 def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
-    """Every measure at every checkpoint (or the asked ones), on `DYNAMICS_BATCH` sequences."""
+    """Every measure at every checkpoint (or the asked ones), on `SEQUENCE_BATCH` sequences."""
     from tqdm.auto import tqdm
 
-    batch, parts = ctx.batch[:DYNAMICS_BATCH], {}
+    batch, parts = ctx.batch[:SEQUENCE_BATCH], {}
     for step in tqdm(ctx.every_step, desc="plateau dynamics", unit="ckpt", disable=not ctx.progress):
         for name, frame in native_measures(ctx.model(step), batch).items():
             parts.setdefault(name, []).append(frame.assign(step=step))
@@ -41,7 +41,7 @@ def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
 def plateau_dynamics_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     rep = tables["repetition"].set_index("step")
     plateau = rep.loc[[s for s in rep.index if s in _plateau_steps(ctx)]]
-    note = (f"<p>{min(len(ctx.batch), DYNAMICS_BATCH)} sequences generated greedily from the prompt at each of {len(rep)} checkpoints. "
+    note = (f"<p>{min(len(ctx.batch), SEQUENCE_BATCH)} sequences generated greedily from the prompt at each of {len(rep)} checkpoints. "
             f"On the plateau the greedy outputs repeat at up to {plateau.rep.max():.2f} against the truth's "
             f"{rep.rep_true.median():.2f}; at the end {rep.rep.iloc[-1]:.2f}.</p>" if len(plateau) else "")
     return {"note": note, "plateau_dynamics": plot_native_dynamics(tables, ctx.phases.drop_step),
@@ -56,7 +56,7 @@ def _plateau_steps(ctx) -> list[int]:
     return [s for s in ctx.run.steps if p.plateau_start <= s < end]
 
 
-DYNAMICS_BATCH = 256
+DYNAMICS_BATCH = 256  # matrices per checkpoint of the LRMC dynamics
 
 
 def dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
@@ -98,12 +98,10 @@ def early_warning_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
             "milestones_table": shown.sort_values("lead_10", ascending=False)}
 
 
-LEARNING_BATCH = 128  # examples per checkpoint behind each position's score
-
 
 def learning_times_tables(ctx) -> dict[str, pd.DataFrame]:
     """Each output position's score at every checkpoint, its logistic fit, and the order of the onsets."""
-    from analyses.plateau.learning_times import fit_learning_times, learning_order, position_scores
+    from analyses.plateau.learning_times import LEARNING_BATCH, fit_learning_times, learning_order, position_scores
 
     scores = ctx.walk(position_scores, steps=ctx.every_step, batch=ctx.batch[:LEARNING_BATCH])
     times = fit_learning_times(scores)

@@ -31,6 +31,7 @@ from analyses.base.walk import Steps, across_checkpoints, analysis_batch
 from mechlrmc.runs import Run
 from mechlrmc.tasks import get_task
 
+LEARNING_BATCH = 128  # examples per checkpoint behind each position's score (report and family findings)
 MIN_CHANGE = 0.2  # a position whose score moves less than this across the run is "flat"
 MIN_R2 = 0.8  # a fit that explains less of the score's variance is "poor"
 WIDTH_10_90 = 2 * math.log(9)  # a logistic rises from 10 % to 90 % of its change in this many widths
