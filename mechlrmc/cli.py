@@ -1,6 +1,7 @@
 """The `mechlrmc` command.
 
     mechlrmc train --preset cpu --out runs/cpu [--steps N] [--seed S] [--set key=value ...] [--resume]
+    mechlrmc train --from RUN --from-step S --out DIR [--set train.data_seed=K ...]   (a branch)
     mechlrmc info RUN
     mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
     mechlrmc sweep SPEC.yaml --out DIR [--address ADDR] [--connect-timeout SECONDS]
@@ -30,12 +31,20 @@ def _train(args: argparse.Namespace) -> int:
     from mechlrmc.runs import Run
     from mechlrmc.train import train
 
+    overrides = list(args.set)
     if args.resume and Path(args.out, "config.yaml").is_file():
         cfg = Run(args.out).config
+    elif args.from_run:  # a branch: the parent's config, continued from its kept state
+        if args.from_step is None:
+            raise UsageError("--from RUN needs --from-step S: allowed one of the run's kept states "
+                             f"{Run(args.from_run).kept_states}")
+        cfg = Run(args.from_run).config
+        overrides = [f"train.branch_from={Path(args.from_run).resolve()}", f"train.branch_step={args.from_step}",
+                     "train.keep_states=[]", *overrides]
+        args.resume = False
     else:
         cfg = RunConfig.from_yaml(args.config) if args.config else preset(args.preset)
         args.resume = False
-    overrides = list(args.set)
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     if args.seed is not None:
@@ -117,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--from", dest="from_run", metavar="RUN",
+                   help="a branch: continue RUN's config, weights and Adam state from --from-step (one of its "
+                        "train.keep_states) in a new run; --set train.data_seed=K gives it its own data")
+    p.add_argument("--from-step", type=int, metavar="S", help="the step of --from RUN a branch starts from")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 

@@ -110,7 +110,20 @@ class TrainConfig:
     Live telemetry (`mechlrmc.telemetry`, the `telemetry` extra): `log` sends every evaluation's
     metrics and mechanistic measures to "tensorboard", "wandb" or "both" ("none": off), and each
     head's average attention pattern as an image every `log_images_every` steps (0: every 10th
-    evaluation). It reads the model and never draws a random number, so it changes no result."""
+    evaluation). It reads the model and never draws a random number, so it changes no result.
+
+    The data stream: `data_seed` seeds the training batches (-1: the same as `seed`); a run whose
+    `data_seed` differs from `seed` starts from the same weights and sees other data.
+
+    Stopping at the drop: with `stop_below` > 0 a run ends (a finished run, `stopped.json` saying why)
+    once its task's phase metric (`Task.phase_metric`) has been at or below `stop_below` for
+    `stop_patience` evaluations in a row; `train.steps` is then the limit.
+
+    Branching (`mechlrmc train --from RUN --from-step S`): `keep_states` lists the steps at which the
+    whole training state (weights, Adam, data generator) is kept in `states/`, so that a run can be
+    continued from them in branches; `branch_from`/`branch_step` name the run and step a branch
+    starts from (its weights and Adam state; its own `data_seed`'s stream, or the parent's own
+    generator state where the data seeds agree: then the branch repeats its parent exactly)."""
 
     steps: int = 50_000
     batch_size: int = 256
@@ -133,6 +146,12 @@ class TrainConfig:
     attn_intervention_start: int = 0
     log: str = "none"
     log_images_every: int = 0
+    data_seed: int = -1
+    stop_below: float = 0.0
+    stop_patience: int = 3
+    keep_states: tuple[int, ...] = ()
+    branch_from: str = ""
+    branch_step: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self, "train")
@@ -170,10 +189,26 @@ class TrainConfig:
             "train.log_images_every", self.log_images_every,
             f"0 (every 10th evaluation) or a multiple of train.eval_every={self.eval_every}",
         )
+        _require(-1 <= self.data_seed < 2**62, "train.data_seed", self.data_seed,
+                 "-1 (the same as train.seed) or an integer in [0, 2**62)")
+        _require(self.stop_below >= 0 and math.isfinite(self.stop_below), "train.stop_below", self.stop_below,
+                 "a finite number >= 0 (0: never stop early)")
+        _require(self.stop_patience >= 1, "train.stop_patience", self.stop_patience, "an integer >= 1")
+        bad = [s for s in self.keep_states if not 0 <= s <= self.steps]
+        _require(not bad, "train.keep_states", bad, f"steps in [0, train.steps={self.steps}]")
+        _require(0 <= self.branch_step < self.steps, "train.branch_step", self.branch_step,
+                 f"a step in [0, train.steps={self.steps})")
+
+    @property
+    def data_stream_seed(self) -> int:
+        """The seed of the training batches' stream (`data_seed`, or `seed` where it is -1)."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def is_checkpoint_step(self, step: int) -> bool:
         return (
             step == 0
+            or step in self.keep_states
+            or step == self.branch_step and bool(self.branch_from)
             or step == self.steps
             or step % self.checkpoint_every == 0
             or (step <= self.checkpoint_early_until and step % self.checkpoint_every_early == 0)

@@ -165,6 +165,17 @@ def read_provenance(folder: str | Path) -> dict | None:
         raise CheckpointError(f"{file} is corrupt: {e}") from e
 
 
+def _read_state(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        return load_file(str(file)), meta
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise CheckpointError(f"{file} is truncated or corrupt ({e}): training cannot continue from it") from e
+
+
 class Run:
     """A training run on disk. `Run(path).load_model(step)` is how analyses get a model."""
 
@@ -295,6 +306,42 @@ class Run:
                     metadata={"step": str(step), **meta})
         atomic_write(self.path / "resume.safetensors", data)
 
+    def keep_state(self, step: int) -> None:
+        """Keep a copy of the resume state just written (of `step`) as `states/step_SSSSSS.safetensors`,
+        a point a branch may start from (`train.keep_states`)."""
+        data = (self.path / "resume.safetensors").read_bytes()
+        (self.path / "states").mkdir(exist_ok=True)
+        atomic_write(self.path / "states" / f"step_{step:06d}.safetensors", data)
+
+    @property
+    def kept_states(self) -> list[int]:
+        """Steps whose whole training state is kept (weights, Adam, data generator), ascending."""
+        return sorted(int(f.stem.split("_")[1]) for f in (self.path / "states").glob("step_*.safetensors"))
+
+    def load_state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The kept training state of `step` (tensors and metadata, the layout of `mechlrmc.resume`)."""
+        file = self.path / "states" / f"step_{step:06d}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{self.path} keeps no training state at step {step}: allowed "
+                                  f"{self.kept_states or 'none (train.keep_states was empty)'}")
+        return _read_state(file)
+
+    def save_stopped(self, step: int, reason: str) -> None:
+        """Mark the run finished at `step` before `train.steps` (`stopped.json`)."""
+        atomic_write(self.path / "stopped.json", json.dumps({"step": step, "reason": reason}).encode())
+
+    @property
+    def stopped(self) -> dict | None:
+        """{"step", "reason"} where training stopped early (`train.stop_below`), else None."""
+        file = self.path / "stopped.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    @property
+    def finished(self) -> bool:
+        """Trained to its last step, or stopped early at its drop."""
+        steps = self.steps
+        return self.stopped is not None or bool(steps) and steps[-1] >= self.config.train.steps
+
     @property
     def has_resume_state(self) -> bool:
         return (self.path / "resume.safetensors").is_file()
@@ -303,14 +350,7 @@ class Run:
         file = self.path / "resume.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: this run cannot be resumed")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), "pt") as f:
-                meta = f.metadata()
-            return load_file(str(file)), meta
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointError(f"{file} is truncated or corrupt ({e}): this run cannot be resumed") from e
+        return _read_state(file)
 
     # ----- reading (used by analyses) -----
     @property

@@ -80,6 +80,8 @@ class Trainer:
             log_interval()  # a bad MECHLRMC_PROGRESS_EVERY, too
         model = HookedEncoder(cfg, seed=cfg.train.seed) if model is None else model
         params = _trainable_parameters(model, trainable)  # before anything is written
+        if cfg.train.branch_from and not resume:
+            self._branch_parent(cfg)
         if not (resume and Path(out, "config.yaml").is_file()):
             Run.check_new(out)  # before the lock creates the directory
         self.lock = RunLock(out).acquire()  # one writer per run, taken before anything is written
@@ -92,12 +94,13 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.cfg.device = str(self.device)
         self.optimizer = make_optimizer(params, cfg)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + DATA_SEED_OFFSET)
+        self.generator = torch.Generator().manual_seed(cfg.train.data_stream_seed + DATA_SEED_OFFSET)
         self.eval_data = self.task.eval_batch(cfg)
         self.step = 0
         self.wall_time = 0.0
         self.progress = progress
         self.last_metrics: dict[str, float] = {}
+        self.below = 0  # evaluations in a row with the phase metric at or below train.stop_below
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
         self.intervention = None
         if cfg.train.attn_intervention_scale != 1.0:
@@ -178,6 +181,28 @@ class Trainer:
 
     def _load_resume_state(self) -> None:
         tensors, meta = self.run.load_resume_state()
+        self.step = self._load_state(tensors, meta)
+        self.run.truncate_metrics(self.step)
+        self.below = self._evaluations_below()
+
+    def _evaluations_below(self) -> int:
+        """The evaluations in a row, up to the current step, at or below `train.stop_below`."""
+        if not self.cfg.train.stop_below:
+            return 0
+        values = self.run.evals[f"eval_{self.task.phase_metric}"].dropna().to_numpy()[::-1]
+        return next((i for i, v in enumerate(values) if v > self.cfg.train.stop_below), len(values))
+
+    def _save_resume_state(self) -> None:
+        adam = {name: st for name, p in self.model.named_parameters() if (st := self.optimizer.state.get(p))}
+        if self.step > 0 and not adam:
+            raise CheckpointError("optimizer state is empty after training steps")
+        tensors = resume_file.pack(self.model.state_dict(), adam, self.generator.get_state())
+        self.run.save_resume_state(self.step, tensors, resume_file.meta(self.wall_time))
+        if self.step in self.cfg.train.keep_states:
+            self.run.keep_state(self.step)
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, str], generator: bool = True) -> int:
+        """Weights, Adam state (and the data generator's state) of a resume or kept state; its step."""
         model_state, adam, generator_state = resume_file.unpack(tensors)
         self.model.load_state_dict(model_state)
         state = {}
@@ -194,21 +219,40 @@ class Trainer:
         if self.cfg.train.adam == "fused":  # the fused kernel keeps its step counts on the device
             for st in self.optimizer.state.values():
                 st["step"] = st["step"].to(self.device)
-        step, wall_time = resume_file.read_meta(meta)
+        step, self.wall_time = resume_file.read_meta(meta)
         if step > 0 and not state:
-            raise CheckpointError(f"{self.run.path / 'resume.safetensors'} has no optimizer state after "
-                                  f"step {meta['step']}: it cannot be resumed exactly")
-        self.generator.set_state(generator_state)
-        self.step = step
-        self.wall_time = wall_time
-        self.run.truncate_metrics(self.step)
+            raise CheckpointError(f"the training state of step {step} has no optimizer state: it cannot be "
+                                  f"continued exactly")
+        if generator:
+            self.generator.set_state(generator_state)
+        return step
 
-    def _save_resume_state(self) -> None:
-        adam = {name: st for name, p in self.model.named_parameters() if (st := self.optimizer.state.get(p))}
-        if self.step > 0 and not adam:
-            raise CheckpointError("optimizer state is empty after training steps")
-        tensors = resume_file.pack(self.model.state_dict(), adam, self.generator.get_state())
-        self.run.save_resume_state(self.step, tensors, resume_file.meta(self.wall_time))
+    @staticmethod
+    def _branch_parent(cfg: RunConfig) -> Run:
+        """The run a branch starts from, checked before anything is written: it exists, keeps a
+        training state at `train.branch_step`, and has the branch's data and model config."""
+        tc = cfg.train
+        parent = Run(tc.branch_from)
+        if tc.branch_step not in parent.kept_states:
+            parent.load_state(tc.branch_step)  # the one-line error naming the kept steps
+        diff = {k: v for k, v in parent.config.differences(cfg).items() if not k.startswith("train.")}
+        if diff:
+            raise ConfigError(f"train.branch_from={tc.branch_from!r}: the branch's data or model config differs "
+                              f"from its parent's (parent, branch): {diff}; allowed: the parent's own")
+        return parent
+
+    def _start_branch(self) -> None:
+        """A branch's start: its parent's weights and Adam state at `train.branch_step`, the parent's
+        metrics up to that step, and a checkpoint there (`mechlrmc train --from RUN --from-step S`)."""
+        tc = self.cfg.train
+        parent = self._branch_parent(self.cfg)
+        tensors, meta = parent.load_state(tc.branch_step)
+        same_stream = parent.config.train.data_stream_seed == tc.data_stream_seed
+        self.step = self._load_state(tensors, meta, generator=same_stream)
+        rows = parent.metrics
+        self.run.append_metrics(rows[rows.step <= self.step].to_dict("records"))
+        self.below = self._evaluations_below()
+        self._checkpoint()
 
     # ----- the loop -----
     def _autocast(self):
@@ -227,6 +271,16 @@ class Trainer:
             ev = self.task.evaluate(self.model, self.eval_data)
         self.model.train()
         return {f"eval_{k}": v for k, v in ev.items()}
+
+    def _should_stop(self, row: dict[str, float]) -> bool:
+        """Whether the run has stayed at or below `train.stop_below` on its phase metric for
+        `train.stop_patience` evaluations (never where `stop_below` is 0)."""
+        tc = self.cfg.train
+        value = row.get(f"eval_{self.task.phase_metric}")
+        if not tc.stop_below or value is None:
+            return False
+        self.below = self.below + 1 if value <= tc.stop_below else 0
+        return self.below >= tc.stop_patience
 
     def train_step(self, batch) -> dict[str, float]:
         hooks = []
@@ -250,7 +304,11 @@ class Trainer:
 
     def _train(self) -> Run:
         tc = self.cfg.train
-        if self.step == 0 and not self.resumed:
+        if self.run.stopped is not None:  # stopped at its drop: finished
+            return self.run
+        if self.step == 0 and not self.resumed and tc.branch_from:
+            self._start_branch()
+        elif self.step == 0 and not self.resumed:
             self.last_metrics = {"step": 0, **self._eval_row()}
             self._fire("on_eval")
             self.run.append_metrics([{**self.last_metrics, "wall_time": 0.0}])
@@ -275,10 +333,15 @@ class Trainer:
                 row["wall_time"] = self.wall_time
                 self.run.append_metrics([row])
                 bar.set_postfix({k: f"{losses[m]:.4f}" for k, m in self.task.progress.items()}, refresh=False)
-            if tc.is_checkpoint_step(self.step):
+            stop = row is not None and self._should_stop(row)
+            if tc.is_checkpoint_step(self.step) or stop:
                 self._checkpoint()
             self._fire("on_step_end")
             bar.update(1)
+            if stop:
+                self.run.save_stopped(self.step, f"eval_{self.task.phase_metric} <= train.stop_below="
+                                                 f"{tc.stop_below} at {tc.stop_patience} evaluations in a row")
+                break
         bar.close()
         self._fire("on_train_end")
         return self.run

@@ -163,7 +163,7 @@ def trial_name(varied: dict[str, Any]) -> str:
 # ----- the state of a trial on disk ------------------------------------------------------------
 
 def trial_status(path: Path, config: RunConfig) -> str:
-    """`new` (no run yet), `finished` (checkpoint at the last step) or `unfinished`.
+    """`new` (no run yet), `finished` (checkpoint at the last step, or stopped at its drop) or `unfinished`.
 
     Raises SweepError when the directory holds a run of another configuration (steps aside: a
     longer `steps` continues a finished run)."""
@@ -173,8 +173,7 @@ def trial_status(path: Path, config: RunConfig) -> str:
     if run.config.differences(config, ignore=MAY_CHANGE):
         raise SweepError(f"trial {path.name!r}: {path} holds a run with another config; "
                          "use another --out or remove it")
-    steps = run.steps
-    return "finished" if steps and steps[-1] >= config.train.steps else "unfinished"
+    return "finished" if run.finished else "unfinished"
 
 
 def summarize(out: Path, trials: list[Trial], errors: dict[str, str] | None = None) -> pd.DataFrame:

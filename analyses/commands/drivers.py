@@ -4,6 +4,10 @@
         the component-wise training sweep (finding 10): OUT/freeze/<set>/ runs, freeze.csv, freeze.html
     mechlrmc analyze intervention --scales 0.5 1 2 4 [--preset cpu] [--train-steps N] [-o OUT]
         one run per attention scale c (P5): intervention.csv/.html (plateau length against c)
+    mechlrmc analyze commitment RUN [RUN ...] --at 50 100 150 [--branches 6] [--limit N] [--tol T] [-o OUT]
+        branches of each run from its kept states (`analyses.family.commitment`), trained as a sweep
+        in OUT/<run name>/; OUT/commitment.csv (per run and branching step), commitment_branches.csv,
+        commitment.html
     mechlrmc freeze-train RUN --components attn --out DIR [--init init|S] [--reference S]
 OUT defaults to out/<run name> (out/intervention for the intervention driver).
 """
@@ -74,6 +78,42 @@ def _intervention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _commitment(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analyses.family import commitment as cm
+    from analyses.family.figures import plot_commitment
+    from analyses.plateau.phases import detect_phases
+    from mechlrmc.runs import Run
+    from mechlrmc.sweep import sweep
+    from mechlrmc.trials import SweepSpec
+
+    runs = [Run(r) for r in args.runs]
+    specs = [SweepSpec.from_dict(cm.branch_spec(r, args.at, args.branches, args.limit, args.stop_below))
+             for r in runs]  # every bad option before anything trains
+    out = Path(args.out or "out/commitment")
+    tables, branches = [], []
+    for run, spec in zip(runs, specs):
+        folder = out / run.path.name
+        sweep(spec, folder, progress=not args.quiet)
+        summary = cm.branch_summary(folder)
+        phases = detect_phases(run).iloc[0]
+        tol = args.tol or cm.default_tolerance(run)
+        table = cm.commitment_table(summary, phases.drop_step if phases.dropped else float("nan"), tol)
+        ident = {"run": run.path.name, "seed": run.config.train.seed}
+        tables.append(table.assign(**ident)[[*ident, *table.columns]])
+        branches.append(summary.assign(parent=run.path.name))
+    table, branch_rows = pd.concat(tables, ignore_index=True), pd.concat(branches, ignore_index=True)
+    table.to_csv(out / "commitment.csv", index=False)
+    branch_rows.to_csv(out / "commitment_branches.csv", index=False)
+    _save(plot_commitment(branch_rows, table), out / "commitment.html")
+    print(table.drop(columns=["tolerance"]).to_string(index=False))
+    for name, part in table.groupby("run", sort=False):
+        point = cm.commitment_point(part)
+        print(f"{name}: fate sealed from step {point:g}" if point == point else f"{name}: never sealed")
+    return 0
+
+
 def _freeze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="init", help="start the trained components from 'init' (step 0) or a step")
     p.add_argument("--reference", type=int, help="checkpoint the frozen components come from (default: last)")
@@ -100,6 +140,18 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_intervention)
+
+    p = analyze.add_parser("commitment", help="when is a run's drop step sealed? branches that differ only in data")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="runs trained with train.keep_states")
+    p.add_argument("--at", nargs="+", type=int, required=True, help="branching steps (kept states of each run)")
+    p.add_argument("--branches", type=int, default=6, help="branches per step (data seeds 1..K; default 6)")
+    p.add_argument("--limit", type=int, help="last step of a branch that has not dropped (default: the run's steps)")
+    p.add_argument("--stop-below", type=float, help="phase metric at which a branch has dropped and stops "
+                                                    "(default: half-way between plateau and end, log scale)")
+    p.add_argument("--tol", type=float, help="spread (sd of drop steps) of a sealed fate (default: 2 eval intervals)")
+    p.add_argument("-o", "--out", help="output folder (default out/commitment)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.set_defaults(func=_commitment)
 
     p = top.add_parser("freeze-train", help="train only some components, the rest fixed at a checkpoint")
     p.add_argument("run")

@@ -158,6 +158,49 @@ def plot_scaling(summary: pd.DataFrame, variable: str, fit: pd.DataFrame | pd.Se
     return fig
 
 
+def plot_commitment(branches: pd.DataFrame, table: pd.DataFrame) -> go.Figure:
+    """The commitment point (`analyses.family.commitment`): every branch's drop step against the step
+    it branched from (filled: dropped; open: censored at its last step), the median per branching
+    step, the parent run's own drop (dotted) and where the branches start (the diagonal); one
+    colour per parent run, the first sealed branching step marked."""
+    fig = go.Figure()
+    parents = table.run.unique() if "run" in table else [None]
+    for i, parent in enumerate(parents):
+        color = qualitative.D3[i % len(qualitative.D3)]
+        rows = branches if parent is None else branches[branches.parent == parent]
+        steps = table if parent is None else table[table.run == parent]
+        name = parent or "branches"
+        dropped = rows.drop_step.notna()
+        jitter = (rows["train.data_seed"] - rows["train.data_seed"].mean()) * 0.6
+        for ok, symbol, label in ((True, "circle", "dropped"), (False, "circle-open", "censored")):
+            part = rows[dropped == ok]
+            if len(part):
+                y = part.drop_step if ok else part.final_step
+                fig.add_scatter(x=part["train.branch_step"] + jitter[dropped == ok], y=y, mode="markers",
+                                name=f"{name}: branches {label}", legendgroup=name,
+                                marker=dict(symbol=symbol, size=8, color=color, line=dict(width=1.5, color=color)),
+                                customdata=part[["train.data_seed"]],
+                                hovertemplate="from step %{x:.0f}, data seed %{customdata[0]}: %{y}<extra></extra>")
+        fig.add_scatter(x=steps.branch_step, y=steps.median_drop, mode="lines", legendgroup=name,
+                        name=f"{name}: median (spread = sd)", line=dict(color=color, width=2),
+                        error_y=dict(type="data", array=steps.spread, visible=True, color=rgba(color, 0.6)))
+        drop = steps.run_drop_step.iloc[0]
+        if np.isfinite(drop):
+            fig.add_hline(y=drop, line=dict(color=color, dash="dot", width=1.5),
+                          annotation_text=f"{name}'s own drop", annotation_position="top left")
+        sealed = steps[steps.sealed]
+        if len(sealed):
+            fig.add_vline(x=sealed.branch_step.iloc[0], line=dict(color=color, dash="dash", width=1),
+                          annotation_text=f"sealed (sd <= {steps.tolerance.iloc[0]:g})", annotation_position="bottom right")
+    low, high = branches["train.branch_step"].min(), branches["train.branch_step"].max()
+    fig.add_scatter(x=[low, high], y=[low, high], mode="lines", name="branch start (y = x)",
+                    line=dict(color="#999", dash="dash", width=1))
+    fig.update_layout(title="The commitment point: drop steps of branches that differ only in their data",
+                      xaxis_title="branching step (same weights and Adam state)", yaxis_title="drop step",
+                      template="plotly_white", legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"))
+    return fig
+
+
 def rgba(color: str, alpha: float) -> str:
     r, g, b = hex_to_rgb(color)
     return f"rgba({r},{g},{b},{alpha})"

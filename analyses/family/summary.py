@@ -69,8 +69,7 @@ def run_identity(run: Run, keys: list[str]) -> dict:
 
 
 def _status(run: Run) -> str:
-    steps = run.steps
-    if steps and steps[-1] >= run.config.train.steps:
+    if run.finished:
         return "finished"
     summary = run.path.parent / "summary.csv"
     if summary.is_file():
