@@ -110,12 +110,15 @@ def model_component_params(model, spec: str | Iterable[str]) -> list[str]:
 
 def component_of(param: str) -> str:
     """The component a parameter belongs to, for per-component sums (norms): `blocks.0.attn.W_Q` ->
-    `attn.0`, `blocks.1.ln2.w` -> `ln.1`, `W_pos` -> `pos_embed`, `ln_final.b` -> `ln_final`."""
+    `attn.0`, `blocks.1.ln2.w` -> `ln.1`, `W_pos` -> `pos_embed`, `ln_final.b` -> `ln_final`; in
+    another model's naming, the module that owns it (`transformer.h.0.attn.c_attn.weight` ->
+    `transformer.h.0.attn.c_attn`)."""
     parts = param.split(".")
     if parts[0] == "blocks" and len(parts) >= 3:
         kind = "ln" if parts[2].startswith("ln") else parts[2]
         return f"{kind}.{parts[1]}"
-    return {"W_E": "embed", "W_pos": "pos_embed", "W_U": "unembed", "b_U": "unembed"}.get(param, parts[0])
+    fallback = parts[0] if len(parts) <= 2 else ".".join(parts[:-1])
+    return {"W_E": "embed", "W_pos": "pos_embed", "W_U": "unembed", "b_U": "unembed"}.get(param, fallback)
 
 
 def head_masks(model, name: str) -> dict | None:

@@ -217,20 +217,83 @@ class TrainConfig:
 
 
 @dataclass
+class RecordConfig:
+    """A run recorded from a user's own loop and model (`mechlrmc.record.Recorder`): how to rebuild
+    the model (`model_factory`, an importable "module:callable" or "path/to/file.py:callable",
+    called with `factory_kwargs`; empty: notebooks pass the model class to `Run.load_model`),
+    where its internals are read (`sites`, `mechlrmc.sites.Sites.to_dict`), the checkpoint
+    schedule (`checkpoints`: "log", an interval, or a list of steps; `dense`: a [first, last]
+    window checkpointed every `dense_every` steps) and what drove the recorder (`source`)."""
+
+    model_factory: str = ""
+    factory_kwargs: dict = field(default_factory=dict)
+    sites: dict = field(default_factory=dict)
+    checkpoints: Any = "log"
+    dense: tuple[int, ...] = ()
+    dense_every: int = 1
+    source: str = "loop"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.factory_kwargs, dict), "record.factory_kwargs", self.factory_kwargs,
+                 "a mapping of JSON values")
+        _require(self.model_factory == "" or ":" in self.model_factory, "record.model_factory", self.model_factory,
+                 "'module:callable' or 'path/to/file.py:callable'")
+        checkpoints = self.checkpoints
+        _require(checkpoints == "log" or (isinstance(checkpoints, int) and not isinstance(checkpoints, bool)
+                                          and checkpoints >= 1)
+                 or (isinstance(checkpoints, (list, tuple)) and all(isinstance(c, int) and c >= 0 for c in checkpoints)),
+                 "record.checkpoints", checkpoints, "'log', an interval >= 1, or a list of steps >= 0")
+        _require(len(self.dense) in (0, 2) and (not self.dense or 0 <= self.dense[0] <= self.dense[1]),
+                 "record.dense", list(self.dense), "[] or [first, last] with 0 <= first <= last")
+        _require(self.dense_every >= 1, "record.dense_every", self.dense_every, "an integer >= 1")
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        """Whether the schedule checkpoints `step` (step 0 always)."""
+        if step == 0 or (self.dense and self.dense[0] <= step <= self.dense[1]
+                         and (step - self.dense[0]) % self.dense_every == 0):
+            return True
+        if self.checkpoints == "log":
+            return step in log_steps(step)
+        if isinstance(self.checkpoints, int):
+            return step % self.checkpoints == 0
+        return step in self.checkpoints
+
+
+def log_steps(until: int, per_decade: int = 10) -> set[int]:
+    """Log-spaced steps up to `until`: 1, 2, 3, ..., about `per_decade` per factor of ten (rounded,
+    distinct), the schedule `record.checkpoints="log"` keeps."""
+    steps, k = set(), 0
+    while True:
+        step = round(10 ** (k / per_decade))
+        if step > until:
+            return steps
+        steps.add(step)
+        k += 1
+
+
+@dataclass
 class RunConfig:
-    """Everything that defines a training run."""
+    """Everything that defines a training run. A recorded run (`record` set) has no `model`
+    section: its model is the user's, rebuilt by `record.model_factory`."""
 
     data: Any = field(default_factory=lambda: get_task(DEFAULT_TASK).config())  # the task's data config
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | None = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    record: RecordConfig | None = None
 
     def __post_init__(self) -> None:
         task = get_task(getattr(self.data, "task", None)) if isinstance(getattr(self.data, "task", None), str) else None
         if task is None or not isinstance(self.data, task.config):
             raise ConfigError(f"data must be the data config of a task in {tasks.task_names()}, got {self.data!r}")
-        for name, kind in (("model", ModelConfig), ("train", TrainConfig)):
-            if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {self.train!r}")
+        if self.record is not None:
+            if not isinstance(self.record, RecordConfig):
+                raise ConfigError(f"record must be a RecordConfig, got {self.record!r}")
+            if self.model is None:
+                return
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model must be a ModelConfig, got {self.model!r}")
         _require(
             self.model.n_ctx == 0 or self.model.n_ctx >= self.data.seq_len,
             "model.n_ctx", self.model.n_ctx,
@@ -245,35 +308,52 @@ class RunConfig:
 
     @property
     def n_ctx(self) -> int:
-        return self.model.n_ctx or self.data.seq_len
+        return (self.model.n_ctx if self.model else 0) or self.data.seq_len
+
+    @property
+    def recorded(self) -> bool:
+        """A run recorded from a user's loop and model (`mechlrmc.record`), not trained by mechlrmc."""
+        return self.record is not None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = dataclasses.asdict(self)
         out["data"] = {"task": self.data.task, **out["data"]}
-        out["train"]["checkpoint_steps"] = list(self.train.checkpoint_steps)
+        for key in ("checkpoint_steps", "keep_states"):
+            out["train"][key] = list(getattr(self.train, key))
+        if self.record is None:
+            del out["record"]
+        else:
+            out["record"]["dense"] = list(self.record.dense)
+            if isinstance(self.record.checkpoints, tuple):
+                out["record"]["checkpoints"] = list(self.record.checkpoints)
+        if self.model is None:
+            del out["model"]
         return out
 
     def differences(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """`{"section.key": (self's value, other's value)}` for every key that differs, but those in
         `ignore` (a run resumes under a config whose only differences are in `("train.steps",)`)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        keys = [(s, k) for s in mine for k in {**mine[s], **theirs[s]}]
-        return {f"{s}.{k}": (mine[s].get(k), theirs[s].get(k)) for s, k in keys
-                if mine[s].get(k) != theirs[s].get(k) and f"{s}.{k}" not in ignore}
+        keys = [(s, k) for s in {**mine, **theirs} for k in {**mine.get(s, {}), **theirs.get(s, {})}]
+        return {f"{s}.{k}": (mine.get(s, {}).get(k), theirs.get(s, {}).get(k)) for s, k in keys
+                if mine.get(s, {}).get(k) != theirs.get(s, {}).get(k) and f"{s}.{k}" not in ignore}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"a run config of type {type(raw).__name__} is invalid: allowed a mapping with sections data, model, train")
-        unknown = set(raw) - {"data", "model", "train"}
+        unknown = set(raw) - {"data", "model", "train", "record"}
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}: allowed data, model, train")
-        sections = {}
-        for name in ("data", "model", "train"):
+            raise ConfigError(f"unknown config section(s) {sorted(unknown, key=str)}: allowed data, model, train, record")
+        sections: dict[str, Any] = {}
+        for name in ("data", "model", "train", "record"):
+            if name in ("model", "record") and name not in raw and ("record" in raw) == (name == "model"):
+                sections[name] = None  # a recorded run has no model section; a trained one no record
+                continue
             values = raw.get(name) or {}
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {name}={values!r} is invalid: allowed a mapping of keys to values")
-            kind, of_task = {"model": ModelConfig, "train": TrainConfig}.get(name), ""
+            kind, of_task = {"model": ModelConfig, "train": TrainConfig, "record": RecordConfig}.get(name), ""
             if name == "data":  # a config without `task` (the shipped runs') is LRMC
                 values = dict(values)
                 task = get_task(values.pop("task", DEFAULT_TASK))
@@ -282,6 +362,8 @@ class RunConfig:
             bad = sorted(set(values) - allowed, key=str)
             if bad:
                 raise ConfigError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}{of_task}: allowed {sorted(allowed)}")
+            if name == "record" and isinstance(values.get("dense"), list):
+                values = {**values, "dense": tuple(values["dense"])}
             sections[name] = kind(**values)
         return cls(**sections)
 

@@ -9,7 +9,7 @@ the report all call these, so a measure means the same thing wherever it is logg
 - `attention_entropy` (`query_entropy` per query): per head, the mean entropy of each query's
   pattern divided by the log of the number of keys it sees (1 = uniform);
 - `mean_pairwise_cosine`: the collapse of hidden states across positions, over all, fixed or
-  per-example positions (P2); `collapse_per_layer` at every block's output and the final LayerNorm;
+  per-example positions (P2), at any site (`mechlrmc.sites`);
 - `consecutive_repetition`: the fraction of consecutive equal outputs (P1), of generated tokens
   or of the truth; `prediction_spread_ratio`: its analogue for a scalar read-out (LRMC);
 - `greedy_generate`: the outputs generated greedily after a prompt, for any model whose forward
@@ -93,16 +93,6 @@ def block_output_names(model: torch.nn.Module) -> list[str]:
     """Hook names of each block's output (after its LayerNorm in the post-LN model)."""
     last = "hook_normalized_resid_post" if model.cfg.norm == "post" else "hook_resid_post"
     return [f"blocks.{layer}.{last}" for layer in range(model.cfg.n_layers)]
-
-
-def collapse_per_layer(model: torch.nn.Module, cache, keep: torch.Tensor | None = None) -> dict[str, float]:
-    """{layer: mean pairwise cosine} of the block outputs in `cache` ("0", "1", ...) and, for a
-    model with a final LayerNorm, after it ("final"): the collapse at every site (P2)."""
-    names = block_output_names(model)
-    out = {str(layer): mean_pairwise_cosine(cache[name], keep) for layer, name in enumerate(names)}
-    if getattr(model, "ln_final", None) is not None:
-        out["final"] = mean_pairwise_cosine(model.ln_final(cache[names[-1]]), keep)
-    return out
 
 
 def consecutive_repetition(outputs: torch.Tensor | Sequence[int]) -> float:

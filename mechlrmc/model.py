@@ -28,6 +28,7 @@ from transformer_lens import ActivationCache, FactoredMatrix, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mechlrmc.config import ModelConfig, RunConfig
+from mechlrmc.sites import Sites
 
 
 @dataclass
@@ -207,6 +208,17 @@ class HookedEncoder(HookedRootModule):
         if seed is not None:
             self.init_weights(seed)
         self.setup()
+
+    def sites(self) -> Sites:
+        """Where the measures read this model (`mechlrmc.sites`): each block's output ("0", "1",
+        ...; after its LayerNorm in the post-LN model), the final LayerNorm ("final", pre-LN), and
+        every layer's attention pattern."""
+        cfg = self.cfg
+        last = "hook_normalized_resid_post" if cfg.norm == "post" else "hook_resid_post"
+        hidden = {str(layer): f"blocks.{layer}.{last}" for layer in range(cfg.n_layers)}
+        if self.ln_final is not None:
+            hidden["final"] = "ln_final"
+        return Sites(hidden=hidden, attention=tuple(f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)))
 
     def init_weights(self, seed: int) -> None:
         """The reference's initialisation. Inside BERT: N(0, init_range) weights, zero biases,

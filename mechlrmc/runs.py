@@ -27,6 +27,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -352,6 +353,28 @@ class Run:
             raise CheckpointError(f"{file} is missing: this run cannot be resumed")
         return _read_state(file)
 
+    def _load_recorded(self, step: int, device, dtype, model_class) -> torch.nn.Module:
+        from mechlrmc.factory import FactoryError, build_model, check_fits
+
+        record = self.config.record
+        factory = model_class or record.model_factory
+        if not factory:
+            raise FactoryError(f"{self.path} was recorded without a model_factory: pass the model class, "
+                               f"run.load_model(step, model_class=MyModel)")
+        model = build_model(factory, record.factory_kwargs)
+        state = self.state_dict(step)
+        check_fits(model, state, f"checkpoint {self.checkpoint_path(step)}")
+        model.load_state_dict(state)
+        return model.to(device=device, dtype=dtype).eval()
+
+    @property
+    def sites(self):
+        """Where the measures read this run's model (`mechlrmc.sites.Sites`): the recorded sites, or
+        None for a run of mechlrmc's own model (its model declares them)."""
+        from mechlrmc.sites import Sites
+
+        return Sites.from_dict(self.config.record.sites) if self.config.recorded else None
+
     # ----- reading (used by analyses) -----
     @property
     def steps(self) -> list[int]:
@@ -423,9 +446,15 @@ class Run:
 
         return load(self.verify(step))
 
-    def load_model(self, step: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """The model at `step`, in eval mode, on `device`."""
+    def load_model(self, step: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   model_class: Any = None):
+        """The model at `step`, in eval mode, on `device`. A recorded run's model is rebuilt by its
+        `record.model_factory` with its `factory_kwargs` (or by `model_class(**factory_kwargs)`,
+        for a run recorded without a factory)."""
         from mechlrmc.model import model_from_state
+
+        if self.config.recorded:
+            return self._load_recorded(step, device, dtype, model_class)
 
         try:
             return model_from_state(self.config, self.state_dict(step), device, dtype)

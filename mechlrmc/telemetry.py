@@ -40,6 +40,7 @@ import mechlrmc
 from mechlrmc import measures
 from mechlrmc.errors import UsageError
 from mechlrmc.runs import atomic_write
+from mechlrmc.sites import Sites
 
 SINKS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "both": ("tensorboard", "wandb"), "none": ()}
 MEASURE_EXAMPLES = 256  # examples of the evaluation batch the measures are taken on
@@ -80,7 +81,9 @@ class Telemetry:
     def __init__(self, trainer: mechlrmc.train.Trainer):
         cfg = trainer.cfg
         self.cfg = cfg
-        self.batch = trainer.eval_data[:MEASURE_EXAMPLES].to(trainer.device)
+        data = trainer.eval_data
+        self.batch = None if data is None else data[:MEASURE_EXAMPLES].to(trainer.device)  # None: a loop's own data
+        self.sites = getattr(trainer, "sites", None) or Sites.of(trainer.model)
         self.image_every = image_every(cfg)
         self.sinks: list[TensorBoardSink | WandbSink] = []
         trainer.add_callback("on_eval", self.on_eval)
@@ -99,20 +102,34 @@ class Telemetry:
         for key, value in trainer.last_metrics.items():
             if key != "step":
                 out[key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"] = float(value)
-        patterns, hidden = measures.attention_and_hidden(trainer.model, self.batch.tokens)
-        on_map = trainer.task.optimal_attention_map(self.batch)
-        scored = getattr(self.batch, "scored", None)
-        scored = torch.ones(hidden[0].shape[1], dtype=torch.bool) if scored is None else scored
-        causal = self.cfg.model.causal
-        for layer, (pattern, h) in enumerate(zip(patterns, hidden)):
-            heads = {"attention_progress": measures.attention_share(pattern, on_map),
-                     "attention_entropy": measures.attention_entropy(pattern, causal)}
-            if "matrix" in trainer.task.supports:
-                scores = measures.matrix_head_scores(pattern, self.batch.observed, self.batch.m, self.batch.n)
-                heads.update({f"heads/{name}": value for name, value in scores.items()})
-            for group, values in heads.items():
-                out.update({f"{group}/L{layer}H{head}": float(v) for head, v in enumerate(values.tolist())})
-            out[f"collapse/L{layer}"] = measures.mean_pairwise_cosine(h, scored)
+        patterns = []
+        if self.batch is not None and self.sites.names:
+            model, was_training = trainer.model, trainer.model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    _, acts = self.sites.capture(model, self.batch.tokens)
+            finally:
+                model.train(was_training)
+            patterns = self.sites.patterns(acts)
+            on_map = trainer.task.optimal_attention_map(self.batch)
+            scored = self.batch.scored
+            causal = self.cfg.model.causal if self.cfg.model is not None else True in trainer.task.causal
+            for layer, pattern in enumerate(patterns):
+                heads = {"attention_progress": measures.attention_share(pattern, on_map),
+                         "attention_entropy": measures.attention_entropy(pattern, causal)}
+                if "matrix" in trainer.task.supports:
+                    scores = measures.matrix_head_scores(pattern, self.batch.observed, self.batch.m, self.batch.n)
+                    heads.update({f"heads/{name}": value for name, value in scores.items()})
+                for group, values in heads.items():
+                    out.update({f"{group}/L{layer}H{head}": float(v) for head, v in enumerate(values.tolist())})
+            for label, name in self.sites.hidden.items():
+                if label != "final":
+                    out[f"collapse/L{label}"] = measures.mean_pairwise_cosine(acts[name], scored)
+            if "final" in self.sites.hidden or not any(k.startswith("collapse/") for k in out):
+                final = self.sites.final
+                if final is not None:
+                    out["collapse/final"] = measures.mean_pairwise_cosine(acts[final], scored)
         out.update({f"weight_norm/{k}": v for k, v in measures.component_norms(trainer.model).items()})
         out.update({f"grad_norm/{k}": v for k, v in measures.component_norms(trainer.model, grads=True).items()})
         step = trainer.step

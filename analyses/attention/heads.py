@@ -202,14 +202,18 @@ def head_onsets(
     return out.reset_index(drop=True)
 
 
-def map_shares(cache, batch, n_layers: int) -> pd.DataFrame:
-    """Per (layer, head): the share of |attention| on the task's optimal map (P3), from cached patterns."""
+def map_shares(patterns, batch, n_layers: int | None = None) -> pd.DataFrame:
+    """Per (layer, head): the share of |attention| on the task's optimal map (P3), from the patterns
+    of every layer (a list of [batch, head, query, key], or a cache with `blocks.l.attn.hook_pattern`
+    for `n_layers` layers)."""
+    if n_layers is not None:
+        patterns = [patterns[f"blocks.{layer}.attn.hook_pattern"] for layer in range(n_layers)]
     on_map = get_task(batch.task).optimal_attention_map(batch).to(batch.tokens.device)
     rows = []
-    for layer in range(n_layers):
-        share = measures.attention_share(cache[f"blocks.{layer}.attn.hook_pattern"], on_map)
+    for layer, pattern in enumerate(patterns):
+        share = measures.attention_share(pattern, on_map)
         rows += [{"layer": layer, "head": h, "share_on_map": float(v)} for h, v in enumerate(share.tolist())]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["layer", "head", "share_on_map"])
 
 
 @torch.no_grad()

@@ -73,6 +73,12 @@ class Context:
         """The run's task (`mechlrmc.tasks`): what an analysis asks instead of sniffing."""
         return self.run.config.task
 
+    @property
+    def sites(self):
+        """Where the run's model is read (`mechlrmc.sites.Sites`): a recorded run's sites, else None
+        (mechlrmc's own model declares its own)."""
+        return self.run.sites
+
     @cached_property
     def phases(self) -> pd.Series:
         from analyses.plateau.phases import detect_phases

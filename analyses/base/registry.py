@@ -57,6 +57,8 @@ class Analysis:
     needs: str | None = None  # a Context field that must be set ("family", "interventions")
     options: tuple[Option, ...] = ()
     steps: str = "around_drop"  # default step selection of `mechlrmc analyze NAME`
+    any_model: bool = False  # True: reads the model only through its output and its sites (`mechlrmc.sites`),
+    # so it applies to a recorded run of a user's own model too (`mechlrmc.record`)
 
     @staticmethod
     def _resolve(target):
@@ -76,6 +78,8 @@ class Analysis:
         requires, and the context has what it needs."""
         if not set(self.requires) <= ctx.run.config.task.supports:
             return False
+        if ctx.run.config.recorded and not self.any_model:
+            return False
         return self.needs is None or getattr(ctx, self.needs) is not None
 
 
@@ -85,14 +89,14 @@ def _entry(name, title, finding, caption, module, **kw) -> Analysis:
 
 ANALYSES: list[Analysis] = [
     _entry("overview", "Run", "findings 1-11", "The task, model and training recipe, and the detected phases.",
-           "report.adapters"),
+           "report.adapters", any_model=True),
     _entry("family", "In its family", "run families",
            "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family "
            "summary), and how close its machine type is to the family's.", "report.adapters", requires=("matrix",), needs="family"),
     _entry("phases", "Loss curves and phases", "finding 1",
            "The losses with the detected plateau and drop (LRMC: L, L_obs and L_mask against the copy-and-zero "
            "level E[X^2]; a sequence task: the outputs' cross-entropy, greedy accuracy and repetition).", "plateau.adapters",
-           steps="all"),
+           steps="all", any_model=True),
     _entry("llc", "Local learning coefficient", "finding 1",
            "The calibrated LLC (SGLD estimate of the effective dimension, halved; settings chosen once per run and "
            "checked: checkpoints whose diagnostics fail are hollow) at the plateau, drop and end checkpoints under the "
@@ -162,12 +166,12 @@ ANALYSES: list[Analysis] = [
     _entry("plateau_dynamics", "Plateau dynamics in the plateau paper's definitions", "P1-P4",
            "Repetition of the greedy outputs against the truth's, collapse of the hidden states at every layer, "
            "each head's attention on the task's optimal map, and the accuracy of every output position, at "
-           "every checkpoint.", "plateau.adapters", requires=("generation",), steps="all"),
+           "every checkpoint.", "plateau.adapters", requires=("generation",), steps="all", any_model=True),
     _entry("learning_times", "Learning times of the outputs", "P4",
            "Each output position's score (a token task: greedy accuracy; LRMC: 1 - masked MSE / copy-and-zero) "
            "across the checkpoints, fitted with a logistic curve: its onset and width, positions that do not fit "
            "named as such. Does the model learn all outputs at once, or in order?", "plateau.adapters",
-           requires=("position_scores",), steps="all"),
+           requires=("position_scores",), steps="all", any_model=True),
     _entry("early_warning", "Early warnings of the drop", "P3",
            "Every trajectory measure (attention progress per head, collapse, repetition, weight and gradient norms "
            "per component, the top Hessian eigenvalue, the essential dynamics) against the drop: the step at which "

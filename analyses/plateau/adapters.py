@@ -32,7 +32,7 @@ def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
 
     batch, parts = ctx.batch[:SEQUENCE_BATCH], {}
     for step in tqdm(ctx.every_step, desc="plateau dynamics", unit="ckpt", disable=not ctx.progress):
-        for name, frame in native_measures(ctx.model(step), batch).items():
+        for name, frame in native_measures(ctx.model(step), batch, ctx.sites).items():
             parts.setdefault(name, []).append(frame.assign(step=step))
     tables = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
     return {name: t[["step", *[c for c in t if c != "step"]]] for name, t in tables.items()}

@@ -25,6 +25,7 @@ import torch
 
 from analyses.attention.heads import map_shares
 from mechlrmc import measures
+from mechlrmc.sites import Sites
 
 
 def repetition_native(model, batch) -> pd.DataFrame:
@@ -50,26 +51,28 @@ def partial_solution(model, batch) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def native_measures(model, batch) -> dict[str, pd.DataFrame]:
-    """The four measures above at one checkpoint from ONE greedy generation and ONE cached forward
-    (every measure from `mechlrmc.measures`)."""
+def native_measures(model, batch, sites: Sites | None = None) -> dict[str, pd.DataFrame]:
+    """The four measures above at one checkpoint from ONE greedy generation and ONE forward
+    (every measure from `mechlrmc.measures`), reading the model's internals at its `sites`
+    (`mechlrmc.sites`; default: those the model declares). Collapse is measured at every hidden
+    site (`layer` is the site's label), attention on the map at every attention site; a model
+    without them has empty tables there."""
+    sites = Sites.of(model) if sites is None else sites
     generated = measures.greedy_generate(model, batch.prompt, batch.length)
     truth = batch.outputs
-    patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    names = set(patterns) | set(measures.block_output_names(model))
-    logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
+    logits, acts = sites.capture(model, batch.tokens)
     scored = batch.scored
     repetition = pd.DataFrame([{"rep": measures.consecutive_repetition(generated),
                                 "rep_true": measures.consecutive_repetition(truth),
                                 "greedy_acc": float((generated == truth).float().mean())}])
-    collapse = [{"layer": layer, "cos_scored": value}
-                for layer, value in measures.collapse_per_layer(model, cache, scored).items()]
-    progress = map_shares(cache, batch, model.cfg.n_layers)
+    collapse = [{"layer": label, "cos_scored": measures.mean_pairwise_cosine(acts[name], scored)}
+                for label, name in sites.hidden.items()]
+    progress = map_shares(sites.patterns(acts), batch)
     forced = (logits[:, scored].argmax(-1) == batch.targets[:, scored]).float().mean(0)
     partial = pd.DataFrame({"position": np.arange(1, batch.length + 1),
                             "greedy_acc": (generated == truth).float().mean(0).cpu().numpy(),
                             "forced_acc": forced.cpu().numpy()})
-    return {"repetition": repetition, "collapse": pd.DataFrame(collapse),
+    return {"repetition": repetition, "collapse": pd.DataFrame(collapse, columns=["layer", "cos_scored"]),
             "attention_progress": progress, "partial_solution": partial}
 
 

@@ -11,16 +11,10 @@ def run_facts(run: Run, phases: pd.Series, walked: list[int] | None = None) -> p
     """Two columns ("", value): task, model, training, checkpoints, plateau and drop of `run`
     (`phases`: a row of `detect_phases`; `walked`: the checkpoints an analysis walks)."""
     cfg, p = run.config, phases
-    m = cfg.model
-    model = (f"{'post-LN' if m.norm == 'post' else 'pre-LN'} {'causal' if m.causal else 'bidirectional'} "
-             f"transformer, {m.attention} attention, {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, "
-             f"d_mlp {m.d_mlp}")
     task = cfg.data.describe()
     rows = [
         ("task", task),
-        ("model", model),
-        ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr:g}, seed "
-                     f"{cfg.train.seed}"),
+        *_model_rows(cfg),
         ("checkpoints", f"{len(run.steps)}: {run.steps}"),
         *([("walked by the analyses", f"{walked}")] if walked is not None else []),
         _plateau(p),
@@ -38,3 +32,28 @@ def _plateau(p: pd.Series) -> tuple[str, str]:
     return ("plateau", f"output cross-entropy {p.plateau_loss_out:.4g} from step {p.plateau_start} to "
                        f"{p.plateau_end}: greedy accuracy {p.plateau_greedy_acc:.3f}, repetition up to "
                        f"{p.plateau_max_rep:.2f} (truth {p.rep_true:.2f})")
+
+
+def _model_rows(cfg) -> list[tuple[str, str]]:
+    """The model and training rows: mechlrmc's recipe, or what a recorded run knows of the user's."""
+    if cfg.recorded:
+        r = cfg.record
+        factory = f"{r.model_factory}(**{r.factory_kwargs})" if r.model_factory else "(recorded without a factory)"
+        sites = ", ".join([*(f"{k}: {v}" for k, v in r.sites.get("hidden", {}).items()),
+                           *(f"attention: {a}" for a in r.sites.get("attention", []))]) or "none"
+        missing = [text for kind, text in (
+            ("hidden", "collapse (no hidden-state site: Recorder(sites={'final': 'module.name'}))"),
+            ("attention", "attention on the optimal map (no attention site: Recorder(sites={'attention': "
+                          "['module.name']}))")) if not r.sites.get(kind)]
+        return [("model", f"the user's own, rebuilt by {factory}; sites read: {sites}"),
+                ("training", f"the user's own loop, recorded by the {r.source} recorder: {cfg.train.steps} steps, "
+                             f"evaluated every {cfg.train.eval_every}"),
+                ("not measured", "; ".join([*missing, "the lenses that read mechlrmc's own model's weights and hook "
+                                            "points (heads, patching, probes, LLC, early warnings)"]))]
+    m = cfg.model
+    model = (f"{'post-LN' if m.norm == 'post' else 'pre-LN'} {'causal' if m.causal else 'bidirectional'} "
+             f"transformer, {m.attention} attention, {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, "
+             f"d_mlp {m.d_mlp}")
+    return [("model", model),
+            ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr:g}, seed "
+                         f"{cfg.train.seed}")]

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TASK = "lrmc"
 # Built-in tasks and their presets, loaded on first use (tests/test_tasks.py checks this table).
-BUILTIN = {name: f"mechlrmc.tasks.{name}" for name in ("lrmc", "mws", "prefix_sum", "reverse")}
+BUILTIN = {name: f"mechlrmc.tasks.{name}" for name in ("lrmc", "mws", "prefix_sum", "reverse", "loop")}
 BUILTIN_PRESETS = {"paper": "lrmc", "cpu": "lrmc", "tiny": "lrmc", "mws": "mws", "mws_tiny": "mws",
                    "prefix_sum": "prefix_sum", "reverse": "reverse"}
 
@@ -50,9 +50,29 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"data.task={name!r} has the wrong type: expected one of {task_names()}")
     if name not in _registered and name in BUILTIN:
         importlib.import_module(BUILTIN[name])
+    if name not in _registered and ":" in name:  # a user's task, "module:object"
+        return register(_import_task(name))
     if name not in _registered:
         raise ConfigError(f"data.task={name!r} is unknown: allowed {task_names()}")
     return _registered[name]
+
+
+def _import_task(spec: str) -> Task:
+    """The task object `module:object` names (a `Task` instance), registered under that name."""
+    from mechlrmc.tasks.base import Task
+
+    module, _, attr = spec.partition(":")
+    try:
+        task = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"data.task={spec!r} does not import ({e}): allowed a registered task {task_names()} "
+                          f"or 'module:object' naming a Task") from None
+    if not isinstance(task, Task):
+        raise ConfigError(f"data.task={spec!r} is a {type(task).__name__}: allowed a Task instance "
+                          f"(mechlrmc.tasks.base.Task)")
+    if task.name != spec:
+        task.name = spec  # found again under the name a run's config records
+    return task
 
 
 def task_names() -> list[str]:

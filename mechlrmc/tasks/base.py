@@ -105,7 +105,9 @@ class Task:
     def loss(self, output: torch.Tensor, batch: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, batch: Any) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, batch: Any, sites: Any = None) -> dict[str, float]:
+        """Floats named by `eval_metrics`; `sites` (`mechlrmc.sites.Sites`) says where to read the
+        internals of a model that is not mechlrmc's own (default: its own sites)."""
         raise NotImplementedError
 
     def optimal_attention_map(self, batch: Any) -> torch.Tensor:

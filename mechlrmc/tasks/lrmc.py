@@ -372,7 +372,7 @@ class _LRMC(Task):
     def loss(self, output: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         return split_losses(output, batch.values, batch.observed)
 
-    def evaluate(self, model: torch.nn.Module, batch: Batch) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, batch: Batch, sites=None) -> dict[str, float]:
         return evaluate(model, batch)
 
     def optimal_attention_map(self, batch: Batch) -> torch.Tensor:

@@ -17,6 +17,7 @@ pairwise cosine of the final hidden states between output positions).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mechlrmc import measures
+from mechlrmc.sites import Sites
 from mechlrmc.tasks.base import Task, TaskConfig
 from mechlrmc.validation import check_types, require
 
@@ -176,25 +178,27 @@ class SequenceTask(Task):
         return {"loss": ce.mean(), "loss_out": ce[:, scored].mean(), "acc_out": correct[:, scored].mean()}
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch: SequenceBatch) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, batch: SequenceBatch, sites: Sites | None = None) -> dict[str, float]:
         """The losses, the greedy accuracy and repetition of the generated outputs (and of the
-        truth), the share of attention on the optimal map (all heads) and the collapse after the
-        final LayerNorm across the outputs: the plateau paper's measures (`mechlrmc.measures`)."""
+        truth), the share of attention on the optimal map (every attention site) and the collapse
+        at the final hidden site across the outputs: the plateau paper's measures
+        (`mechlrmc.measures`). `sites` (`mechlrmc.sites`; default: those of mechlrmc's own model)
+        says where a model's internals are read; a measure without its site is NaN."""
+        sites = Sites.of(model) if sites is None else sites
         device = next(model.parameters()).device
         batch = batch.to(device)
-        n_layers = model.cfg.n_layers
-        patterns = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
-        names = set(patterns) | set(measures.block_output_names(model))
-        logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
+        logits, acts = sites.capture(model, batch.tokens)
         out = {k: float(v) for k, v in self.loss(logits, batch).items()}
         generated = measures.greedy_generate(model, batch.prompt, batch.length)
         out["greedy_acc"] = float((generated == batch.outputs).float().mean())
         out["rep"] = measures.consecutive_repetition(generated)
         out["rep_true"] = measures.consecutive_repetition(batch.outputs)
         on_map = self.optimal_attention_map(batch)
-        out["attn_on_map"] = float(torch.stack([measures.attention_share(cache[name], on_map) for name in patterns]).mean())
-        collapse = measures.collapse_per_layer(model, cache, batch.scored)
-        out["collapse"] = collapse.get("final", collapse[str(n_layers - 1)])
+        patterns = sites.patterns(acts)
+        out["attn_on_map"] = (float(torch.stack([measures.attention_share(p, on_map) for p in patterns]).mean())
+                              if patterns else math.nan)
+        final = sites.final
+        out["collapse"] = measures.mean_pairwise_cosine(acts[final], batch.scored) if final else math.nan
         return out
 
     def plateau(self, cfg: SequenceConfig, n: int = 1 << 16) -> dict[str, float]:
