@@ -188,13 +188,19 @@ class Recorder:
 
     def _check_output(self) -> None:
         """The model's output on two evaluation examples has the shape the task reads."""
-        tokens = self.eval_data[:2].tokens.to(self.device)
-        with self._quiet():
-            from mechlrmc.measures import logits_of
+        from mechlrmc.measures import logits_of
 
-            out = logits_of(self.model)(tokens)
+        tokens = self.eval_data[:2].tokens.to(self.device)
         batch, pos = tokens.shape
         vocab = self.cfg.data.vocab_size
+        try:
+            with self._quiet():
+                out = logits_of(self.model)(tokens)
+        except (IndexError, RuntimeError, ValueError) as e:
+            raise RecordError(f"task={self.cfg.data.task!r} does not fit the model: on its tokens [{batch}, {pos}] "
+                              f"(ids 0..{vocab - 1}) the model fails ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); allowed a model that reads "
+                              f"{pos} positions of a vocabulary of {vocab}") from None
         if self.task.readout == "vocab":
             ok = out.dim() == 3 and tuple(out.shape[:2]) == (batch, pos) and out.shape[2] >= vocab
             want = f"logits [batch, {pos}, >= {vocab}]"

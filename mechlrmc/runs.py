@@ -166,6 +166,18 @@ def read_provenance(folder: str | Path) -> dict | None:
         raise CheckpointError(f"{file} is corrupt: {e}") from e
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each with its own memory (a model with tied weights, e.g. a Hugging Face LM's
+    embedding and head, holds one tensor under two names; safetensors stores each name apart)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen and tensor.numel() else tensor
+        seen.add(key)
+    return out
+
+
 def _read_state(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
@@ -261,7 +273,7 @@ class Run:
 
     def save_checkpoint(self, step: int, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Path:
         """Write the weights of `step` and register them in the manifest (both atomically)."""
-        tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()}
+        tensors = _unshared({k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()})
         data = save(tensors, metadata={"step": str(step), "format": str(FORMAT_VERSION)})
         rel = f"checkpoints/step_{step:06d}.safetensors"
         manifest = self._manifest()
@@ -303,7 +315,7 @@ class Run:
         atomic_write(self.path / "metrics.csv", ("\n".join([header, *keep]) + "\n").encode())
 
     def save_resume_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        data = save(_unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
                     metadata={"step": str(step), **meta})
         atomic_write(self.path / "resume.safetensors", data)
 

@@ -92,8 +92,8 @@ def mws_batch(generator: torch.Generator, batch: int, length: int, max_value: in
 
 
 def train(out: str | Path | None, steps: int = 400, seed: int = 0, length: int = 16, max_value: int = 16,
-          batch: int = 256, lr: float = 1e-4, eval_every: int = 5, record: bool = True) -> list[float]:
-    """The loop; with `record` (and `out`), recorded by mechlrmc. Returns the training losses."""
+          batch: int = 256, lr: float = 1e-4, eval_every: int = 5, record: bool = True) -> tuple[GPT, list[float]]:
+    """The loop; with `record` (and `out`), recorded by mechlrmc. Returns the model and its training losses."""
     torch.manual_seed(seed)
     kwargs = dict(length=length, max_value=max_value)
     model = build(**kwargs)
@@ -120,7 +120,7 @@ def train(out: str | Path | None, steps: int = 400, seed: int = 0, length: int =
             losses.append(loss.item())
             if rec is not None:
                 rec.step(step, loss=losses[-1])
-    return losses
+    return model, losses
 
 
 def _here() -> str:

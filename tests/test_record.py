@@ -1,0 +1,258 @@
+"""The Recorder on a loop and a model mechlrmc did not write (docs/examples/mingpt_mws.py), sites on
+any model, the framework callbacks, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mechlrmc import Recorder
+from mechlrmc.cli import main
+from mechlrmc.factory import FactoryError
+from mechlrmc.record import RecordError
+from mechlrmc.runs import Run, RunLockedError
+from mechlrmc.sites import SiteError, Sites
+from mechlrmc.tasks.mws import MWSConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "docs" / "examples" / "mingpt_mws.py"
+SMALL = dict(steps=12, length=6, max_value=6, batch=32, eval_every=5)
+SITES = {"final": "ln_f", "attention": ["blocks.0.attn.pattern"]}
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("mingpt_mws_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ex = _example()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> tuple[Run, torch.nn.Module, list[float]]:
+    out = tmp_path_factory.mktemp("record") / "mingpt"
+    model, losses = ex.train(out, **SMALL)
+    return Run(out), model, losses
+
+
+def test_the_recorder_leaves_the_loop_bit_for_bit(recorded):
+    run, model, losses = recorded
+    plain_model, plain_losses = ex.train(None, record=False, **SMALL)
+    assert losses == plain_losses  # every step's loss, exactly
+    for (name, a), (_, b) in zip(model.state_dict().items(), plain_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_recorded_run_is_a_run_directory_that_rebuilds_the_users_model(recorded):
+    run, model, losses = recorded
+    assert run.config.recorded and run.config.model is None
+    assert run.steps[0] == 0 and run.steps[-1] == 12 and 10 in run.steps  # step 0, log-spaced, the last
+    assert run.metrics.loss.iloc[1:].tolist() == losses
+    evals = run.evals
+    assert evals.step.tolist() == [0, 5, 10] and evals.eval_collapse.notna().all()
+    assert evals.eval_attn_on_map.between(0, 1).all()
+    rebuilt = run.load_model(12)
+    tokens = torch.randint(0, 8, (3, 12))
+    assert torch.equal(rebuilt(tokens), model.eval()(tokens))
+    assert run.sites == Sites(hidden={"final": "ln_f"}, attention=("blocks.0.attn.pattern",))
+    for step in run.steps:
+        run.verify(step)
+
+
+def test_report_and_info_read_a_recorded_run(recorded, tmp_path, capsys):
+    from analyses.base.context import Context
+    from analyses.base.registry import applicable
+
+    run = recorded[0]
+    assert main(["info", str(run.path)]) == 0
+    assert {a.name for a in applicable(Context(run))} == {"overview", "phases", "plateau_dynamics", "learning_times"}
+    assert main(["report", str(run.path), "-o", str(tmp_path / "r.html"), "--quick", "--workers", "1"]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "the user's own" in page and "ln_f" in page and "Plateau dynamics" in page
+
+
+def test_native_measures_read_collapse_at_the_named_site(recorded):
+    from analyses.plateau.sequences import native_measures
+
+    run, model, _ = recorded
+    batch = run.config.task.eval_batch(run.config, 64)
+    tables = native_measures(model.eval(), batch, run.sites)
+    hidden = model.ln_f(model.blocks[0](model.tok(batch.tokens) + model.pos[: batch.tokens.shape[1]]))
+    from mechlrmc.measures import mean_pairwise_cosine
+
+    assert tables["collapse"].set_index("layer").cos_scored["final"] == pytest.approx(
+        mean_pairwise_cosine(hidden.detach(), batch.scored), abs=1e-6)
+    assert len(tables["attention_progress"]) == 1  # one layer, one head
+
+
+def test_a_resumed_recording_continues_exactly(tmp_path):
+    def loop(out, steps, resume=False, fail_at=None):
+        torch.manual_seed(0)
+        model = ex.build(length=6, max_value=6, d_model=16)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        rec = Recorder(out, model, optimizer=opt, task=MWSConfig(length=6, max_value=6, modulus=7), sites=SITES,
+                       checkpoints=2, eval_every=4, resume=resume, factory_kwargs=dict(length=6, max_value=6, d_model=16),
+                       model_factory=f"{EXAMPLE}:build")
+        for step in range(rec.start_step + 1, steps + 1):
+            seq = torch.randint(1, 7, (16, 13))  # the loop's data from torch's global RNG
+            loss = torch.nn.functional.cross_entropy(model(seq[:, :-1]).transpose(1, 2), seq[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == fail_at:
+                rec.close(failed=True)
+                return None
+            rec.step(step, loss=loss.item())
+        rec.close()
+        return Run(out)
+
+    whole = loop(tmp_path / "whole", 8)
+    assert loop(tmp_path / "cut", 8, fail_at=5) is None
+    assert Run(tmp_path / "cut").steps[-1] == 4
+    resumed = loop(tmp_path / "cut", 8, resume=True)
+    pd.testing.assert_frame_equal(resumed.metrics.drop(columns="wall_time"), whole.metrics.drop(columns="wall_time"))
+
+
+def test_a_run_without_a_task_has_the_loops_losses_and_their_phases(tmp_path):
+    from analyses.base.context import Context
+    from analyses.base.registry import applicable
+
+    model = torch.nn.Linear(4, 1)
+    with Recorder(tmp_path / "loop", model, checkpoints=5, eval_every=1) as rec:
+        for step in range(1, 31):
+            loss = 2.0 if step < 15 else 0.1  # a plateau, then a drop
+            rec.step(step, loss=loss)
+    run = Run(tmp_path / "loop")
+    assert run.config.data.task == "loop" and run.config.train.steps == 30
+    ctx = Context(run)
+    assert ctx.phases.dropped and ctx.phases.drop_step == 15
+    assert {a.name for a in applicable(ctx)} == {"overview", "phases"}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(model_factory="nowhere.at_all:build"), ["model_factory='nowhere.at_all:build'", "does not import"]),
+    (dict(model_factory=f"{EXAMPLE}:build", factory_kwargs=dict(length=6, max_value=6, d_model=16)),
+     ["does not fit", "other shapes"]),
+    (dict(sites={"final": "transformer.ln_f"}), ["site 'transformer.ln_f'", "ln_f"]),
+    (dict(task="mws"), ["task='mws' does not fit", "[2, 32]", "vocabulary of 18"]),
+])
+def test_bad_recorder_input_is_one_line_and_writes_nothing(tmp_path, kwargs, words):
+    torch.manual_seed(0)
+    model = ex.build(length=6, max_value=6, d_model=32)
+    with pytest.raises((FactoryError, SiteError, RecordError)) as info:
+        Recorder(tmp_path / "bad", model, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+def test_a_model_whose_output_is_not_the_tasks_logits_is_refused(tmp_path):
+    model = torch.nn.Embedding(18, 5)  # [batch, pos, 5]: too few logits for MWS's 18 tokens
+    with pytest.raises(RecordError, match=r"returns \[2, 32, 5\]; allowed logits \[batch, 32, >= 18\]"):
+        Recorder(tmp_path / "bad", model, task="mws")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_step_backwards_and_a_second_recorder_are_refused_and_nothing_is_lost(tmp_path):
+    model = ex.build(length=6, max_value=6, d_model=16)
+    task = MWSConfig(length=6, max_value=6, modulus=7)
+    with Recorder(tmp_path / "r", model, task=task, sites=SITES, eval_every=2) as rec:
+        rec.step(1, loss=1.0)
+        rec.step(2, loss=0.9)
+        before = (tmp_path / "r" / "metrics.csv").read_text()
+        with pytest.raises(RecordError, match=r"step=2 goes backwards.*allowed an integer > 2"):
+            rec.step(2, loss=0.8)
+        with pytest.raises(RunLockedError):
+            Recorder(tmp_path / "r", model, task=task, sites=SITES, resume=True)
+        assert (tmp_path / "r" / "metrics.csv").read_text() == before
+        rec.step(3, loss=0.7)
+    assert Run(tmp_path / "r").metrics.step.tolist() == [0, 1, 2, 3]
+
+
+def test_a_bad_factory_at_report_time_is_one_line_with_exit_code_2(recorded, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "moved"
+    shutil.copytree(recorded[0].path, copy)
+    raw = yaml.safe_load((copy / "config.yaml").read_text())
+    raw["record"]["model_factory"] = "gone_module:build"
+    (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["analyze", "learning_times", str(copy), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gone_module:build" in err and "does not import" in err
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=8, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_the_transformers_trainer_callback_records_a_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mechlrmc.integrations.hf import RecorderCallback
+
+    task = MWSConfig(length=6, max_value=6, modulus=7)
+    data = get_sequences(task, 64)
+    model = _tiny_gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf_out"), max_steps=6, per_device_train_batch_size=16,
+                                          logging_steps=2, learning_rate=1e-3, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    callback = RecorderCallback(tmp_path / "hf", task=task, sites={"final": "transformer.ln_f"}, checkpoints=2)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    run = Run(tmp_path / "hf")
+    assert run.config.record.source == "transformers" and run.steps == [0, 2, 4, 6]
+    assert run.metrics.loss.dropna().size == 3  # the steps the Trainer logged
+    assert run.evals.eval_collapse.notna().all()
+    rebuilt = run.load_model(6)
+    tokens = torch.randint(0, 8, (2, 12))
+    assert torch.allclose(rebuilt(tokens).logits, model.eval()(tokens).logits)
+    assert main(["info", str(run.path)]) == 0
+    assert main(["report", str(run.path), "-o", str(tmp_path / "hf.html"), "--quick", "--workers", "1"]) == 0
+
+
+def get_sequences(task: MWSConfig, n: int) -> list[dict]:
+    from mechlrmc.tasks import get_task
+
+    sequences = get_task("mws").sample(task, n, torch.Generator().manual_seed(1)).sequences[:, :-1]
+    return [{"input_ids": s, "labels": s} for s in sequences]
+
+
+def test_the_lightning_callback_records_a_run(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from mechlrmc.integrations.lightning import RecorderCallback
+    from mechlrmc.tasks import get_task
+
+    factory = ROOT / "tests" / "lightning_mws.py"
+    spec = importlib.util.spec_from_file_location("lightning_mws", factory)
+    lit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lit)
+    task = MWSConfig(length=6, max_value=6, modulus=7)
+    data = torch.utils.data.TensorDataset(get_task("mws").sample(task, 64, torch.Generator().manual_seed(1)).sequences)
+    torch.manual_seed(0)
+    callback = RecorderCallback(tmp_path / "pl", task=task, model_factory=f"{factory}:LitMWS",
+                                sites={"final": "gpt.ln_f", "attention": ["gpt.blocks.0.attn.pattern"]},
+                                checkpoints=2, eval_every=2)
+    trainer = lightning.Trainer(max_steps=6, callbacks=[callback], logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    module = lit.LitMWS()
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
+    run = Run(tmp_path / "pl")
+    assert run.config.record.source == "lightning" and run.steps == [0, 2, 4, 6]
+    assert run.metrics.loss.notna().sum() == 6 and not math.isnan(run.evals.eval_attn_on_map.iloc[-1])
+    tokens = torch.randint(0, 8, (2, 12))
+    assert torch.equal(run.load_model(6)(tokens), module.eval()(tokens))
+    assert main(["info", str(run.path)]) == 0
+    assert main(["report", str(run.path), "-o", str(tmp_path / "pl.html"), "--quick", "--workers", "1"]) == 0
