@@ -127,3 +127,40 @@ def test_step_read_from_folder_names(tmp_path):
     (tmp_path / "step1000" / "config.json").write_text("{}")
     with pytest.raises(OptionError, match="both step 1000"):
         checkpoint_series(tmp_path)
+
+
+def _as_hub_cache(series_dir, cache, model_id: str, ref_name) -> None:
+    """The folder series laid out as the Hugging Face hub caches revisions: refs/<revision> holds a
+    commit hash, snapshots/<hash>/ the files (blobs linked in, as the hub does)."""
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + model_id.replace("/", "--"))
+    for step in SAVE_AT:
+        commit = hashlib.sha1(f"{model_id}{step}".encode()).hexdigest()
+        ref = repo / "refs" / ref_name(step)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in (series_dir / f"step{step}").iterdir():
+            blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            blob.parent.mkdir(exist_ok=True)
+            blob.write_bytes(file.read_bytes())
+            os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs" / "main").write_text("0" * 40)  # a ref without a step (and no snapshot): left out
+
+
+def test_hub_cache_layouts_of_pythia_and_olmo_give_the_same_series(series_dir, tmp_path):
+    cache = tmp_path / "hub"
+    _as_hub_cache(series_dir, cache, "EleutherAI/pythia-tiny", lambda s: f"step{s}")
+    _as_hub_cache(series_dir, cache, "allenai/OLMo-tiny", lambda s: f"stage1-step{s}-tokens{s * 2}B")
+    folder = across_lm_checkpoints(series_dir, _prompts(3), n_new=N_NEW, progress=False)
+    for model_id in ("EleutherAI/pythia-tiny", "allenai/OLMo-tiny"):
+        assert [s for s, _ in checkpoint_series(cache, model_id)] == list(SAVE_AT)
+        cached = across_lm_checkpoints(cache, _prompts(3), n_new=N_NEW, progress=False, model_id=model_id)
+        assert cached.equals(folder)
+    repo = cache / "models--allenai--OLMo-tiny"
+    assert [s for s, _ in checkpoint_series(repo)] == list(SAVE_AT)  # the model's own cache folder
+    with pytest.raises(OptionError, match=r"allowed model_id one of \['EleutherAI/pythia-tiny', 'allenai/OLMo-tiny'\]"):
+        checkpoint_series(cache)

@@ -12,9 +12,9 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_five_notebooks_without_outputs():
+def test_there_are_six_notebooks_without_outputs():
     assert [p.stem for p in NOTEBOOKS] == ["01_quick_tour", "02_probes_and_patching", "03_components_and_dynamics",
-                                          "04_attribution_and_llc", "05_your_own_task"]
+                                          "04_attribution_and_llc", "05_your_own_task", "06_your_own_loop"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         stale = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]

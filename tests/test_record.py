@@ -256,3 +256,25 @@ def test_the_lightning_callback_records_a_run(tmp_path):
     assert torch.equal(run.load_model(6)(tokens), module.eval()(tokens))
     assert main(["info", str(run.path)]) == 0
     assert main(["report", str(run.path), "-o", str(tmp_path / "pl.html"), "--quick", "--workers", "1"]) == 0
+
+
+@pytest.mark.slow
+def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_and_collapse(tmp_path):
+    """The worked example's minGPT (linear attention, the plateau paper's MWS step) at 8 inputs, seed 0,
+    180 steps (on this project's machine: plateau from ~20, greedy outputs repeating at ~0.7 against
+    the truth's 0.06, drop at ~135)."""
+    from analyses.base.context import Context
+    from analyses.base.registry import get
+
+    torch.set_num_threads(1)
+    out = tmp_path / "mingpt8"
+    ex.train(out, steps=180, length=8, eval_every=10)
+    assert main(["report", str(out), "-o", str(tmp_path / "report.html"), "--workers", "1"]) == 0
+    ctx = Context(Run(out))
+    phases = get("phases").compute(ctx)["phases"].iloc[0]
+    assert phases.dropped and 60 < phases.drop_step < 180 and phases.plateau_start < phases.drop_step
+    assert phases.plateau_max_rep > 3 * phases.rep_true  # repetition above the truth's on the plateau (P1)
+    dynamics = get("plateau_dynamics").compute(ctx)
+    final = dynamics["collapse"][dynamics["collapse"].layer == "final"].set_index("step").cos_scored
+    plateau = final[(final.index >= phases.plateau_start) & (final.index < phases.drop_step)]
+    assert plateau.max() > 0.5 and final.iloc[-1] < 0.1  # collapse at the site ln_f on the plateau, gone after (P2)

@@ -46,10 +46,43 @@ def _folder_step(name: str) -> int | None:
     return int(numbers[0]) if not named and len(numbers) == 1 else None
 
 
-def checkpoint_series(path: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) for every sub-folder of `path` that holds a Hugging Face checkpoint
-    (a `config.json`) and has its step in its name, sorted by step."""
+def hub_cache_series(path: str | Path, model_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, snapshot folder) of every revision with a step in its name in a local Hugging Face
+    hub cache: `path` is a model's cache folder (`models--ORG--NAME`, with `refs/` and
+    `snapshots/`) or the hub cache holding it (then `model_id`, "ORG/NAME", picks the model where
+    there are several)."""
     root = Path(path)
+    if not (root / "refs").is_dir():
+        models = sorted(p for p in root.glob("models--*") if (p / "refs").is_dir())
+        wanted = [p for p in models if model_id is None or p.name == "models--" + model_id.replace("/", "--")]
+        if len(wanted) != 1:
+            names = [p.name[len("models--"):].replace("--", "/") for p in models]
+            raise OptionError(f"{root} holds {'no' if not wanted else len(wanted)} cached model(s) "
+                              f"{'named ' + repr(model_id) if model_id else ''}: allowed model_id one of {names}")
+        root = wanted[0]
+    found: dict[int, Path] = {}
+    for ref in sorted(p for p in (root / "refs").rglob("*") if p.is_file()):
+        name = str(ref.relative_to(root / "refs"))
+        step = _folder_step(name)
+        snapshot = root / "snapshots" / ref.read_text().strip()
+        if step is None or not (snapshot / "config.json").is_file():
+            continue
+        if step in found and found[step] != snapshot:
+            raise OptionError(f"revisions of {root.name} name step {step} twice ({name}); allowed: one revision per step")
+        found[step] = snapshot
+    if not found:
+        raise OptionError(f"no revision with a step in its name and a downloaded snapshot in {root}; allowed refs "
+                          f"such as step1000 (Pythia) or stage1-step1000-tokens4B (OLMo) under refs/")
+    return sorted(found.items())
+
+
+def checkpoint_series(path: str | Path, model_id: str | None = None) -> list[tuple[int, Path]]:
+    """(step, folder) for every checkpoint of `path`: a local Hugging Face hub cache
+    (`hub_cache_series`, when `path` has `refs/` or `models--*` folders), else every sub-folder that
+    holds a Hugging Face checkpoint (a `config.json`) and has its step in its name; sorted by step."""
+    root = Path(path)
+    if root.is_dir() and ((root / "refs").is_dir() or any(root.glob("models--*"))):
+        return hub_cache_series(root, model_id)
     allowed = ("allowed: sub-folders named with their step (step1000/, checkpoint-1000/), "
                "each holding a Hugging Face config.json")
     if not root.is_dir():
@@ -86,7 +119,6 @@ def _as_ids(prompts: Prompts, tokenizer, what: str) -> list[torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 @torch.no_grad()
 def generating_states(model, ids: torch.Tensor, n_new: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy continuation of one prompt ids [pos] (`mechlrmc.measures.greedy_generate` on the
@@ -151,13 +183,15 @@ def across_lm_checkpoints(
     progress: bool = True,
     references: Prompts | None = None,
     device: str | torch.device = "cpu",
+    model_id: str | None = None,
 ) -> pd.DataFrame:
-    """`lm_repetition_collapse` at every checkpoint of `checkpoint_series(path)`, each loaded with
+    """`lm_repetition_collapse` at every checkpoint of `checkpoint_series(path, model_id)` (a folder
+    series or a local hub cache), each loaded with
     `AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)`, concatenated with a
     `step` column first. Prompts are tokenized once; one model is in memory at a time."""
     from transformers import AutoModelForCausalLM  # heavy: imported on first use
 
-    series = checkpoint_series(path)
+    series = checkpoint_series(path, model_id)
     ids = _as_ids(prompts, tokenizer, "prompt")
     refs = None if references is None else _as_ids(references, tokenizer, "reference")
     frames = []
