@@ -138,6 +138,23 @@ def test_a_run_without_a_task_has_the_loops_losses_and_their_phases(tmp_path):
     assert {a.name for a in applicable(ctx)} == {"overview", "phases"}
 
 
+def test_a_folder_of_recorded_runs_is_a_family_with_survival(tmp_path):
+    from analyses.family.summary import family_summary
+    from analyses.family.survival import k_of_n
+
+    model = torch.nn.Linear(4, 1)
+    for seed, drop in ((0, 12), (1, 18), (2, None)):  # the third has not dropped by its last step: censored
+        with Recorder(tmp_path / "family" / f"seed={seed}", model, checkpoints=10, eval_every=1) as rec:
+            for step in range(1, 31):
+                rec.step(step, loss=0.1 if drop and step >= drop else 2.0 + 0.01 * ((step * 7 + seed) % 3))
+    summary = family_summary(tmp_path / "family")
+    assert summary.drop_step.tolist()[:2] == [12, 18] and math.isnan(summary.drop_step.iloc[2])
+    assert k_of_n(summary) == "2 of 3 dropped, 1 censored"
+    assert main(["report", str(tmp_path / "family"), "-o", str(tmp_path / "family.html"), "--quick"]) == 0
+    page = (tmp_path / "family.html").read_text()
+    assert "recorded runs" in page and "Kaplan-Meier" in page
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(model_factory="nowhere.at_all:build"), ["model_factory='nowhere.at_all:build'", "does not import"]),
     (dict(model_factory=f"{EXAMPLE}:build", factory_kwargs=dict(length=6, max_value=6, d_model=16)),

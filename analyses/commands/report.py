@@ -34,9 +34,12 @@ def _family_report(args: argparse.Namespace) -> int:
     output = Path(args.output)
     report = write_family_report(args.run, output, quick=args.quick, progress=not args.quiet)
     ctx: FamilyContext = report.context
-    for name, frame in (("family_summary", ctx.summary), ("findings", ctx.findings)):
+    tables = {"family_summary": ctx.summary}
+    if not runs[0].config.recorded:  # the findings read mechlrmc's own model
+        tables["findings"] = ctx.findings
+    for name, frame in tables.items():
         frame.to_csv(output.with_name(f"{output.stem}_{name}.csv"), index=False)
-    print(f"tables: {output.stem}_family_summary.csv, {output.stem}_findings.csv")
+    print("tables: " + ", ".join(f"{output.stem}_{name}.csv" for name in tables))
     return _done(output, report)
 
 

@@ -19,6 +19,7 @@ from analyses.family.figures import plot_drop_steps, plot_family_curves, plot_su
 from analyses.family.findings import CRITERIA, family_findings, findings_table
 from analyses.family.summary import family_runs, family_summary, varied_keys
 from analyses.family.survival import drop_survival, k_of_n, logrank, median_drop
+from analyses.report.overview import model_rows
 from analyses.report.page import Part, Report, Section, assemble
 from mechlrmc.runs import Run
 
@@ -64,9 +65,7 @@ def _overview(ctx: FamilyContext) -> list[Part]:
         ("varied", ", ".join(keys) + (", seed" if keys else "seed")),
         ("task", cfg.data.describe() + "".join(f"; analytic plateau of {name} = {value:.4g}" for name, value in
                                               cfg.task.plateau(cfg.data).items() if name == cfg.task.phase_metric)),
-        ("model", f"{cfg.model.norm}-LN, {'causal' if cfg.model.causal else 'bidirectional'}, {cfg.model.attention} "
-                  f"attention, {cfg.model.n_layers} layers x {cfg.model.n_heads} heads, "
-                  f"d_model {cfg.model.d_model}, d_mlp {cfg.model.d_mlp}"),
+        *[row for row in model_rows(cfg) if row[0] == "model"],
     ]
     parts: list[Part] = [pd.DataFrame(facts, columns=["", "value"])]
     if spec is not None and spec.is_file():
@@ -122,6 +121,7 @@ def _early_warning(ctx: FamilyContext) -> list[Part]:
             tables["early_warning"], drop_aligned_figure(tables)]
 
 
+RECORDED_SECTIONS = ("family", "curves", "drops")
 SECTIONS: list[Section] = [
     Section("family", "Family", "run families", "The runs, what varies between them, and one summary row per run "
             "(detect_phases figures, drop sharpness: steps from 90% to 50% of the plateau L_mask).", _overview),
@@ -146,12 +146,19 @@ def build_family_report(source, quick: bool = False, progress: bool = True) -> R
     name = path.name if path is not None else f"{len(runs)} runs"
     from analyses.family.sequence_findings import SEQUENCE_CRITERIA
 
+    sections = SECTIONS
+    if runs[0].config.recorded:  # a user's model: the sections that read only the runs' metrics
+        sections = [s for s in SECTIONS if s.key in RECORDED_SECTIONS]
     shown = CRITERIA if "matrix" in runs[0].config.task.supports else SEQUENCE_CRITERIA
     criteria = "".join(f"<li><b>{k}</b> {html.escape(t)}: {html.escape(c)}</li>" for k, (t, c) in shown.items())
     intro = (f"Family of {len(runs)} runs{f' in <code>{html.escape(str(path))}</code>' if path else ''}. "
              f"Abrupt learning is stochastic: every claim below is counted over these runs.{' (quick mode)' if quick else ''}"
              f"</p><p>Criteria:</p><ul>{criteria}</ul><p>")
-    return assemble(f"mechlrmc family report: {name}", intro, SECTIONS, ctx, progress)
+    if runs[0].config.recorded:
+        intro = (f"Family of {len(runs)} recorded runs{f' in <code>{html.escape(str(path))}</code>' if path else ''}: "
+                 "the users' own models, so the sections that read only the runs' metrics (the findings and early "
+                 "warnings read mechlrmc's own model).</p><p>")
+    return assemble(f"mechlrmc family report: {name}", intro, sections, ctx, progress)
 
 
 def write_family_report(source, path: str | Path, **kwargs) -> Report:

@@ -14,7 +14,7 @@ def run_facts(run: Run, phases: pd.Series, walked: list[int] | None = None) -> p
     task = cfg.data.describe()
     rows = [
         ("task", task),
-        *_model_rows(cfg),
+        *model_rows(cfg),
         ("checkpoints", f"{len(run.steps)}: {run.steps}"),
         *([("walked by the analyses", f"{walked}")] if walked is not None else []),
         _plateau(p),
@@ -34,7 +34,7 @@ def _plateau(p: pd.Series) -> tuple[str, str]:
                        f"{p.plateau_max_rep:.2f} (truth {p.rep_true:.2f})")
 
 
-def _model_rows(cfg) -> list[tuple[str, str]]:
+def model_rows(cfg) -> list[tuple[str, str]]:
     """The model and training rows: mechlrmc's recipe, or what a recorded run knows of the user's."""
     if cfg.recorded:
         r = cfg.record
