@@ -120,7 +120,7 @@ class Recorder:
                             threads=torch.get_num_threads())
         self.cfg = RunConfig(data=_data_config(task), model=None, train=train, record=record)
         self.task = self.cfg.task
-        self.has_data = self.cfg.data.task != "loop"
+        self.has_data = self.task.has_data
         telemetry.require(log)
         self.eval_data = self.task.eval_batch(self.cfg) if self.has_data else None
         if self.has_data:
@@ -275,6 +275,20 @@ class Recorder:
                     torch.cuda.set_rng_state_all(self.cuda)
 
         return Quiet()
+
+    def record_batch(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "cross_entropy") -> None:
+        """Keep one batch of the loop's own data (`batch.safetensors`): with it, a run without a task
+        gets the lenses that need a batch and its loss (gradient norms, the top Hessian eigenvalue,
+        the essential dynamics). `loss`: "cross_entropy" (logits [..., vocab], class targets [...])
+        or "mse" (targets of the output's shape)."""
+        from mechlrmc.tasks.loop import LOSSES
+
+        if loss not in LOSSES:
+            raise RecordError(f"loss={loss!r} is invalid: allowed one of {LOSSES}")
+        if len(inputs) != len(targets):
+            raise RecordError(f"inputs ({len(inputs)} examples) and targets ({len(targets)}) differ in length: "
+                              f"allowed one target per input")
+        self.run.save_batch(inputs, targets, loss)
 
     def checkpoint(self) -> None:
         """Write the weights of the last recorded step (and, given the optimizer, a resume state)."""

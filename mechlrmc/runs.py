@@ -379,6 +379,22 @@ class Run:
         model.load_state_dict(state)
         return model.to(device=device, dtype=dtype).eval()
 
+    def save_batch(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> None:
+        """Keep one batch of a recorded loop's data (`mechlrmc.record.Recorder.record_batch`)."""
+        data = save({"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()},
+                    metadata={"loss": loss})
+        atomic_write(self.path / "batch.safetensors", data)
+
+    def recorded_batch(self):
+        """The batch a recorded loop kept (`mechlrmc.tasks.loop.LoopBatch`), or None."""
+        file = self.path / "batch.safetensors"
+        if not file.is_file():
+            return None
+        from mechlrmc.tasks.loop import LoopBatch
+
+        tensors, meta = _read_state(file)
+        return LoopBatch(tokens=tensors["inputs"], targets=tensors["targets"], loss=meta["loss"])
+
     @property
     def sites(self):
         """Where the measures read this run's model (`mechlrmc.sites.Sites`): the recorded sites, or

@@ -74,7 +74,8 @@ def test_report_and_info_read_a_recorded_run(recorded, tmp_path, capsys):
 
     run = recorded[0]
     assert main(["info", str(run.path)]) == 0
-    assert {a.name for a in applicable(Context(run))} == {"overview", "phases", "plateau_dynamics", "learning_times"}
+    assert {a.name for a in applicable(Context(run))} == {"overview", "phases", "plateau_dynamics", "learning_times",
+                                                          "early_warning"}
     assert main(["report", str(run.path), "-o", str(tmp_path / "r.html"), "--quick", "--workers", "1"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "the user's own" in page and "ln_f" in page and "Plateau dynamics" in page
@@ -136,6 +137,38 @@ def test_a_run_without_a_task_has_the_loops_losses_and_their_phases(tmp_path):
     ctx = Context(run)
     assert ctx.phases.dropped and ctx.phases.drop_step == 15
     assert {a.name for a in applicable(ctx)} == {"overview", "phases"}
+
+
+def test_a_recorded_batch_gives_a_run_without_a_task_its_norms_and_hessian(tmp_path):
+    """A least-squares loop: the Hessian of the MSE of a linear model y = w.x is 2 X^T X / n, known
+    exactly; the top eigenvalue from the recorded batch must equal it."""
+    from analyses.base.context import Context
+    from analyses.base.registry import applicable, get
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3) * torch.tensor([3.0, 1.0, 0.5])
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    model = torch.nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Recorder(tmp_path / "lsq", model, checkpoints=5, eval_every=1, model_factory="torch.nn:Linear",
+                  factory_kwargs={"in_features": 3, "out_features": 1, "bias": False}) as rec:
+        rec.record_batch(x, y[:, None], loss="mse")
+        for step in range(1, 21):
+            loss = torch.nn.functional.mse_loss(model(x), y[:, None])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(step, loss=loss.item())
+    ctx = Context(Run(tmp_path / "lsq"))
+    assert {a.name for a in applicable(ctx)} == {"overview", "phases", "early_warning"}
+    from analyses.plateau.early_warning import HESSIAN_BATCH, warning_measures
+
+    rows = warning_measures(ctx.model(20), ctx.batch).set_index("measure").value
+    first = x[:HESSIAN_BATCH]  # the Hessian is taken on the batch's first HESSIAN_BATCH examples
+    exact = float(torch.linalg.eigvalsh(2 * first.T @ first / len(first)).max())
+    assert rows["top Hessian eigenvalue"] == pytest.approx(exact, rel=1e-4)
+    assert rows["weight norm weight"] == pytest.approx(float(ctx.model(20).weight.norm()), rel=1e-6)
+    assert get("early_warning").compute(ctx)["trajectories"].measure.str.startswith("grad norm").any()
 
 
 def test_a_folder_of_recorded_runs_is_a_family_with_survival(tmp_path):

@@ -94,7 +94,7 @@ def test_optimal_attention_map_of_a_hand_example(task, fields, cells):
 
 
 def test_registry_lists_every_builtin_task_and_preset():
-    assert set(TASKS) >= set(tasks.BUILTIN) == {"lrmc", "mws", "prefix_sum", "reverse"}
+    assert set(TASKS) >= set(tasks.BUILTIN) == {"lrmc", "mws", "prefix_sum", "reverse", "loop"}
     owners = {p: name for name in tasks.BUILTIN for p in TASKS[name].presets}
     assert owners == tasks.BUILTIN_PRESETS
     for name in owners:

@@ -59,6 +59,7 @@ class Analysis:
     steps: str = "around_drop"  # default step selection of `mechlrmc analyze NAME`
     any_model: bool = False  # True: reads the model only through its output and its sites (`mechlrmc.sites`),
     # so it applies to a recorded run of a user's own model too (`mechlrmc.record`)
+    data: bool = True  # needs the run's data (its task's batches; a recorded loop's recorded batch)
 
     @staticmethod
     def _resolve(target):
@@ -80,6 +81,8 @@ class Analysis:
             return False
         if ctx.run.config.recorded and not self.any_model:
             return False
+        if self.data and not ctx.run.config.task.has_data and ctx.run.recorded_batch() is None:
+            return False
         return self.needs is None or getattr(ctx, self.needs) is not None
 
 
@@ -89,14 +92,14 @@ def _entry(name, title, finding, caption, module, **kw) -> Analysis:
 
 ANALYSES: list[Analysis] = [
     _entry("overview", "Run", "findings 1-11", "The task, model and training recipe, and the detected phases.",
-           "report.adapters", any_model=True),
+           "report.adapters", any_model=True, data=False),
     _entry("family", "In its family", "run families",
            "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family "
            "summary), and how close its machine type is to the family's.", "report.adapters", requires=("matrix",), needs="family"),
     _entry("phases", "Loss curves and phases", "finding 1",
            "The losses with the detected plateau and drop (LRMC: L, L_obs and L_mask against the copy-and-zero "
            "level E[X^2]; a sequence task: the outputs' cross-entropy, greedy accuracy and repetition).", "plateau.adapters",
-           steps="all", any_model=True),
+           steps="all", any_model=True, data=False),
     _entry("llc", "Local learning coefficient", "finding 1",
            "The calibrated LLC (SGLD estimate of the effective dimension, halved; settings chosen once per run and "
            "checked: checkpoints whose diagnostics fail are hollow) at the plateau, drop and end checkpoints under the "
@@ -176,7 +179,7 @@ ANALYSES: list[Analysis] = [
            "Every trajectory measure (attention progress per head, collapse, repetition, weight and gradient norms "
            "per component, the top Hessian eigenvalue, the essential dynamics) against the drop: the step at which "
            "it has covered 10 % and 50 % of its change, and its lead over the drop.", "plateau.adapters",
-           steps="all", options=(Option("--hessian", "also the top Hessian eigenvalue at every checkpoint (slow; "
+           steps="all", any_model=True, options=(Option("--hessian", "also the top Hessian eigenvalue at every checkpoint (slow; "
                                         "default no; the family report has it)", str, choices=("yes", "no")),)),
     _entry("interventions", "Attention intervention", "P5, finding 11",
            "Runs trained with attention scaled toward the optimal map by c: plateau length against c.", "plateau.adapters", requires=("matrix",),

@@ -25,9 +25,17 @@ Steps = str | int | Iterable[int] | None
 
 
 def analysis_batch(run: Run, size: int = 512, seed: int = ANALYSIS_SEED, data_cfg=None) -> Batch:
-    """A batch of the run's task drawn from a fixed seed: the same data whatever checkpoint looks at it."""
+    """A batch of the run's task drawn from a fixed seed: the same data whatever checkpoint looks at
+    it; for a recorded loop without a task, the batch it recorded (its first `size` examples)."""
     cfg = data_cfg or run.config.data
-    return get_task(cfg.task).sample(cfg, size, torch.Generator().manual_seed(seed))
+    task = get_task(cfg.task)
+    if not task.has_data:
+        batch = run.recorded_batch()
+        if batch is None:
+            raise OptionError(f"{run.path} recorded no batch of its data: allowed a run whose loop called "
+                              f"Recorder.record_batch(inputs, targets), or one recorded with a task")
+        return batch[:size]
+    return task.sample(cfg, size, torch.Generator().manual_seed(seed))
 
 
 def select_steps(run: Run, steps: Steps = None, n_around: int = 7) -> list[int]:

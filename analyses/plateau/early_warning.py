@@ -53,8 +53,9 @@ HESSIAN_ITERATIONS = 10  # Lanczos steps (on an mws checkpoint at batch 64, 20 s
 
 
 def task_loss(model, batch) -> torch.Tensor:
-    """The training objective on `batch`, as its task defines it (LRMC: MSE over all entries)."""
-    return get_task(batch.task).loss(model(batch.tokens), batch)["loss"]
+    """The training objective on `batch`, as its task defines it (LRMC: MSE over all entries; a
+    recorded loop: the loss it recorded with its batch)."""
+    return get_task(batch.task).loss(measures.logits_of(model)(batch.tokens), batch)["loss"]
 
 
 def component_norms(model, batch) -> pd.DataFrame:
@@ -102,18 +103,23 @@ def top_hessian_eigenvalue(model, batch, iterations: int = HESSIAN_ITERATIONS, s
 
 
 @torch.no_grad()
-def _behaviour(model, batch) -> pd.DataFrame:
-    """Attention progress per head, collapse and repetition, as (measure, value) rows."""
-    if get_task(batch.task).generates:
+def _behaviour(model, batch, sites=None) -> pd.DataFrame:
+    """Attention progress per head, collapse and repetition, as (measure, value) rows (none for a
+    recorded loop's own batch: it has no outputs to generate and no optimal map)."""
+    task = get_task(batch.task)
+    if task.generates:
         from analyses.plateau.sequences import native_measures
 
-        native = native_measures(model, batch)
+        native = native_measures(model, batch, sites)
         rows = [{"measure": f"attention progress L{r.layer}H{r.head}", "value": r.share_on_map}
                 for r in native["attention_progress"].itertuples()]
         collapse = native["collapse"]
-        rows.append({"measure": "collapse", "value": float(collapse.cos_scored.iloc[-1])})
+        if len(collapse):
+            rows.append({"measure": "collapse", "value": float(collapse.cos_scored.iloc[-1])})
         rows.append({"measure": "repetition", "value": float(native["repetition"].rep.iloc[0])})
         return pd.DataFrame(rows)
+    if "matrix" not in task.supports:
+        return pd.DataFrame(columns=["measure", "value"])
     from analyses.plateau.dynamics import attention_progress, collapse, repetition
 
     rows = [{"measure": f"attention progress L{r.layer}H{r.head}", "value": r.share_on_map}
@@ -123,9 +129,10 @@ def _behaviour(model, batch) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def warning_measures(model, batch, hessian: bool = True) -> pd.DataFrame:
-    """Every per-checkpoint measure above at one checkpoint: rows (measure, value)."""
-    parts = [_behaviour(model, batch), component_norms(model, batch)]
+def warning_measures(model, batch, hessian: bool = True, sites=None) -> pd.DataFrame:
+    """Every per-checkpoint measure above at one checkpoint: rows (measure, value); `sites`
+    (`mechlrmc.sites`) where the model is not mechlrmc's own."""
+    parts = [part for part in (_behaviour(model, batch, sites), component_norms(model, batch)) if len(part)]
     if hessian:
         value = top_hessian_eigenvalue(model, batch[:HESSIAN_BATCH])
         parts.append(pd.DataFrame([{"measure": "top Hessian eigenvalue", "value": value}]))
@@ -140,7 +147,7 @@ def essential_dynamics(run: Run, steps: Iterable[int], batch, n_components: int 
     steps = list(steps)
     outputs = []
     for step in steps:
-        out = load(step)(batch.tokens).float()
+        out = measures.logits_of(load(step))(batch.tokens).float()
         if get_task(batch.task).readout == "vocab":
             out = out[:, batch.scored].log_softmax(-1)
         outputs.append(out.flatten().cpu().numpy())
@@ -225,7 +232,8 @@ def run_trajectory(run: Run, batch=None, hessian: bool = True, load=None, progre
     load = load or run.load_model
     settings = {"batch": len(batch), "hessian": hessian, "hessian_batch": HESSIAN_BATCH,
                 "hessian_iterations": HESSIAN_ITERATIONS}
-    frames = [cached(run, "early_warning", step, settings, lambda step=step: warning_measures(load(step), batch, hessian))
+    frames = [cached(run, "early_warning", step, settings,
+                     lambda step=step: warning_measures(load(step), batch, hessian, run.sites))
               .assign(step=step) for step in tqdm(run.steps, desc=f"early warnings {run.path.name}", unit="ckpt",
                                                   disable=not progress)]
     frames.append(essential_dynamics(run, run.steps, batch, load=load))

@@ -71,6 +71,7 @@ class Task:
     phase_label: ClassVar[str] = "eval loss"  # how figures name the phase metric
     final_metrics: ClassVar[tuple[str, ...]] = ("loss",)  # eval metrics a family summary reports at a run's end
     generates: ClassVar[bool] = False  # outputs are generated greedily from a prompt (token tasks)
+    has_data: ClassVar[bool] = True  # False: a recorded loop's own data, which mechlrmc cannot sample (`loop`)
     # what the task supports, named as analyses require it (`analyses.base.registry.Analysis.requires`):
     # "matrix" (m x n matrices with observed entries: row/column structure), "generation", "optimal_map",
     # "position_scores" (`position_scores` is defined)
