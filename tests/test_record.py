@@ -328,3 +328,21 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     final = dynamics["collapse"][dynamics["collapse"].layer == "final"].set_index("step").cos_scored
     plateau = final[(final.index >= phases.plateau_start) & (final.index < phases.drop_step)]
     assert plateau.max() > 0.5 and final.iloc[-1] < 0.1  # collapse at the site ln_f on the plateau, gone after (P2)
+
+
+def test_the_scaling_command_fits_a_planted_law_on_a_family(tmp_path, capsys):
+    """Recorded loops whose plateau lasts 4 x eval_every^1.5 steps (varied key train.eval_every): the
+    command's exponent comes back near 1.5, with its interval, tables and figures written."""
+    model = torch.nn.Linear(2, 1)
+    for every in (1, 2, 3, 4):
+        for seed in range(3):
+            drop = round(40 * every ** 1.5 * (1 + 0.05 * (seed - 1)))
+            with Recorder(tmp_path / "fam" / f"e={every},s={seed}", model, checkpoints=1000, eval_every=every,
+                          steps=every * 200) as rec:
+                for step in range(1, every * 200 + 1):
+                    rec.step(step, loss=2.0 if step < drop else 0.1)
+    assert main(["analyze", "scaling", str(tmp_path / "fam"), "--by", "train.eval_every", "-o", str(tmp_path / "s")]) == 0
+    fits = pd.read_csv(tmp_path / "s" / "scaling.csv")
+    assert fits.exponent.between(1.3, 1.7).all() and (fits.ci_low < fits.exponent).all()
+    assert {"survival.csv", "median_drop.csv", "power_law.csv", "scaling.png", "survival.html"} <= {
+        p.name for p in (tmp_path / "s").iterdir()}

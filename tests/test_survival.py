@@ -123,3 +123,17 @@ def test_plots_draw_one_group_per_setting():
     assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
     assert [t.marker.symbol for t in fig.data if t.mode == "markers"] == ["circle", "circle-open"]
     assert f"{fit.exponent.iloc[0]:.2f}" in fig.data[-1].name
+
+
+def test_power_law_check_accepts_a_planted_power_law_and_rejects_a_step():
+    from analyses.family.survival import power_law_check
+
+    rng = np.random.default_rng(3)
+    lengths = np.repeat([8, 12, 16, 24], 8)
+    power = pd.DataFrame({"L": lengths, "drop_step": 10 * lengths ** 1.5 * np.exp(rng.normal(0, 0.1, len(lengths))),
+                          "final_step": 2000.0})
+    assert power_law_check(power, "L").p_value.iloc[0] > 0.05
+    steps = np.where(lengths >= 16, 900.0, 100.0) * np.exp(rng.normal(0, 0.1, len(lengths)))  # a jump, not a law
+    jump = power.assign(drop_step=steps)
+    check = power_law_check(jump, "L").iloc[0]
+    assert check.p_value < 1e-3 and check.dof == 2 and abs(np.log(check.worst_median_ratio)) > 0.3

@@ -8,6 +8,10 @@
         branches of each run from its kept states (`analyses.family.commitment`), trained as a sweep
         in OUT/<run name>/; OUT/commitment.csv (per run and branching step), commitment_branches.csv,
         commitment.html
+    mechlrmc analyze scaling FAMILY --by data.length [-o OUT]
+        the plateau's scaling law over a numeric grid variable of a family (`analyses.family.survival`):
+        family_summary.csv, survival.csv, median_drop.csv, logrank.csv, scaling.csv (Weibull and
+        log-normal AFT exponents), power_law.csv (does a power law fit), scaling.html/.png, survival.html/.png
     mechlrmc freeze-train RUN --components attn --out DIR [--init init|S] [--reference S]
 OUT defaults to out/<run name> (out/intervention for the intervention driver).
 """
@@ -114,6 +118,47 @@ def _commitment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analyses.family import survival
+    from analyses.family.figures import plot_scaling, plot_survival
+    from analyses.family.summary import family_summary
+    from mechlrmc.errors import OptionError
+
+    summary = family_summary(args.family)
+    if args.by not in summary:
+        raise OptionError(f"--by {args.by!r} is not a varied key of {args.family}: allowed "
+                          f"{[c for c in summary.columns if '.' in c]}")
+    out = Path(args.out or f"out/{Path(args.family).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    fits, checks = [], []
+    for model in survival.MODELS:  # a model that does not converge on these drop times is named and left out
+        try:
+            fits.append(survival.scaling_exponent(summary, args.by, model))
+            checks.append(survival.power_law_check(summary, args.by, model))
+        except ValueError as e:
+            print(f"{model}: {e}")
+    if not fits:
+        raise OptionError(f"no AFT model converges on the drop times of {args.family}")
+    fits = pd.concat(fits, ignore_index=True)
+    tables = {"family_summary": summary, "survival": survival.drop_survival(summary, args.by),
+              "median_drop": survival.median_drop(summary, args.by), "logrank": survival.logrank(summary, args.by),
+              "scaling": fits, "power_law": pd.concat(checks, ignore_index=True)}
+    for name, frame in tables.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+    best = fits.sort_values("aic").iloc[0]
+    figures = {"scaling": plot_scaling(summary, args.by, best), "survival": plot_survival(tables["survival"])}
+    for name, fig in figures.items():
+        _save(fig, out / f"{name}.html")
+        fig.write_image(out / f"{name}.png", width=900, height=520, scale=1.5)
+    print(survival.k_of_n(summary))
+    print(tables["median_drop"].drop(columns="setting").to_string(index=False))
+    print(fits.to_string(index=False))
+    print(tables["power_law"].to_string(index=False))
+    return 0
+
+
 def _freeze_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="init", help="start the trained components from 'init' (step 0) or a step")
     p.add_argument("--reference", type=int, help="checkpoint the frozen components come from (default: last)")
@@ -152,6 +197,12 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.add_argument("-o", "--out", help="output folder (default out/commitment)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=_commitment)
+
+    p = analyze.add_parser("scaling", help="the plateau's scaling law over a grid variable of a family (survival)")
+    p.add_argument("family", help="a sweep directory (or a folder of runs)")
+    p.add_argument("--by", required=True, help="the numeric grid key, e.g. data.length")
+    p.add_argument("-o", "--out", help="output folder (default out/<family name>)")
+    p.set_defaults(func=_scaling)
 
     p = top.add_parser("freeze-train", help="train only some components, the rest fixed at a checkpoint")
     p.add_argument("run")

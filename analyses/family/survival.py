@@ -14,6 +14,8 @@ carry no information and are left out.
 - `logrank(summary, by)`: do the settings' drop times differ (multivariate and pairwise log-rank)?
 - `scaling_exponent(summary, variable)`: the exponent a in  drop time ~ variable^a  (a Weibull or
   log-normal accelerated-failure-time fit on log(variable), censored runs as censored).
+- `power_law_check(summary, variable)`: does a power law fit, against one free level per setting
+  (a likelihood-ratio test)?
 - `k_of_n(summary)`: "k of N dropped, m censored".
 - the figures, `plot_survival(table)` and `plot_scaling(summary, variable, fit)`, are in `analyses.family.figures`.
 
@@ -187,17 +189,74 @@ def scaling_exponent(summary: pd.DataFrame, variable: str, model: str = "weibull
     if (runs.duration <= 0).any():
         raise ValueError("a drop or final step is <= 0: AFT fits need positive times")
     covariate = f"log_{variable}"
-    data = pd.DataFrame({"duration": runs.duration, "dropped": runs.dropped, covariate: np.log(values)})
+    scale = float(runs.duration.median())  # durations in units of their median: the fit converges (the slope is unchanged)
+    data = pd.DataFrame({"duration": runs.duration / scale, "dropped": runs.dropped, covariate: np.log(values)})
     fitter_class, location = fitters[model]  # the parameter whose log is linear in the covariates
-    fitter = fitter_class().fit(data, "duration", "dropped", robust=True)
+    fitter = _fit(fitter_class, data, robust=True)
     row = fitter.summary.loc[(location, covariate)]
-    prefactor = float(fitter.predict_median(pd.DataFrame({covariate: [0.0]})).iloc[0])
+    prefactor = scale * float(fitter.predict_median(pd.DataFrame({covariate: [0.0]})).iloc[0])
     return pd.DataFrame([{
         "variable": variable, "model": model, "exponent": float(row["coef"]),
         "ci_low": float(row["coef lower 95%"]), "ci_high": float(row["coef upper 95%"]),
         "p_value": float(row["p"]), "n": len(runs), "censored": int((~runs.dropped).sum()),
         "prefactor": prefactor, "aic": float(fitter.AIC_),
     }])
+
+
+PENALIZER = 1e-3  # tried when an unpenalised fit does not converge (runs that drop almost together: a Weibull shape -> inf)
+
+
+def _fit(fitter_class, data: pd.DataFrame, **kwargs):
+    """An AFT fit of `data` (duration, dropped, covariates); where it does not converge, the same
+    fit with a small L2 penalizer on the coefficients (`PENALIZER`); a one-line ValueError after that."""
+    import warnings
+
+    from lifelines.exceptions import ConvergenceError, ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for penalizer in (0.0, PENALIZER):
+            try:
+                return fitter_class(penalizer=penalizer).fit(data, "duration", "dropped", **kwargs)
+            except ConvergenceError:
+                continue
+    raise ValueError(f"the {fitter_class.__name__} fit does not converge on these drop times (even with "
+                     f"penalizer {PENALIZER}): try the other model")
+
+
+def power_law_check(summary: pd.DataFrame, variable: str, model: str = "lognormal") -> pd.DataFrame:
+    """Does a power law fit? A likelihood-ratio test of the AFT fit on log(`variable`) (one slope:
+    the power law) against the same model with one free level per value of `variable` (any shape),
+    censored runs as censored. One row: `loglik_power`, `loglik_free`, `lr_statistic`, `dof`
+    (values - 2), `p_value` (small: the power law is rejected) and the largest ratio between a
+    setting's Kaplan-Meier median and the power law's fitted median, `worst_median_ratio`."""
+    from lifelines import LogNormalAFTFitter, WeibullAFTFitter
+    from scipy.stats import chi2
+
+    fitter_class = {"weibull": WeibullAFTFitter, "lognormal": LogNormalAFTFitter}[model]
+    runs = run_durations(summary)
+    values = pd.to_numeric(runs[variable])
+    levels = sorted(values.unique())
+    if len(levels) < 3:
+        raise ValueError(f"{variable} has {len(levels)} distinct values: a power law with two parameters fits "
+                         f"any two; the check needs at least three")
+    scale = float(runs.duration.median())  # in units of the median, as `scaling_exponent` fits
+    base = pd.DataFrame({"duration": runs.duration.to_numpy() / scale, "dropped": runs.dropped.to_numpy()})
+    power = _fit(fitter_class, base.assign(log_x=np.log(values.to_numpy())))
+    free = base.copy()
+    for level in levels[1:]:
+        free[f"is_{level:g}"] = (values.to_numpy() == level).astype(float)
+    free_fit = _fit(fitter_class, free)
+    statistic = max(0.0, 2 * (free_fit.log_likelihood_ - power.log_likelihood_))
+    dof = len(levels) - 2
+    medians = median_drop(summary, variable)
+    fitted = scale * power.predict_median(pd.DataFrame({"log_x": np.log(medians[variable].astype(float))})).to_numpy()
+    ratio = medians.median_step.to_numpy(float) / fitted
+    ratio = ratio[np.isfinite(ratio)]
+    worst = float(ratio[np.argmax(np.abs(np.log(ratio)))]) if len(ratio) else math.nan
+    return pd.DataFrame([{"variable": variable, "model": model, "loglik_power": float(power.log_likelihood_),
+                          "loglik_free": float(free_fit.log_likelihood_), "lr_statistic": statistic, "dof": dof,
+                          "p_value": float(chi2.sf(statistic, dof)), "worst_median_ratio": worst}])
 
 
 def k_of_n(summary: pd.DataFrame) -> str:
