@@ -44,12 +44,17 @@ def recorded(tmp_path_factory) -> tuple[Run, torch.nn.Module, list[float]]:
     return Run(out), model, losses
 
 
-def test_the_recorder_leaves_the_loop_bit_for_bit(recorded):
+def test_the_recorder_leaves_the_loop_bit_for_bit(recorded, tmp_path):
     run, model, losses = recorded
     plain_model, plain_losses = ex.train(None, record=False, **SMALL)
     assert losses == plain_losses  # every step's loss, exactly
     for (name, a), (_, b) in zip(model.state_dict().items(), plain_model.state_dict().items()):
         assert torch.equal(a, b), name
+    pytest.importorskip("tensorboard")
+    logged_model, logged_losses = ex.train(tmp_path / "logged", log="tensorboard", **SMALL)  # live telemetry too
+    assert logged_losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(logged_model.state_dict().values(), plain_model.state_dict().values()))
+    assert any((tmp_path / "logged" / "tensorboard").iterdir())
 
 
 def test_a_recorded_run_is_a_run_directory_that_rebuilds_the_users_model(recorded):

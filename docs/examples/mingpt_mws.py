@@ -92,7 +92,8 @@ def mws_batch(generator: torch.Generator, batch: int, length: int, max_value: in
 
 
 def train(out: str | Path | None, steps: int = 400, seed: int = 0, length: int = 16, max_value: int = 16,
-          batch: int = 256, lr: float = 1e-4, eval_every: int = 5, record: bool = True) -> tuple[GPT, list[float]]:
+          batch: int = 256, lr: float = 1e-4, eval_every: int = 5, record: bool = True,
+          log: str = "none") -> tuple[GPT, list[float]]:
     """The loop; with `record` (and `out`), recorded by mechlrmc. Returns the model and its training losses."""
     torch.manual_seed(seed)
     kwargs = dict(length=length, max_value=max_value)
@@ -108,7 +109,8 @@ def train(out: str | Path | None, steps: int = 400, seed: int = 0, length: int =
         recorder = Recorder(out, model, model_factory=f"{_here()}:build", factory_kwargs=kwargs,
                             task=MWSConfig(length=length, max_value=max_value, modulus=max_value + 1),
                             sites={"final": "ln_f", "attention": ["blocks.0.attn.pattern"]}, optimizer=opt,
-                            checkpoints="log", dense=(min(50, steps), steps), dense_every=10, eval_every=eval_every, steps=steps)
+                            checkpoints="log", dense=(min(50, steps), steps), dense_every=10, eval_every=eval_every, steps=steps,
+                            log=log)
     with recorder as rec:
         for step in range(1, steps + 1):
             seq = mws_batch(data, batch, length, max_value)
