@@ -90,3 +90,18 @@ def test_commitment_table_counts_spread_censoring_and_the_sealed_step():
     assert table.sealed.tolist() == [False, True, True]
     assert commitment_point(table) == 100
     assert commitment_point(commitment_table(summary[summary["train.branch_step"] == 50], tol=10)) != 100
+
+
+@pytest.mark.slow
+def test_the_commitment_command_branches_through_the_sweep_and_tabulates(parent, tmp_path, capsys):
+    """Two branches from each of two kept states, trained by the sweep (Ray), stopped early by a high
+    stop_below; mws_tiny never leaves its plateau, so every branch is censored and nothing is sealed."""
+    out = tmp_path / "commitment"
+    assert main(["analyze", "commitment", str(parent.path), "--at", "10", "20", "--branches", "2", "--limit", "30",
+                 "--stop-below", "100", "--tol", "100", "-o", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out / "commitment.csv")
+    assert table.branch_step.tolist() == [10, 20] and (table.branches == 2).all() and (table.censored == 2).all()
+    branches = pd.read_csv(out / "commitment_branches.csv")
+    assert sorted(branches["train.data_seed"]) == [1, 1, 2, 2] and (out / "commitment.html").is_file()
+    assert all(Run(p).stopped is not None for p in (out / "parent").iterdir() if (p / "config.yaml").is_file())
+    assert "parent: never sealed" in capsys.readouterr().out

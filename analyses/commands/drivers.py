@@ -99,7 +99,7 @@ def _commitment(args: argparse.Namespace) -> int:
     tables, branches = [], []
     for run, spec in zip(runs, specs):
         folder = out / run.path.name
-        sweep(spec, folder, progress=not args.quiet)
+        sweep(spec, folder, address=args.address, progress=not args.quiet)
         summary = cm.branch_summary(folder)
         phases = detect_phases(run).iloc[0]
         tol = args.tol or cm.default_tolerance(run)
@@ -195,6 +195,8 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
                                                     "(default: half-way between plateau and end, log scale)")
     p.add_argument("--tol", type=float, help="spread (sd of drop steps) of a sealed fate (default: 2 eval intervals)")
     p.add_argument("-o", "--out", help="output folder (default out/commitment)")
+    p.add_argument("--address", help="Ray cluster address for the branches (default: $RAY_ADDRESS, else a private "
+                                     "local instance)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=_commitment)
 
