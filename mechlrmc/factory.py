@@ -23,15 +23,19 @@ class FactoryError(UsageError, ValueError):
     """A model factory that does not import, or whose model does not fit the checkpoints."""
 
 
-def import_object(spec: str) -> Any:
-    """The object "module:name" or "path/to/file.py:name" names; one-line `FactoryError` otherwise."""
+def import_object(spec: str, base: str | Path | None = None) -> Any:
+    """The object "module:name" or "path/to/file.py:name" names (a relative file is looked for in
+    the working directory, then under `base`); one-line `FactoryError` otherwise."""
     module_name, _, attr = spec.rpartition(":")
     allowed = "allowed 'module:callable' (importable) or 'path/to/file.py:callable'"
     if not module_name or not attr:
         raise FactoryError(f"model_factory={spec!r} is invalid: {allowed}")
     try:
         if module_name.endswith(".py"):
-            path = Path(module_name).resolve()
+            path = Path(module_name)
+            if not path.is_absolute() and not path.is_file() and base:
+                path = Path(base) / path
+            path = path.resolve()
             name = f"mechlrmc_factory_{path.stem}"
             module = sys.modules.get(name)
             if module is None or getattr(module, "__file__", None) != str(path):
@@ -48,9 +52,11 @@ def import_object(spec: str) -> Any:
         raise FactoryError(f"model_factory={spec!r} does not import ({type(e).__name__}: {e}); {allowed}") from None
 
 
-def build_model(factory: str | Callable | type, kwargs: dict | None = None) -> torch.nn.Module:
-    """`factory(**kwargs)`: the model a recorded run's checkpoints load into."""
-    make = import_object(factory) if isinstance(factory, str) else factory
+def build_model(factory: str | Callable | type, kwargs: dict | None = None,
+                base: str | Path | None = None) -> torch.nn.Module:
+    """`factory(**kwargs)`: the model a recorded run's checkpoints load into (`base`: where a
+    relative factory file is looked for after the working directory)."""
+    make = import_object(factory, base) if isinstance(factory, str) else factory
     if not callable(make):
         raise FactoryError(f"model_factory={factory!r} is a {type(make).__name__}: allowed a callable returning "
                            f"an nn.Module")

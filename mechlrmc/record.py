@@ -60,7 +60,7 @@ UNKNOWN_STEPS = 10**12  # train.steps of a run whose loop did not say its length
 EVAL_BATCH = 256
 OPTIMIZER = "optim."
 TORCH_RNG = "rng.torch"
-MAY_CHANGE = ("train.steps", "train.log")
+MAY_CHANGE = ("train.steps", "train.log", "record.workdir")
 
 
 class RecordError(UsageError, ValueError):
@@ -113,7 +113,7 @@ class Recorder:
                 check_fits(build_model(factory, kwargs), model.state_dict(), "the model given to the Recorder")
         record = RecordConfig(model_factory=factory, factory_kwargs=kwargs, sites=self.sites.to_dict(),
                               checkpoints=list(checkpoints) if isinstance(checkpoints, (list, tuple)) else checkpoints,
-                              dense=tuple(dense), dense_every=dense_every, source=source)
+                              dense=tuple(dense), dense_every=dense_every, source=source, workdir=str(Path.cwd()))
         self.device = next(model.parameters()).device
         train = TrainConfig(steps=steps or UNKNOWN_STEPS, eval_every=eval_every, log_every=1,
                             eval_batch_size=eval_batch_size, log=log, device=self.device.type,

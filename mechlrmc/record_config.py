@@ -16,7 +16,8 @@ class RecordConfig:
     called with `factory_kwargs`; empty: notebooks pass the model class to `Run.load_model`),
     where its internals are read (`sites`, `mechlrmc.sites.Sites.to_dict`), the checkpoint
     schedule (`checkpoints`: "log", an interval, or a list of steps; `dense`: a [first, last]
-    window checkpointed every `dense_every` steps) and what drove the recorder (`source`)."""
+    window checkpointed every `dense_every` steps), what drove the recorder (`source`) and the
+    working directory it ran in (`workdir`: a relative factory file is also looked for there)."""
 
     model_factory: str = ""
     factory_kwargs: dict = field(default_factory=dict)
@@ -25,6 +26,7 @@ class RecordConfig:
     dense: tuple[int, ...] = ()
     dense_every: int = 1
     source: str = "loop"
+    workdir: str = ""  # the working directory it was recorded in: where a relative factory file is found
 
     def __post_init__(self) -> None:
         _require(isinstance(self.factory_kwargs, dict), "record.factory_kwargs", self.factory_kwargs,

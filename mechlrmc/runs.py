@@ -266,7 +266,7 @@ class Run:
         if not factory:
             raise FactoryError(f"{self.path} was recorded without a model_factory: pass the model class, "
                                f"run.load_model(step, model_class=MyModel)")
-        model = build_model(factory, record.factory_kwargs)
+        model = build_model(factory, record.factory_kwargs, record.workdir or None)
         state = self.state_dict(step)
         check_fits(model, state, f"checkpoint {self.checkpoint_path(step)}")
         model.load_state_dict(state)
