@@ -151,7 +151,11 @@ SHIPPED_FAMILIES = Path(__file__).resolve().parents[1] / "families"  # package d
 
 # settings that do not change a run's recipe: its seed, where and how it ran, and how long (a
 # shorter run of the recipe, e.g. a quick demo, still belongs to the recipe's family)
-_NOT_RECIPE = ("train.seed", "train.device", "train.threads", "train.dtype", "train.compile", "train.steps")
+# what does not make another recipe: the seeds, the machine, the length, where a run stops at its drop,
+# the states it keeps for branching, and its live telemetry
+_NOT_RECIPE = ("train.seed", "train.device", "train.threads", "train.dtype", "train.compile", "train.steps",
+               "train.data_seed", "train.stop_below", "train.stop_patience", "train.keep_states", "train.log",
+               "train.log_images_every")
 
 
 def _recipe(config) -> dict:
