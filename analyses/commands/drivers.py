@@ -151,7 +151,10 @@ def _scaling(args: argparse.Namespace) -> int:
     figures = {"scaling": plot_scaling(summary, args.by, best), "survival": plot_survival(tables["survival"])}
     for name, fig in figures.items():
         _save(fig, out / f"{name}.html")
-        fig.write_image(out / f"{name}.png", width=900, height=520, scale=1.5)
+        try:
+            fig.write_image(out / f"{name}.png", width=900, height=520, scale=1.5)
+        except Exception as e:  # kaleido (a headless browser) missing or failing: the HTML is written
+            print(f"{name}.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     print(survival.k_of_n(summary))
     print(tables["median_drop"].drop(columns="setting").to_string(index=False))
     print(fits.to_string(index=False))

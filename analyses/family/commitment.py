@@ -94,6 +94,8 @@ def commitment_table(summary: pd.DataFrame, run_drop: float = math.nan, tol: flo
                           "folder of branches (`mechlrmc analyze commitment`)")
     if tol <= 0:
         raise OptionError(f"tol={tol} is invalid: allowed a number of steps > 0")
+    if summary.empty:
+        raise OptionError("the summary has no branches: allowed the family_summary of at least one branch")
     rows = []
     for step, group in summary.groupby("train.branch_step", sort=True):
         dropped = group.drop_step.notna()
