@@ -39,6 +39,7 @@ without it, bit for bit (tests/test_record.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -254,27 +255,18 @@ class Recorder:
             ev = self.task.evaluate(self.model, self.eval_data, self.sites)
         return {f"eval_{k}": v for k, v in ev.items()}
 
+    @contextlib.contextmanager
     def _quiet(self):
-        """Eval mode, no gradients, and torch's RNG state put back: the loop sees nothing."""
-        recorder = self
-
-        class Quiet:
-            def __enter__(self):
-                self.training = recorder.model.training
-                self.rng = torch.get_rng_state()
-                self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-                self.grad = torch.no_grad()
-                self.grad.__enter__()
-                recorder.model.eval()
-
-            def __exit__(self, *exc):
-                recorder.model.train(self.training)
-                self.grad.__exit__(*exc)
-                torch.set_rng_state(self.rng)
-                if self.cuda is not None:
-                    torch.cuda.set_rng_state_all(self.cuda)
-
-        return Quiet()
+        """Eval mode, no gradients, and torch's RNG state put back (`torch.random.fork_rng`): the
+        loop sees nothing."""
+        training = self.model.training
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            self.model.eval()
+            try:
+                yield
+            finally:
+                self.model.train(training)
 
     def record_batch(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "cross_entropy") -> None:
         """Keep one batch of the loop's own data (`batch.safetensors`): with it, a run without a task
