@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REFERENCE_RUN
+from conftest import REFERENCE_ISA, REFERENCE_RUN
 
 from analyses.plateau.learning_times import learning_order, learning_times
 from mechlrmc import tasks
@@ -118,13 +118,21 @@ def test_lrmc_config_without_task_loads_as_lrmc(tmp_path):
 
 
 def test_cpu_preset_reproduces_the_shipped_run_bit_for_bit(tmp_path):
-    """The first 50 steps of the `cpu` preset give the shipped run's losses exactly."""
+    """The first 50 steps of the `cpu` preset give the shipped run's losses: exactly on the vector ISA
+    it was trained on (REFERENCE_ISA); on another ISA, whose kernels round differently from step 0
+    (an AVX2 machine: 0.2335127890110016 against 0.23351281881332397), to float tolerance."""
     run = train(preset("cpu").override(["train.steps=50"]), tmp_path / "cpu", progress=False)
     ours, shipped = run.metrics, Run(REFERENCE_RUN).metrics
     assert list(ours.columns) == list(METRIC_COLUMNS)
-    for step, columns in ((0, [c for c in METRIC_COLUMNS if c.startswith("eval_")]), (50, ["loss", "loss_obs", "loss_mask"])):
+    same_isa = torch.backends.cpu.get_cpu_capability() == REFERENCE_ISA
+    # step 0 is one forward of the same initial weights; step 50 has 50 Adam updates behind it
+    for step, columns, rel in ((0, [c for c in METRIC_COLUMNS if c.startswith("eval_")], 1e-5),
+                               (50, ["loss", "loss_obs", "loss_mask"], 5e-2)):
         a, b = ours[ours.step == step][columns].iloc[0], shipped[shipped.step == step][columns].iloc[0]
-        assert a.tolist() == b.tolist(), step
+        if same_isa:
+            assert a.tolist() == b.tolist(), step
+        else:
+            assert a.tolist() == pytest.approx(b.tolist(), rel=rel), step
 
 
 def test_causal_lrmc_run_trains_and_loads(tmp_path):
