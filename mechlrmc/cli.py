@@ -65,6 +65,8 @@ def _info(args: argparse.Namespace) -> int:
 
     run = Run(args.run)
     print(run.config.to_yaml(), end="")
+    if run.config.recorded:
+        print(f"model: {run.config.record.model_line()}")
     print(describe(run.provenance))
     print(f"checkpoints ({len(run.steps)}): {run.steps}")
     evals = run.evals

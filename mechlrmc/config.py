@@ -217,6 +217,10 @@ class TrainConfig:
         )
 
 
+# the train keys of a recorded run: the recorder's own settings (the loop's are in record.loop)
+RECORDED_TRAIN_KEYS = ("steps", "eval_every", "log_every", "eval_batch_size", "eval_seed", "device", "threads", "log")
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a training run. A recorded run (`record` set) has no `model`
@@ -268,7 +272,8 @@ class RunConfig:
             out["train"][key] = list(getattr(self.train, key))
         if self.record is None:
             del out["record"]
-        else:
+        else:  # a recorded run's train section: what the recorder decides, nothing of the loop's invented
+            out["train"] = {k: v for k, v in out["train"].items() if k in RECORDED_TRAIN_KEYS}
             out["record"]["dense"] = list(self.record.dense)
             if isinstance(self.record.checkpoints, tuple):
                 out["record"]["checkpoints"] = list(self.record.checkpoints)

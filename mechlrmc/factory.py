@@ -9,6 +9,7 @@ of their modules does; the weights still come only from safetensors files.
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 import sys
 from pathlib import Path
@@ -52,6 +53,18 @@ def import_object(spec: str, base: str | Path | None = None) -> Any:
         raise FactoryError(f"model_factory={spec!r} does not import ({type(e).__name__}: {e}); {allowed}") from None
 
 
+def factory_spec(factory: Any) -> str:
+    """The "module:callable" that names `factory` (a string as it is, "" for None): a class or
+    function must be importable again, so not one of `__main__` or a local one."""
+    if factory is None or isinstance(factory, str):
+        return factory or ""
+    module, name = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    if not module or module == "__main__" or "<" in name:
+        raise FactoryError(f"model_factory={factory!r} cannot be imported again: allowed 'module:callable', "
+                           f"'path/to/file.py:callable', or a class or function defined in an importable module")
+    return f"{module}:{name}"
+
+
 def build_model(factory: str | Callable | type, kwargs: dict | None = None,
                 base: str | Path | None = None) -> torch.nn.Module:
     """`factory(**kwargs)`: the model a recorded run's checkpoints load into (`base`: where a
@@ -61,9 +74,19 @@ def build_model(factory: str | Callable | type, kwargs: dict | None = None,
         raise FactoryError(f"model_factory={factory!r} is a {type(make).__name__}: allowed a callable returning "
                            f"an nn.Module")
     try:
-        model = make(**(kwargs or {}))
+        inspect.signature(make).bind(**(kwargs or {}))
     except TypeError as e:
         raise FactoryError(f"model_factory={factory!r} does not take factory_kwargs={kwargs!r} ({e})") from None
+    except ValueError:  # a callable without a signature Python can read: call it and see
+        pass
+    try:
+        model = make(**(kwargs or {}))
+    except FactoryError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FactoryError(f"model_factory={factory!r} failed with factory_kwargs={kwargs!r} ({type(e).__name__} "
+                           f"inside the factory: {first}); allowed a factory that builds the model from them") from None
     if not isinstance(model, torch.nn.Module):
         raise FactoryError(f"model_factory={factory!r} returned a {type(model).__name__}: allowed an nn.Module")
     return model
@@ -81,3 +104,17 @@ def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str
              f"other shapes {[(k, given[k], own[k]) for k in shapes[:2]]}" if shapes else ""]
     raise FactoryError(f"{what} does not fit the model {type(model).__name__}: "
                        f"{'; '.join(p for p in parts if p)}; allowed the same parameter names and shapes")
+
+
+def check_factory(factory: str, kwargs: dict, state: dict[str, torch.Tensor], what: str) -> None:
+    """The factory imports and builds a model whose names and shapes are `state`'s; built on the
+    meta device (no memory for its weights, no draw from torch's RNG) where it allows."""
+    try:
+        with torch.device("meta"):
+            model = build_model(factory, kwargs)
+    except FactoryError as e:
+        if "inside the factory" not in str(e):
+            raise
+        with torch.random.fork_rng(devices=[]):  # a factory the meta device cannot run: a real one
+            model = build_model(factory, kwargs)
+    check_fits(model, state, what)

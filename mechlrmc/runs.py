@@ -98,7 +98,14 @@ class Run:
 
     @property
     def metric_columns(self) -> tuple[str, ...]:
-        """The columns of metrics.csv: step, the task's metrics, its eval metrics, wall_time."""
+        """The columns of metrics.csv: step, the task's metrics, its eval metrics, wall_time, then
+        any scalar a recorded loop added (`Recorder.step`), in the order they first came."""
+        file = self.path / "metrics.csv"
+        if file.is_file():
+            with open(file) as f:
+                header = f.readline().rstrip("\n")
+            if header:
+                return tuple(header.split(","))
         return self.config.task.metric_columns
 
     # ----- creation and writing (used by the trainer) -----
@@ -188,6 +195,10 @@ class Run:
         if not rows:
             return
         columns = self.metric_columns
+        new = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in columns]
+        if new:
+            self._add_metric_columns(new)
+            columns = (*columns, *new)
         text = "".join(",".join(_format(r.get(c)) for c in columns) + "\n" for r in rows)
         file = self.path / "metrics.csv"
         size = file.stat().st_size
@@ -199,6 +210,31 @@ class Run:
         except OSError as e:
             os.truncate(file, size)
             raise write_failed(file, e) from e
+
+    def _add_metric_columns(self, names: list[str]) -> None:
+        """New columns at the end of metrics.csv (the file rewritten atomically; earlier rows empty there)."""
+        bad = [n for n in names if not n or any(c in n for c in ',"\n\r')]
+        if bad:
+            raise CheckpointError(f"metric name {bad[0]!r} cannot be a column of metrics.csv: allowed names "
+                                  f"without commas, quotes or line breaks")
+        file = self.path / "metrics.csv"
+        text = file.read_text()
+        lines = text[:text.rfind("\n") + 1].split("\n")[:-1]  # complete rows only
+        pad = "," * len(names)
+        body = [lines[0] + "," + ",".join(names), *(line + pad for line in lines[1:] if line)]
+        atomic_write(file, ("\n".join(body) + "\n").encode())
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        """Forget the checkpoints after `step` (a run continued from `step` writes them again)."""
+        manifest = self._manifest()
+        later = [s for s in manifest["checkpoints"] if int(s) > step]
+        if not later:
+            return
+        for s in later:
+            del manifest["checkpoints"][s]
+        atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())
+        for s in later:
+            (self.path / f"checkpoints/step_{int(s):06d}.safetensors").unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only complete rows up to `step` (used on resume)."""
@@ -319,8 +355,7 @@ class Run:
 
         The trainer writes every eval column of an evaluation together; a run imported from the
         reference implementation has `eval_loss` only (its other eval columns are NaN)."""
-        metrics = self.metrics
-        return metrics[metrics.eval_loss.notna()].reset_index(drop=True)
+        return self.config.task.evaluations(self.metrics)
 
     def nearest_step(self, step: int) -> int:
         """The checkpointed step closest to `step`."""

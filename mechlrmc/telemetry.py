@@ -131,7 +131,9 @@ class Telemetry:
                 if final is not None:
                     out["collapse/final"] = measures.mean_pairwise_cosine(acts[final], scored)
         out.update({f"weight_norm/{k}": v for k, v in measures.component_norms(trainer.model).items()})
-        out.update({f"grad_norm/{k}": v for k, v in measures.component_norms(trainer.model, grads=True).items()})
+        kept = getattr(trainer, "grad_norms", None)  # taken before a framework cleared the gradients
+        grads = kept if kept is not None else measures.component_norms(trainer.model, grads=True)
+        out.update({f"grad_norm/{k}": v for k, v in grads.items()})
         step = trainer.step
         images = {}
         if step % self.image_every == 0 or step == self.cfg.train.steps:

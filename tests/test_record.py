@@ -1,5 +1,5 @@
 """The Recorder on a loop and a model mechlrmc did not write (docs/examples/mingpt_mws.py), sites on
-any model, the framework callbacks, and bad input."""
+any model, the framework callbacks, and bad input (bit for bit and real jobs: test_record_jobs.py)."""
 
 from __future__ import annotations
 
@@ -42,19 +42,6 @@ def recorded(tmp_path_factory) -> tuple[Run, torch.nn.Module, list[float]]:
     out = tmp_path_factory.mktemp("record") / "mingpt"
     model, losses = ex.train(out, **SMALL)
     return Run(out), model, losses
-
-
-def test_the_recorder_leaves_the_loop_bit_for_bit(recorded, tmp_path):
-    run, model, losses = recorded
-    plain_model, plain_losses = ex.train(None, record=False, **SMALL)
-    assert losses == plain_losses  # every step's loss, exactly
-    for (name, a), (_, b) in zip(model.state_dict().items(), plain_model.state_dict().items()):
-        assert torch.equal(a, b), name
-    pytest.importorskip("tensorboard")
-    logged_model, logged_losses = ex.train(tmp_path / "logged", log="tensorboard", **SMALL)  # live telemetry too
-    assert logged_losses == plain_losses
-    assert all(torch.equal(a, b) for a, b in zip(logged_model.state_dict().values(), plain_model.state_dict().values()))
-    assert any((tmp_path / "logged" / "tensorboard").iterdir())
 
 
 def test_a_recorded_run_is_a_run_directory_that_rebuilds_the_users_model(recorded):
@@ -349,5 +336,6 @@ def test_the_scaling_command_fits_a_planted_law_on_a_family(tmp_path, capsys):
     assert main(["analyze", "scaling", str(tmp_path / "fam"), "--by", "train.eval_every", "-o", str(tmp_path / "s")]) == 0
     fits = pd.read_csv(tmp_path / "s" / "scaling.csv")
     assert fits.exponent.between(1.3, 1.7).all() and (fits.ci_low < fits.exponent).all()
-    assert {"survival.csv", "median_drop.csv", "power_law.csv", "scaling.png", "survival.html"} <= {
-        p.name for p in (tmp_path / "s").iterdir()}
+    written = {p.name for p in (tmp_path / "s").iterdir()}
+    assert {"survival.csv", "median_drop.csv", "power_law.csv", "survival.html"} <= written
+    assert {"scaling.png", "scaling.html"} & written  # the PNG where kaleido finds a browser, else the HTML

@@ -38,16 +38,17 @@ def model_rows(cfg) -> list[tuple[str, str]]:
     """The model and training rows: mechlrmc's recipe, or what a recorded run knows of the user's."""
     if cfg.recorded:
         r = cfg.record
-        factory = f"{r.model_factory}(**{r.factory_kwargs})" if r.model_factory else "(recorded without a factory)"
         sites = ", ".join([*(f"{k}: {v}" for k, v in r.sites.get("hidden", {}).items()),
                            *(f"attention: {a}" for a in r.sites.get("attention", []))]) or "none"
         missing = [text for kind, text in (
             ("hidden", "collapse (no hidden-state site: Recorder(sites={'final': 'module.name'}))"),
             ("attention", "attention on the optimal map (no attention site: Recorder(sites={'attention': "
                           "['module.name']}))")) if not r.sites.get(kind)]
-        return [("model", f"the user's own, rebuilt by {factory}; sites read: {sites}"),
+        factory = f"{r.model_factory}" if r.model_factory else "(recorded without a factory)"
+        told = ", ".join(f"{k} {v}" for k, v in r.loop.items()) or "nothing more"
+        return [("model", f"the user's own: {r.model_line()}; rebuilt by {factory}; sites read: {sites}"),
                 ("training", f"the user's own loop, recorded by the {r.source} recorder: {cfg.train.steps} steps, "
-                             f"evaluated every {cfg.train.eval_every}"),
+                             f"evaluated every {cfg.train.eval_every}; the loop told: {told}"),
                 ("not measured", "; ".join([*missing, "the lenses that read mechlrmc's own model's weights and hook "
                                             "points (heads, patching, probes, LLC, early warnings)"]))]
     m = cfg.model

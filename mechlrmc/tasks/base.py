@@ -82,6 +82,10 @@ class Task:
         """The columns of a run's metrics.csv."""
         return ("step", *self.train_metrics, *(f"eval_{m}" for m in self.eval_metrics), "wall_time")
 
+    def evaluations(self, metrics: Any) -> Any:
+        """The rows of a run's metrics table that are evaluations (`eval_loss` not NaN), index reset."""
+        return metrics[metrics.eval_loss.notna()].reset_index(drop=True)
+
     def check(self, run_cfg: mechlrmc.config.RunConfig) -> None:
         """Reject a model the task cannot use (one line naming the field and what is allowed)."""
         causal = run_cfg.model.causal

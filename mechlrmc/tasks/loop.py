@@ -1,7 +1,8 @@
 """`loop`: the task of a recorded run whose data mechlrmc does not know (`mechlrmc.record`).
 
-A user's own loop on a user's own data: the run has only the losses the loop logs (`loss`, and
-`eval_loss` where the loop evaluates; without one, every logged loss is also the evaluation). The
+A user's own loop on a user's own data: the run has only the losses the loop logs (`loss`, its
+training loss, and `eval_loss` where the loop evaluates). The phases read the loop's evaluations,
+or, in a loop that passes none, its training loss: one or the other, never a mix. The
 lenses that apply are those that need no data (the loss curve's phases) and, where the loop
 recorded one batch (`Recorder.record_batch`: inputs, targets and the loss, "cross_entropy" or
 "mse"), those that need only a batch and the loss: weight and gradient norms, the top Hessian
@@ -70,9 +71,17 @@ class _Loop(Task):
     train_metrics = ("loss",)
     eval_metrics = ("loss",)
     summary_metrics = ("eval_loss",)
-    phase_label = "logged loss"
+    phase_label = "the loop's loss"
     final_metrics = ("loss",)
     has_data = False
+
+    def evaluations(self, metrics):
+        """The loop's own evaluations (`eval_loss`, as it passed them); a loop that passed none is
+        read through its training loss (`loss` as `eval_loss`), never a mix of the two."""
+        if metrics.eval_loss.notna().any() or "loss" not in metrics:
+            return super().evaluations(metrics)
+        rows = metrics[metrics.loss.notna()].reset_index(drop=True)
+        return rows.assign(eval_loss=rows.loss)
 
     def sample(self, cfg, batch_size, generator):
         raise ConfigError("data.task='loop' has no data mechlrmc can sample: allowed only for recorded runs "
