@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from mechlrmc.parallel import world_size
+if TYPE_CHECKING:
+    import torch
 
 from mechlrmc.validation import ConfigError
 from mechlrmc.validation import require as _require
@@ -122,6 +121,10 @@ def loop_summary(optimizer: torch.optim.Optimizer | None, batch_size: int | None
     """What the loop said of itself: its optimizer's class and hyper-parameters (the first
     parameter group's numbers and flags), the batch size, the processes, and `loop`'s own entries
     (a framework's arguments), as JSON values."""
+    import torch  # here: the config (and the command line) starts without torch
+
+    from mechlrmc.parallel import world_size
+
     out: dict[str, Any] = {}
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
         optimizer = optimizer.optimizer
