@@ -1,8 +1,8 @@
 """The run directory: config, metrics table, checkpoints named by step, and resume state.
 
     RUN/config.yaml            the RunConfig
-    RUN/metrics.csv            one row per logged step (columns: the task's `metric_columns`;
-                               LRMC's are METRIC_COLUMNS)
+    RUN/metrics.csv            one row per logged step (`mechlrmc.metrics_table`: the task's
+                               `metric_columns`, LRMC's METRIC_COLUMNS, then a recorded loop's own)
     RUN/manifest.json          every checkpoint's file, size and SHA-256
     RUN/checkpoints/step_000500.safetensors   model weights at step 500
     RUN/resume.safetensors     weights, optimizer and RNG state at the latest checkpoint
@@ -20,9 +20,7 @@ time (`Run.lock`, an `fcntl.flock` the OS drops when its holder dies); readers t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save
 
+from mechlrmc import metrics_table
 from mechlrmc.config import RunConfig
 from mechlrmc.files import (LOCK_FILE, TMP_MARK, CheckpointError, RunExistsError, RunLock, RunLockedError, WriteError,
                             atomic_write, is_bookkeeping, write_failed)
@@ -42,12 +41,6 @@ METRIC_COLUMNS = (
     "eval_loss", "eval_loss_obs", "eval_loss_mask", "eval_corr_mask", "wall_time",
 )
 FORMAT_VERSION = 1
-def _format(value: float | int | None) -> str:
-    if value is None or value != value:  # None or NaN
-        return ""
-    return repr(int(value)) if isinstance(value, int) else repr(float(value))
-
-
 def read_provenance(folder: str | Path) -> dict | None:
     """`folder/provenance.json` (a run's, or a shipped family's): None where none was recorded."""
     file = Path(folder) / "provenance.json"
@@ -92,6 +85,7 @@ class Run:
         if not (self.path / "config.yaml").is_file():
             raise CheckpointError(f"{self.path} is not a run directory: it has no config.yaml")
         self.config = RunConfig.from_yaml(self.path / "config.yaml")
+        self._columns: tuple[str, ...] | None = None  # the writer's metrics.csv columns, once read
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, steps={self.steps})"
@@ -100,13 +94,7 @@ class Run:
     def metric_columns(self) -> tuple[str, ...]:
         """The columns of metrics.csv: step, the task's metrics, its eval metrics, wall_time, then
         any scalar a recorded loop added (`Recorder.step`), in the order they first came."""
-        file = self.path / "metrics.csv"
-        if file.is_file():
-            with open(file) as f:
-                header = f.readline().rstrip("\n")
-            if header:
-                return tuple(header.split(","))
-        return self.config.task.metric_columns
+        return metrics_table.header(self.path / "metrics.csv") or self.config.task.metric_columns
 
     # ----- creation and writing (used by the trainer) -----
     @classmethod
@@ -138,7 +126,8 @@ class Run:
     def restart(self) -> None:
         """Empty the metrics table and the manifest: training starts again from step 0."""
         self.remove_temporary_files()
-        atomic_write(self.path / "metrics.csv", (",".join(self.metric_columns) + "\n").encode())
+        self._columns = self.config.task.metric_columns
+        metrics_table.start(self.path / "metrics.csv", self._columns)
         atomic_write(self.path / "manifest.json", json.dumps({"format": FORMAT_VERSION, "checkpoints": {}}).encode())
 
     def remove_temporary_files(self) -> None:
@@ -191,38 +180,10 @@ class Run:
         return self.path / rel
 
     def append_metrics(self, rows: list[dict]) -> None:
-        """Append rows to metrics.csv and flush them to disk; a failed write is undone."""
-        if not rows:
-            return
-        columns = self.metric_columns
-        new = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in columns]
-        if new:
-            self._add_metric_columns(new)
-            columns = (*columns, *new)
-        text = "".join(",".join(_format(r.get(c)) for c in columns) + "\n" for r in rows)
-        file = self.path / "metrics.csv"
-        size = file.stat().st_size
-        try:
-            with open(file, "a") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            os.truncate(file, size)
-            raise write_failed(file, e) from e
-
-    def _add_metric_columns(self, names: list[str]) -> None:
-        """New columns at the end of metrics.csv (the file rewritten atomically; earlier rows empty there)."""
-        bad = [n for n in names if not n or any(c in n for c in ',"\n\r')]
-        if bad:
-            raise CheckpointError(f"metric name {bad[0]!r} cannot be a column of metrics.csv: allowed names "
-                                  f"without commas, quotes or line breaks")
-        file = self.path / "metrics.csv"
-        text = file.read_text()
-        lines = text[:text.rfind("\n") + 1].split("\n")[:-1]  # complete rows only
-        pad = "," * len(names)
-        body = [lines[0] + "," + ",".join(names), *(line + pad for line in lines[1:] if line)]
-        atomic_write(file, ("\n".join(body) + "\n").encode())
+        """Append rows to metrics.csv (a key it has no column for adds one) and flush them to disk;
+        a failed write is undone."""
+        if rows:
+            self._columns = metrics_table.append(self.path / "metrics.csv", self._columns or self.metric_columns, rows)
 
     def drop_checkpoints_after(self, step: int) -> None:
         """Forget the checkpoints after `step` (a run continued from `step` writes them again)."""
@@ -238,10 +199,7 @@ class Run:
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only complete rows up to `step` (used on resume)."""
-        lines = (self.path / "metrics.csv").read_text().split("\n")
-        header, body = lines[0], lines[1:-1]  # the piece after the last newline may be half a row
-        keep = [line for line in body if line and int(line.split(",", 1)[0]) <= step]
-        atomic_write(self.path / "metrics.csv", ("\n".join([header, *keep]) + "\n").encode())
+        metrics_table.truncate(self.path / "metrics.csv", step)
 
     def save_resume_state(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         data = save(_unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items()}),
@@ -343,11 +301,7 @@ class Run:
         """The metrics table, one row per logged step (eval columns are NaN between evaluations).
 
         Only complete rows: a row the writer is appending at this moment is left out."""
-        file = self.path / "metrics.csv"
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        text = file.read_text()
-        return pd.read_csv(io.StringIO(text[:text.rfind("\n") + 1]), float_precision="round_trip")  # exactly the floats written
+        return metrics_table.read(self.path / "metrics.csv")
 
     @property
     def evals(self) -> pd.DataFrame:
