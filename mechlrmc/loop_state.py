@@ -18,6 +18,7 @@ import torch
 from mechlrmc.errors import UsageError
 
 TENSOR = "__tensor__"
+OPTIMIZER, SCHEDULER, SCALER = "optim", "scheduler", "scaler"  # the parts' names in a resume state
 
 
 class StateError(UsageError, ValueError):
@@ -28,23 +29,26 @@ def split(prefix: str, state: Any, what: str) -> tuple[dict[str, torch.Tensor], 
     """(tensors {f"{prefix}.{path}": tensor}, the JSON of `state` with references to them)."""
     tensors: dict[str, torch.Tensor] = {}
 
+    def at(path: str, key: object) -> str:
+        return f"{path}.{key}" if path else str(key)
+
     def walk(value: Any, path: str) -> Any:
         if torch.is_tensor(value):
             tensors[f"{prefix}.{path}"] = value.detach()
             return {TENSOR: f"{prefix}.{path}"}
         if isinstance(value, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")]
+            return {"__dict__": [[walk(k, at(path, f"k{i}")), walk(v, at(path, i))]
                                  for i, (k, v) in enumerate(value.items())]}
         if isinstance(value, (list, tuple)):
             return {"__tuple__" if isinstance(value, tuple) else "__list__":
-                    [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+                    [walk(v, at(path, i)) for i, v in enumerate(value)]}
         if isinstance(value, float) and not math.isfinite(value):
             return {"__float__": repr(value)}
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a numpy scalar
             return value.item()
-        raise StateError(f"{what} holds {path.strip('.') or 'its root'} = {type(value).__name__}, which cannot be "
+        raise StateError(f"{what} holds {path or 'its root'} = {type(value).__name__}, which cannot be "
                          f"saved without pickle: allowed tensors, numbers, strings, lists and mappings of them")
 
     return tensors, json.dumps(walk(state, ""))
@@ -68,6 +72,23 @@ def join(layout: str, tensors: dict[str, torch.Tensor], device: torch.device | s
         return value
 
     return build(json.loads(layout))
+
+
+def restore(tensors: dict[str, torch.Tensor], layouts: dict[str, str], parts: dict[str, Any],
+            device: torch.device, rank: int = 0) -> None:
+    """Load a resume state (`resume_tensors`' tensors and layouts) into the parts (optimizer on
+    `device`, the others on the CPU) and put back the RNG states (rank `rank`'s CPU state where
+    each rank's was kept); a part given now but not then, or then but not now, is one line."""
+    for name, part in parts.items():
+        if (name in layouts) != (part is not None):
+            given = "given" if part is not None else "not given"
+            raise StateError(f"resume=True with the {name} {given}, but the run's resume state "
+                             f"{'has' if name in layouts else 'has no'} {name} state: allowed the same "
+                             f"optimizer, scheduler and scaler arguments as when it was recorded")
+        if part is not None:
+            part.load_state_dict(join(layouts[name], tensors, device if name == OPTIMIZER else "cpu"))
+    own = f"rng.torch.{rank}"
+    set_rng_states(tensors, own if own in tensors else "rng.torch")
 
 
 def rng_states(cuda: bool) -> dict[str, torch.Tensor]:

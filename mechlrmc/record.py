@@ -51,11 +51,12 @@ from typing import Any
 import torch
 
 from mechlrmc import loop_state, parallel, provenance, telemetry
-from mechlrmc.resume import MODEL
 from mechlrmc.config import ConfigError, RecordConfig, RunConfig, TrainConfig
 from mechlrmc.errors import UsageError
 from mechlrmc.factory import check_factory, check_fits, factory_spec
+from mechlrmc.loop_state import OPTIMIZER, SCALER, SCHEDULER
 from mechlrmc.record_config import describe_model, loop_summary
+from mechlrmc.resume import MODEL
 from mechlrmc.runs import CheckpointError, Run, RunLock
 from mechlrmc.sites import SiteError, Sites
 from mechlrmc.tasks import get_task
@@ -63,7 +64,6 @@ from mechlrmc.tasks.base import TaskConfig
 
 UNKNOWN_STEPS = 10**12  # train.steps of a run whose loop did not say its length, until it closes
 EVAL_BATCH = 256
-OPTIMIZER, SCHEDULER, SCALER = "optim", "scheduler", "scaler"
 MAY_CHANGE = ("train.steps", "train.log", "record.workdir", "record.loop")
 RESERVED = ("step", "wall_time")
 
@@ -87,8 +87,8 @@ def _scalar(name: str, value: Any) -> float:
     """A metric's value as a float: a number, a numpy scalar or a one-element tensor."""
     if torch.is_tensor(value) and value.numel() == 1:
         return float(value.detach().float().item())
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) or hasattr(value, "item") and \
-            getattr(value, "shape", None) == ():
+    numpy_scalar = hasattr(value, "item") and getattr(value, "shape", None) == ()
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool)) or numpy_scalar:
         return float(value)
     raise RecordError(f"metric {name}={value!r} is not a number: allowed a number, a numpy scalar or a one-element "
                       f"tensor")
@@ -163,7 +163,7 @@ class Recorder:
             if self.writer:
                 self.run = self._open(path, exists, start_step)
             if exists and start_step is None:
-                self._load(Run(path))
+                self._load(self.run or Run(path))  # rank 0's opened run; the other ranks read it
             elif start_step is not None and exists:
                 self.start_step = self.step_done = self.saved = int(start_step)
             self.resumed = self.start_step > 0
@@ -203,8 +203,8 @@ class Recorder:
         return run
 
     def _load(self, run: Run) -> None:
-        """Weights, optimizer, scheduler, scaler and RNG states of the run's resume state (every rank
-        reads it; the run's metrics are cut back to its step by rank 0)."""
+        """The run's resume state into the model, optimizer, scheduler, scaler and RNG (every rank
+        reads it; rank 0 cuts the run's metrics and checkpoints back to its step)."""
         if not run.has_resume_state:
             return
         if self.optimizer is None:
@@ -213,42 +213,34 @@ class Recorder:
         model_state = {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
         check_fits(self.model, model_state, f"{run.path / 'resume.safetensors'}")
         self.model.load_state_dict(model_state)
-        states = json.loads(meta["states"])
-        for name, part in ((OPTIMIZER, self.optimizer), (SCHEDULER, self.scheduler), (SCALER, self.scaler)):
-            if (name in states) != (part is not None):
-                given = "given" if part is not None else "not given"
-                raise RecordError(f"resume=True with the {name} {given}, but the run's resume state "
-                                  f"{'has' if name in states else 'has no'} {name} state: allowed the same "
-                                  f"optimizer, scheduler and scaler arguments as when it was recorded")
-            if part is not None:
-                part.load_state_dict(loop_state.join(states[name], tensors, self.device if name == OPTIMIZER else "cpu"))
-        rng_key = f"rng.torch.{self.rank}" if f"rng.torch.{self.rank}" in tensors else "rng.torch"
-        loop_state.set_rng_states(tensors, rng_key)
+        loop_state.restore(tensors, json.loads(meta["states"]), self._parts, self.device, self.rank)
         self.start_step, self.wall_time = int(meta["step"]), float(meta["wall_time"])
         self.step_done = self.saved = self.start_step
         if self.writer:
             run.truncate_metrics(self.start_step)
             run.drop_checkpoints_after(self.start_step)
 
+    @property
+    def _parts(self) -> dict[str, Any]:
+        """The loop's state-holding parts by their names in the resume state (None: not given)."""
+        return {OPTIMIZER: self.optimizer, SCHEDULER: self.scheduler, SCALER: self.scaler}
+
     def _check_output(self) -> dict[str, tuple[int, ...]]:
         """The model's output on two evaluation examples has the shape the task reads, and every
-        site runs in its forward; {site: output shape}."""
+        site runs in its forward (`Sites.capture`); {site: output shape}."""
         tokens = self.eval_data[:2].tokens.to(self.device)
         batch, pos = tokens.shape
         vocab = self.cfg.data.vocab_size
         try:
             with self._quiet():
                 out, acts = self.sites.capture(self.model, tokens)
+        except SiteError:
+            raise
         except (IndexError, RuntimeError, ValueError) as e:
             raise RecordError(f"task={self.cfg.data.task!r} does not fit the model: on its tokens [{batch}, {pos}] "
                               f"(ids 0..{vocab - 1}) the model fails ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); allowed a model that reads "
                               f"{pos} positions of a vocabulary of {vocab}") from None
-        uncalled = [name for name in self.sites.names if name not in acts]
-        if uncalled:
-            raise SiteError(f"site {uncalled[0]!r} of {type(self.model).__name__} is never called in its forward (no "
-                            f"output to read): allowed submodules that run in the forward (an attention pattern "
-                            f"site where the model computes its pattern)")
         if self.task.readout == "vocab":
             ok = out.dim() == 3 and tuple(out.shape[:2]) == (batch, pos) and out.shape[2] >= vocab
             want = f"logits [batch, {pos}, >= {vocab}]"
@@ -368,8 +360,7 @@ class Recorder:
     def _save_resume(self, step: int, state: dict[str, torch.Tensor], rngs: list[torch.Tensor]) -> None:
         from mechlrmc import resume as resume_file
 
-        parts = {OPTIMIZER: self.optimizer, SCHEDULER: self.scheduler, SCALER: self.scaler}
-        tensors, layouts = loop_state.resume_tensors(state, parts, rngs, cuda=self.device.type == "cuda")
+        tensors, layouts = loop_state.resume_tensors(state, self._parts, rngs, cuda=self.device.type == "cuda")
         self.run.save_resume_state(step, tensors, {**resume_file.meta(self.wall_time), "states": json.dumps(layouts)})
 
     def close(self, failed: bool = False) -> Run | None:

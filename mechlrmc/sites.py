@@ -87,7 +87,7 @@ class Sites:
     def capture(self, model: torch.nn.Module, tokens: torch.Tensor, names: list[str] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward of `model` on `tokens`: (its output as logits, {site name: output}) for the
-        sites `names` (default all)."""
+        sites `names` (default all); a site the forward never calls is a one-line `SiteError`."""
         from mechlrmc.measures import logits_of
 
         names = self.names if names is None else names
@@ -105,6 +105,11 @@ class Sites:
         finally:
             for handle in handles:
                 handle.remove()
+        uncalled = [name for name in names if name not in acts]
+        if uncalled:
+            raise SiteError(f"site {uncalled[0]!r} of {type(model).__name__} is never called in its forward (no "
+                            f"output to read): allowed submodules that run in the forward (an attention pattern "
+                            f"site where the model computes its pattern)")
         return logits, acts
 
     def patterns(self, acts: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -30,7 +30,9 @@ from typing import Any
 import transformers
 from transformers import TrainerCallback
 
-from mechlrmc.record import Recorder, loop_summary
+from mechlrmc.factory import FactoryError
+from mechlrmc.record import Recorder
+from mechlrmc.record_config import loop_summary
 
 SPEED = ("_runtime", "_per_second", "total_flos")  # logged figures of speed, not of the run
 ARGUMENTS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1",
@@ -41,8 +43,6 @@ ARGUMENTS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio
 def from_config(config: dict, architecture: str | None = None) -> transformers.PreTrainedModel:
     """A freshly initialised Hugging Face model of `config` (`PretrainedConfig.to_dict()`), of the
     class its `architectures` names (or `architecture`): the default factory of recorded HF runs."""
-    from mechlrmc.factory import FactoryError
-
     name = architecture or (config.get("architectures") or [None])[0]
     cls = getattr(transformers, name, None) if name else transformers.AutoModelForCausalLM
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -61,7 +61,6 @@ def from_config(config: dict, architecture: str | None = None) -> transformers.P
 def _arguments(args) -> dict[str, Any]:
     out = {key: getattr(args, key) for key in ARGUMENTS if hasattr(args, key)}
     out = {k: (v.value if hasattr(v, "value") else v) for k, v in out.items()}  # enums as their names
-    out["world_size"] = args.world_size
     return {"framework": f"transformers {transformers.__version__}",
             **{k: v for k, v in out.items() if v is None or isinstance(v, (bool, int, float, str))}}
 

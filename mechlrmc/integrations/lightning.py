@@ -24,7 +24,8 @@ from typing import Any
 import lightning
 import torch
 
-from mechlrmc.record import Recorder, loop_summary
+from mechlrmc.record import Recorder
+from mechlrmc.record_config import loop_summary
 
 
 class RecorderCallback(lightning.Callback):
@@ -40,7 +41,7 @@ class RecorderCallback(lightning.Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         loop = {**loop_summary(optimizer, None, None), "framework": f"lightning {lightning.__version__}",
-                "accumulate_grad_batches": trainer.accumulate_grad_batches, "world_size": trainer.world_size}
+                "accumulate_grad_batches": trainer.accumulate_grad_batches}
         kw = {"steps": steps, "loop": loop, **self.kwargs}
         if trainer.global_step > 0:  # Lightning restored its own checkpoint: go on from its step
             kw.update(resume=True, start_step=trainer.global_step)
