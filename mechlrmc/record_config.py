@@ -14,6 +14,11 @@ from mechlrmc.validation import ConfigError
 from mechlrmc.validation import require as _require
 
 
+# what a report says of a recorded loop, in this order (record.loop keeps every setting the loop told)
+BRIEF_LOOP = ("optimizer", "lr", "betas", "weight_decay", "batch_size", "processes", "framework", "lr_scheduler_type",
+              "warmup_steps", "gradient_accumulation_steps", "accumulate_grad_batches", "max_grad_norm")
+
+
 @dataclass
 class RecordConfig:
     """A run recorded from a user's own loop and model (`mechlrmc.record.Recorder`): how to rebuild
@@ -60,6 +65,13 @@ class RecordConfig:
         parts += [f"width {m['width']}"] if "width" in m else []
         parts += [f"{m['parameters']:,} parameters"] if "parameters" in m else []
         return f"{m.get('class', 'a model')}: {', '.join(parts)}" if parts else m.get("class", "a model")
+
+    def loop_line(self) -> str:
+        """What the loop told, in brief (`BRIEF_LOOP` keys where present; the rest is in `loop`):
+        "AdamW, lr 0.001, weight_decay 0.0, batch_size 16, transformers 5.25.0, ..."."""
+        told = [f"{self.loop[key]}" if key in ("optimizer", "framework") else f"{key} {self.loop[key]}"
+                for key in BRIEF_LOOP if key in self.loop]
+        return ", ".join(told) or "nothing"
 
     def is_checkpoint_step(self, step: int) -> bool:
         """Whether the schedule checkpoints `step` (step 0 always)."""

@@ -361,6 +361,8 @@ def test_a_recorded_run_says_what_the_loop_told_and_nothing_invented(tmp_path, c
     assert "\n  batch_size: 256" not in raw and "\n  lr: 0.0001" not in raw  # no invented defaults
     loop = run.config.record.loop
     assert loop["learning_rate"] == 1e-3 and loop["per_device_train_batch_size"] == 8 and loop["optimizer"] == "AdamW"
+    assert run.config.record.loop_line().startswith("AdamW, lr 0.001, betas [0.9, 0.999], weight_decay 0.0, batch_size 8")
+    assert "foreach" not in run.config.record.loop_line()  # the report's line leaves the kernel switches to config.yaml
     assert main(["info", str(run.path)]) == 0
     assert "model: GPT2LMHeadModel: 1 layers, 2 heads, width 32, " in capsys.readouterr().out
 

@@ -45,10 +45,9 @@ def model_rows(cfg) -> list[tuple[str, str]]:
             ("attention", "attention on the optimal map (no attention site: Recorder(sites={'attention': "
                           "['module.name']}))")) if not r.sites.get(kind)]
         factory = f"{r.model_factory}" if r.model_factory else "(recorded without a factory)"
-        told = ", ".join(f"{k} {v}" for k, v in r.loop.items()) or "nothing more"
         return [("model", f"the user's own: {r.model_line()}; rebuilt by {factory}; sites read: {sites}"),
                 ("training", f"the user's own loop, recorded by the {r.source} recorder: {cfg.train.steps} steps, "
-                             f"evaluated every {cfg.train.eval_every}; the loop told: {told}"),
+                             f"evaluated every {cfg.train.eval_every}; the loop told: {r.loop_line()} (all in config.yaml, record.loop)"),
                 ("not measured", "; ".join([*missing, "the lenses that read mechlrmc's own model's weights and hook "
                                             "points (heads, patching, probes, LLC, early warnings)"]))]
     m = cfg.model
