@@ -23,7 +23,7 @@ _EXPORTS = {  # module -> the names it exports here
     "base.registry": ("ANALYSES", "Analysis", "applicable", "get"),
     "base.store": ("cached",),
     "base.walk": ("across_checkpoints", "analysis_batch", "select_steps"),
-    "causal.ablation": ("ablate", "ablation_hooks", "head_ablation_sweep", "mean_z"),
+    "causal.ablation": ("ablate", "ablation_edits", "head_ablation_sweep", "mean_z"),
     "causal.agreement": ("attribution_agreement", "attribution_verdict", "compare_with_patching"),
     "causal.attribution": ("attribution", "attribution_sweep"),
     "causal.figures": ("plot_ablation", "plot_attribution_vs_patching", "plot_patching", "plot_patching_steps",

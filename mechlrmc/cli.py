@@ -5,7 +5,9 @@
     mechlrmc info RUN
     mechlrmc export RUN --out DIR [--dtype float16] [--until STEP]
     mechlrmc sweep SPEC.yaml --out DIR [--address ADDR] [--connect-timeout SECONDS]
-    mechlrmc import FILES... --out RUN (--preset NAME | --config FILE) [--set key=value ...]
+    mechlrmc import SRC DEST [--task NAME] [--factory module:callable] [--factory-kwargs JSON] [--prefix model.]
+                    [--sites JSON]   (a transformers.Trainer output folder or Lightning checkpoints)
+    mechlrmc import FILES... --out RUN (--preset NAME | --config FILE) [--set key=value ...]   (reference files)
 
 Bad input is one line on stderr and exit code 2 (a failed write: exit code 1); `--debug` or
 MECHLRMC_DEBUG=1 shows the traceback instead.
@@ -18,6 +20,7 @@ imports the analysis layer.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -102,14 +105,55 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"trial {row.run!r} {row.status}" + (f": {row.error}" if row.error else ""), file=sys.stderr)
     print(f"{len(summary) - len(failed)} of {len(summary)} trials finished; summary in {Path(args.out) / 'summary.csv'}")
     return 0 if failed.empty else 1
+
+
+def _json_option(name: str, text: str | None) -> dict | None:
+    try:
+        value = None if text is None else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{name} {text!r} is not JSON ({e}): allowed a JSON mapping") from None
+    if value is not None and not isinstance(value, dict):
+        raise UsageError(f"{name} {text!r} is a {type(value).__name__}: allowed a JSON mapping")
+    return value
+
+
 def _import(args: argparse.Namespace) -> int:
+    run_options = [f"--{n.replace('_', '-')}" for n in ("task", "factory", "factory_kwargs", "prefix", "sites")
+                   if getattr(args, n) is not None]
+    if not (args.preset or args.config):
+        return _import_run(args)
+    if run_options:
+        raise UsageError(f"{run_options[0]} is for `mechlrmc import SRC DEST`: the reference implementation's files "
+                         f"take --out, --preset or --config, and --set")
+    if not args.out:
+        raise UsageError("the reference implementation's files need --out RUN: allowed a new run directory")
     from mechlrmc.reference import import_reference
 
     cfg = RunConfig.from_yaml(args.config) if args.config else preset(args.preset)
-    run, resumable = import_reference(args.files, args.out, cfg.override(list(args.set)))
+    run, resumable = import_reference(args.paths, args.out, cfg.override(list(args.set)))
     print(f"imported {len(run.steps)} checkpoints (steps {run.steps[0]}..{run.steps[-1]}) into {run.path}; "
           + ("`mechlrmc train --resume --out RUN` continues from the last one with its Adam state" if resumable
              else "no resume state: the files' optimizer state could not be mapped"))
+    return 0
+
+
+def _import_run(args: argparse.Namespace) -> int:
+    paths = [*args.paths, *([args.out] if args.out else [])]
+    if len(paths) != 2 or args.set:
+        raise UsageError(f"mechlrmc import got {paths}{' and --set' if args.set else ''}: allowed SRC DEST (a "
+                         f"transformers.Trainer output folder or Lightning checkpoints, and a new run directory), or "
+                         f"FILES... --out RUN with --preset or --config (the reference implementation's files)")
+    from mechlrmc.importer import import_run
+
+    run = import_run(paths[0], paths[1], task=args.task, factory=args.factory,
+                     factory_kwargs=_json_option("--factory-kwargs", args.factory_kwargs), prefix=args.prefix,
+                     sites=_json_option("--sites", args.sites), progress=not args.quiet)
+    metrics = run.metrics
+    losses = [f"{c} at {int(metrics[c].notna().sum())} steps" for c in metrics.columns
+              if "loss" in c and metrics[c].notna().any()]
+    print(f"imported {len(run.steps)} checkpoints (steps {run.steps[0]}..{run.steps[-1]}) from {paths[0]} into "
+          f"{run.path}; " + (", ".join(losses) if losses else "no losses found (no log_history in trainer_state.json, no "
+                             "metrics.csv of Lightning's CSVLogger): the run has its checkpoints only"))
     return 0
 
 
@@ -155,13 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"give up on a cluster that does not answer within this time (default {CONNECT_TIMEOUT:g})")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.set_defaults(func=_sweep)
-    p = sub.add_parser("import", help="import the reference implementation's checkpoint files as a run")
-    p.add_argument("files", nargs="+", help="torch.save'd files, e.g. 7x7_p03_r2_l4_h8_grok3999.tar")
-    p.add_argument("--out", required=True, help="new run directory")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=sorted(PRESETS))
-    source.add_argument("--config", help="a config.yaml describing the files' model and task")
+    p = sub.add_parser("import", help="a run that exists (a transformers.Trainer output folder, Lightning "
+                                      "checkpoints) or the reference implementation's files as a new run directory")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SRC DEST: a Trainer output folder or a folder of *.ckpt, and the new run directory; or the "
+                        "reference implementation's torch.save'd files (e.g. 7x7_p03_r2_l4_h8_grok3999.tar) with --out")
+    p.add_argument("--out", help="new run directory (reference files)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), help="reference files: their model and task")
+    source.add_argument("--config", help="reference files: a config.yaml describing their model and task")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--task", help="SRC DEST: the task whose data the run was trained on, e.g. mws (default: loop, "
+                                  "the losses only)")
+    p.add_argument("--factory", metavar="MODULE:CALLABLE",
+                   help="SRC DEST: the model factory ('module:callable' or 'path/to/file.py:callable'); needed for "
+                        "Lightning checkpoints, default for a Trainer folder: its config.json")
+    p.add_argument("--factory-kwargs", metavar="JSON", help="SRC DEST: the factory's keyword arguments")
+    p.add_argument("--prefix", help="SRC DEST: the LightningModule's attribute holding the model (default: the "
+                                    "first name component every state_dict key shares, e.g. model.; '' for none)")
+    p.add_argument("--sites", metavar="JSON", help='SRC DEST: the sites, e.g. \'{"final": "transformer.ln_f"}\'')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_import)
 
     for command in _command_entry_points():

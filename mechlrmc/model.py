@@ -190,6 +190,8 @@ class HookedEncoder(HookedRootModule):
     """`model(tokens [batch, pos]) -> predictions [batch, pos]` (scalar read-out) or
     `logits [batch, pos, d_vocab]` (vocabulary read-out), for any pos <= n_ctx."""
 
+    anatomy_source = "mechlrmc"  # `mechlrmc.anatomy`: its parts are its hook points, its groups the whole vocabulary
+
     def __init__(self, cfg: EncoderConfig | RunConfig, seed: int | None = 0):
         super().__init__()
         if isinstance(cfg, RunConfig):

@@ -108,14 +108,15 @@ class Recorder:
                  checkpoints: str | int | list[int] = "log", dense: tuple[int, int] | list[int] = (),
                  dense_every: int = 1, eval_every: int = 10, steps: int | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None,
-                 sites: dict | Sites | None = None, log: str = "none", eval_batch_size: int = EVAL_BATCH,
+                 sites: dict | Sites | str | None = None, log: str = "none", eval_batch_size: int = EVAL_BATCH,
                  resume: bool = False, start_step: int | None = None, batch_size: int | None = None,
                  loop: dict | None = None, source: str = "loop", record_start: bool = True):
         self.model = parallel.unwrap(model)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.rank, self.distributed = parallel.rank(), parallel.world_size() > 1
         self.writer, self.sharded = self.rank == 0, parallel.is_sharded(self.model)
-        self.sites = sites if isinstance(sites, Sites) else Sites.from_dict(sites) if sites else Sites.of(self.model)
+        self.sites = (Sites.auto(self.model) if sites == "auto" else sites if isinstance(sites, Sites)
+                      else Sites.from_dict(sites) if sites else Sites.of(self.model)).resolve(self.model)
         self.sites.check(self.model)
         factory = factory_spec(model_factory)
         kwargs = dict(factory_kwargs or {})

@@ -266,6 +266,22 @@ class Run:
         model.load_state_dict(state)
         return model.to(device=device, dtype=dtype).eval()
 
+    def skeleton(self) -> torch.nn.Module:
+        """The run's model with no checkpoint loaded (its structure: `mechlrmc.anatomy` derives where
+        its parts are from it without reading weights)."""
+        if self.config.recorded:
+            from mechlrmc.factory import build_model
+
+            record = self.config.record
+            if not record.model_factory:
+                from mechlrmc.factory import FactoryError
+
+                raise FactoryError(f"{self.path} was recorded without a model_factory: its model cannot be rebuilt")
+            return build_model(record.model_factory, record.factory_kwargs, record.workdir or None).eval()
+        from mechlrmc.model import HookedEncoder
+
+        return HookedEncoder(self.config, seed=None).eval()
+
     def save_batch(self, inputs: torch.Tensor, targets: torch.Tensor, loss: str) -> None:
         """Keep one batch of a recorded loop's data (`mechlrmc.record.Recorder.record_batch`)."""
         data = save({"inputs": inputs.detach().cpu().contiguous(), "targets": targets.detach().cpu().contiguous()},

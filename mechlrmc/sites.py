@@ -33,16 +33,21 @@ class SiteError(UsageError, ValueError):
     """A site name that is not a submodule of the model, or a site whose output has the wrong shape."""
 
 
+ANATOMY_KEYS = ("resid", "attn_out", "mlp_out", "z", "heads", "components", "pattern_kind")  # `mechlrmc.anatomy`
+
+
 @dataclass(frozen=True)
 class Sites:
     hidden: dict[str, str] = field(default_factory=dict)  # label -> submodule name
     attention: tuple[str, ...] = ()
+    anatomy: dict[str, Any] = field(default_factory=dict)  # the other parts a plain module names (`mechlrmc.anatomy`)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Sites:
         """From `{"hidden": {label: name}, "attention": [name, ...]}`; also the short form
         `{"final": name, "attention": [...]}`, where every key but `attention` is a hidden site."""
         raw = dict(raw or {})
+        anatomy = {key: raw.pop(key) for key in ANATOMY_KEYS if key in raw}
         attention = raw.pop("attention", ())
         hidden = raw.pop("hidden", {})
         if isinstance(attention, str):
@@ -50,10 +55,30 @@ class Sites:
         if not isinstance(hidden, dict) or not all(isinstance(v, str) for v in {**hidden, **raw}.values()):
             raise SiteError(f"sites={raw!r} are invalid: allowed {{'final': 'module.name', 'attention': "
                             f"['module.name', ...]}} (names of submodules)")
-        return cls(hidden={**hidden, **raw}, attention=tuple(attention))
+        return cls(hidden={**hidden, **raw}, attention=tuple(attention), anatomy=anatomy)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hidden": dict(self.hidden), "attention": list(self.attention)}
+        return {"hidden": dict(self.hidden), "attention": list(self.attention), **self.anatomy}
+
+    def resolve(self, model: torch.nn.Module) -> Sites:
+        """Templates with `{L}` (`"blocks.{L}.attn.pattern"`) written out for every layer of `model`,
+        and `resid`'s blocks added as hidden sites "0", "1", ... (collapse at every layer)."""
+        modules = dict(model.named_modules())
+
+        def expand(name: str) -> list[str]:
+            if "{L}" not in name:
+                return [name]
+            out = []
+            while name.replace("{L}", str(len(out))).split(":")[0] in modules:
+                out.append(name.replace("{L}", str(len(out))))
+            return out
+
+        attention = tuple(n for name in self.attention for n in expand(name))
+        anatomy = {k: (expand(v) if isinstance(v, str) and k != "pattern_kind" else v) for k, v in self.anatomy.items()}
+        hidden = dict(self.hidden)
+        for layer, name in enumerate(anatomy.get("resid", ())):
+            hidden.setdefault(str(layer), name)
+        return Sites(hidden=hidden, attention=attention, anatomy=anatomy)
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Sites:
@@ -62,6 +87,19 @@ class Sites:
         that declares none (give them by name)."""
         declared = getattr(model, "sites", None)
         return declared() if callable(declared) else cls()
+
+    @classmethod
+    def auto(cls, model: torch.nn.Module) -> Sites:
+        """`sites="auto"`: the sites derived from the model's anatomy (`mechlrmc.anatomy`), read in the
+        user's loop without changing the model. mechlrmc's model and TransformerLens models: their hook
+        points; a Hugging Face model the TransformerBridge supports: each block's output and the final
+        LayerNorm at their module paths (its patterns are read at analysis time, on a bridged copy of
+        each checkpoint); a plain module: none (name them)."""
+        if callable(getattr(model, "sites", None)):
+            return cls.of(model)
+        from mechlrmc.anatomy import auto_sites
+
+        return cls.from_dict(auto_sites(model))
 
     @property
     def names(self) -> list[str]:

@@ -79,5 +79,5 @@ def test_bad_arguments_are_named(setup):
     _, model, batch = setup
     with pytest.raises(ValueError, match="kind='half'"):
         ablate(model, batch, [(0, 0)], "half")
-    with pytest.raises(ValueError, match=r"heads \[\(5, 0\)\]"):
+    with pytest.raises(ValueError, match=r"head \(5, 0\) is out of range"):
         ablate(model, batch, [(5, 0)])

@@ -55,7 +55,8 @@ def test_a_recorded_run_is_a_run_directory_that_rebuilds_the_users_model(recorde
     rebuilt = run.load_model(12)
     tokens = torch.randint(0, 8, (3, 12))
     assert torch.equal(rebuilt(tokens), model.eval()(tokens))
-    assert run.sites == Sites(hidden={"final": "ln_f"}, attention=("blocks.0.attn.pattern",))
+    assert run.sites.attention == ("blocks.0.attn.pattern",) and run.sites.hidden == {"final": "ln_f", "0": "blocks.0"}
+    assert run.sites.anatomy["z"] == ["blocks.0.attn.out"] and run.sites.anatomy["heads"] == 1  # `{L}` written out
     for step in run.steps:
         run.verify(step)
 
@@ -66,8 +67,11 @@ def test_report_and_info_read_a_recorded_run(recorded, tmp_path, capsys):
 
     run = recorded[0]
     assert main(["info", str(run.path)]) == 0
-    assert {a.name for a in applicable(Context(run))} == {"overview", "phases", "plateau_dynamics", "learning_times",
-                                                          "early_warning"}
+    # every entry a run that `mechlrmc train` makes on MWS gets (tests/test_sequences.py), through the anatomy
+    # the example's sites name
+    assert {a.name for a in applicable(Context(run))} == {
+        "overview", "phases", "llc", "taxonomy", "views", "scrubber", "ablation", "sequence_patching", "probes", "swaps",
+        "plateau_dynamics", "learning_times", "early_warning"}
     assert main(["report", str(run.path), "-o", str(tmp_path / "r.html"), "--quick", "--workers", "1"]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "the user's own" in page and "ln_f" in page and "Plateau dynamics" in page
@@ -152,7 +156,8 @@ def test_a_recorded_batch_gives_a_run_without_a_task_its_norms_and_hessian(tmp_p
             opt.step()
             rec.step(step, loss=loss.item())
     ctx = Context(Run(tmp_path / "lsq"))
-    assert {a.name for a in applicable(ctx)} == {"overview", "phases", "early_warning"}
+    # a linear model with no anatomy: the lenses of the losses and of a recorded batch (the LLC on it)
+    assert {a.name for a in applicable(ctx)} == {"overview", "phases", "llc", "early_warning"}
     from analyses.plateau.early_warning import HESSIAN_BATCH, warning_measures
 
     rows = warning_measures(ctx.model(20), ctx.batch).set_index("measure").value
@@ -252,9 +257,10 @@ def test_the_transformers_trainer_callback_records_a_run(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf_out"), max_steps=6, per_device_train_batch_size=16,
                                           logging_steps=2, learning_rate=1e-3, report_to=[], save_strategy="no",
                                           use_cpu=True, disable_tqdm=True)
-    callback = RecorderCallback(tmp_path / "hf", task=task, sites={"final": "transformer.ln_f"}, checkpoints=2)
+    callback = RecorderCallback(tmp_path / "hf", task=task, sites="auto", checkpoints=2)
     transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
     run = Run(tmp_path / "hf")
+    assert run.sites.hidden == {"0": "transformer.h.0", "final": "transformer.ln_f"}  # derived: no names given
     assert run.config.record.source == "transformers" and run.steps == [0, 2, 4, 6]
     assert run.metrics.loss.dropna().size == 3  # the steps the Trainer logged
     assert run.evals.eval_collapse.notna().all()
@@ -262,7 +268,17 @@ def test_the_transformers_trainer_callback_records_a_run(tmp_path):
     tokens = torch.randint(0, 8, (2, 12))
     assert torch.allclose(rebuilt(tokens).logits, model.eval()(tokens).logits)
     assert main(["info", str(run.path)]) == 0
+    # the attention lenses without an attention site: TransformerBridge on a copy of each checkpoint
+    from analyses.base.context import Context
+    from analyses.base.registry import applicable
+
+    ctx = Context(run, progress=False)
+    assert ctx.anatomy.bridged and {"taxonomy", "views", "scrubber", "ablation", "sequence_patching", "probes",
+                                    "swaps"} <= {a.name for a in applicable(ctx)}
+    shares = ctx.taxonomy
+    assert len(shares[shares.step == 6]) == 2 and shares.share_on_map.between(0, 1).all()  # 1 layer x 2 heads
     assert main(["report", str(run.path), "-o", str(tmp_path / "hf.html"), "--quick", "--workers", "1"]) == 0
+    assert 'id="taxonomy" data-status="ok"' in (tmp_path / "hf.html").read_text()
 
 
 def get_sequences(task: MWSConfig, n: int) -> list[dict]:

@@ -114,8 +114,8 @@ def test_the_report_of_a_token_run_shows_the_sections_that_apply(tmp_path):
     assert report.errors == {}
     import re
     sections = re.findall(r'<section id="([^"]+)" data-status="ok">', report.html)
-    assert sections == ["overview", "phases", "llc", "views", "scrubber", "sequence_patching", "plateau_dynamics", "learning_times",
-                        "early_warning"]
+    assert sections == ["overview", "phases", "llc", "taxonomy", "views", "scrubber", "ablation", "sequence_patching",
+                        "probes", "swaps", "plateau_dynamics", "learning_times", "early_warning"]
     assert "<script src=" not in report.html
 
 

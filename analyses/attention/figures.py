@@ -26,21 +26,23 @@ def plot_taxonomy(taxonomy: pd.DataFrame, queries: str = "all", drop_step: float
     steps = sorted(frame.step.unique())
     x = [str(s) for s in steps]
     labels = frame.pivot(index="name", columns="step", values="label").loc[heads, steps]
-    short = labels.replace(SHORT_LABELS)  # cell text: R row, C column, S self, O observed-only
+    # cell text: R row, C column, S self, O observed-only (a token task: M map, P previous, S self, F first)
+    short = labels.map(lambda label: SHORT_LABELS.get(label, str(label)[:1].upper()))
+    scores = [s for s in SCORES if s in frame] or [c for c in frame if c.startswith("share_")]
     fig = go.Figure()
-    for i, score in enumerate(SCORES):
+    for i, score in enumerate(scores):
         z = frame.pivot(index="name", columns="step", values=score).loc[heads, steps]
         fig.add_heatmap(z=z.to_numpy(), x=x, y=heads, zmin=0, zmax=1, colorscale="Viridis", visible=i == 0,
                         customdata=labels.to_numpy(), name=score, text=short.to_numpy(), texttemplate="%{text}",
                         hovertemplate="%{y} step %{x}<br>" + score + " %{z:.3f}<br>label %{customdata}<extra></extra>")
-    buttons = [dict(label=s, method="update", args=[{"visible": [j == i for j in range(len(SCORES))]},
+    buttons = [dict(label=s, method="update", args=[{"visible": [j == i for j in range(len(scores))]},
                                                      {"title": f"Attention share: {s} ({queries} queries)"}])
-               for i, s in enumerate(SCORES)]
+               for i, s in enumerate(scores)]
     if drop_step is not None and not pd.isna(drop_step):
         nearest = min(steps, key=lambda s: abs(s - drop_step))
         fig.add_vline(x=steps.index(nearest), line_color="red", line_dash="dash",
                       annotation_text=f"drop ~{int(drop_step)}")
-    fig.update_layout(title=f"Attention share: {SCORES[0]} ({queries} queries)", xaxis_title="step",
+    fig.update_layout(title=f"Attention share: {scores[0]} ({queries} queries)", xaxis_title="step",
                       xaxis_type="category", yaxis_autorange="reversed", template="plotly_white",
                       updatemenus=[dict(buttons=buttons, x=1.0, y=1.12, xanchor="right")],
                       width=max(700, 40 * len(steps) + 200), height=max(400, 18 * len(heads) + 150))

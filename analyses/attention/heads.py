@@ -33,11 +33,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from analyses.base.cache import chunked_cache, pattern_names
+from analyses.base.cache import chunked_patterns
 from mechlrmc import measures
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.config import DataConfig
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks import get_task
 from mechlrmc.tasks.lrmc import Batch, structured_mask, with_observed
 
@@ -120,14 +120,16 @@ def _table(sums: dict[str, torch.Tensor], count: torch.Tensor, m: int, n: int) -
     return frame
 
 
-def _taxonomy(model: HookedEncoder, batch: Batch, queries: tuple[str, ...], chunk_size: int) -> pd.DataFrame:
-    names = pattern_names(model)
+def _taxonomy(model: torch.nn.Module, batch: Batch, queries: tuple[str, ...], chunk_size: int,
+              anatomy: Anatomy | None = None) -> pd.DataFrame:
+    model, anatomy = subject_of(model, anatomy)
+    names = list(range(anatomy.n_layers))
     sums = {(name, qs): None for name in names for qs in queries}
     counts = dict.fromkeys(queries, 0.0)
-    for rows, _, cache in chunked_cache(model, batch.tokens, names, chunk_size):
+    for rows, patterns in chunked_patterns(model, batch.tokens, chunk_size=chunk_size, anatomy=anatomy):
         for qs in queries:
             for name in names:
-                part, count = _score_sums(cache[name], batch.observed[rows], batch.m, batch.n, qs)
+                part, count = _score_sums(patterns[name], batch.observed[rows], batch.m, batch.n, qs)
                 old = sums[name, qs]
                 sums[name, qs] = part if old is None else {k: old[k] + part[k] for k in part}
             counts[qs] += float(count)
@@ -140,11 +142,13 @@ def _taxonomy(model: HookedEncoder, batch: Batch, queries: tuple[str, ...], chun
 
 
 def head_taxonomy(
-    model: HookedEncoder, batch: Batch, queries: str | tuple[str, ...] = ("all", "masked"), chunk_size: int = 512
+    model: torch.nn.Module, batch: Batch, queries: str | tuple[str, ...] = ("all", "masked"), chunk_size: int = 512,
+    anatomy: Anatomy | None = None,
 ) -> pd.DataFrame:
     """Scores and label of every (layer, head), averaged over the batch's random masks, for each
-    query group in `queries` (finding 4, docs/FINDINGS.md). Memory is bounded by `chunk_size`."""
-    return _taxonomy(model, batch, (queries,) if isinstance(queries, str) else tuple(queries), chunk_size)
+    query group in `queries` (finding 4, docs/FINDINGS.md). Memory is bounded by `chunk_size`; the
+    patterns are read through the model's anatomy."""
+    return _taxonomy(model, batch, (queries,) if isinstance(queries, str) else tuple(queries), chunk_size, anatomy)
 
 
 def default_structured_mask(m: int, n: int) -> torch.Tensor:
@@ -156,11 +160,12 @@ def default_structured_mask(m: int, n: int) -> torch.Tensor:
 
 
 def structured_taxonomy(
-    model: HookedEncoder,
+    model: torch.nn.Module,
     batch: Batch,
     data_cfg: DataConfig,
     observed: torch.Tensor | None = None,
     chunk_size: int = 512,
+    anatomy: Anatomy | None = None,
 ) -> pd.DataFrame:
     """`head_taxonomy` with one fixed mask for the whole batch (default `default_structured_mask`),
     scored over masked and over observed queries (finding 4, docs/FINDINGS.md). In the default mask a
@@ -168,7 +173,7 @@ def structured_taxonomy(
     (chance 1 / (m n)); a column head avoiding masked keys has `column_observed` near `column`."""
     observed = default_structured_mask(batch.m, batch.n) if observed is None else observed
     structured = with_observed(batch, observed, data_cfg)
-    return _taxonomy(model, structured, ("masked", "observed"), chunk_size)
+    return _taxonomy(model, structured, ("masked", "observed"), chunk_size, anatomy)
 
 
 _ONSET_COLUMNS = ["layer", "head", "label", "since_step", "since_drop", "row_share", "column_share"]
@@ -216,11 +221,49 @@ def map_shares(patterns, batch, n_layers: int | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "head", "share_on_map"])
 
 
+REFERENCE_LABELS = {"optimal": "map"}  # how a label names a reference map (the optimal map: "map 0.72")
+
+
 @torch.no_grad()
-def head_map_share(model, batch) -> pd.DataFrame:
-    """Per (layer, head): `share_on_map` (as `attention_progress_native`, from one forward, no
-    generation) and a `label` "map 0.72" for attention views and the scrubber."""
-    names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)}
-    _, cache = model.run_with_cache(batch.tokens, names_filter=lambda name: name in names)
-    shares = map_shares(cache, batch, model.cfg.n_layers)
-    return shares.assign(label=[f"map {s:.2f}" for s in shares.share_on_map])
+def head_map_share(model, batch, anatomy: Anatomy | None = None) -> pd.DataFrame:
+    """The head taxonomy of a token task (or any task without LRMC's matrices): per (layer, head) the
+    share of |attention| on each of the task's reference maps (`Task.reference_maps`: its optimal map,
+    the previous token, the query itself, the first token) over the queries that predict outputs,
+    as `share_<map>` (`share_on_map`: the optimal map, as `attention_progress_native`), and a `label`
+    naming the map with the largest share and that share ("map 0.72", "previous 0.91"). One forward,
+    no generation; the patterns are read through the model's anatomy."""
+    model, anatomy = subject_of(model, anatomy)
+    keys = [f"pattern.{l}" for l in range(anatomy.n_layers)]
+    _, acts = anatomy.run(model, batch.tokens, read=keys)
+    task = get_task(batch.task)
+    queries = task.reference_rows(batch).to(batch.tokens.device)[None].expand(len(batch), -1)
+    rows = []
+    for layer, pattern in enumerate(anatomy.patterns(acts)):
+        shares = {name: measures.attention_share(pattern, cells.to(pattern.device), queries).tolist()
+                  for name, cells in task.reference_maps(batch).items()}
+        for head in range(pattern.shape[1]):
+            row = {"layer": layer, "head": head, **{f"share_{n}": v[head] for n, v in shares.items()}}
+            best = max(shares, key=lambda n: shares[n][head])
+            rows.append({**row, "label": f"{REFERENCE_LABELS.get(best, best)} {shares[best][head]:.2f}"})
+    frame = pd.DataFrame(rows)
+    if "share_optimal" in frame:
+        frame.insert(2, "share_on_map", frame.pop("share_optimal"))
+    return frame
+
+
+MAP_HALF = 0.5  # a head "is on" a reference map once half of its attention is there
+
+
+def map_onsets(taxonomy: pd.DataFrame, drop_step: float | None, share: str = "share_on_map") -> pd.DataFrame:
+    """A token task's `head_onsets`: per (layer, head), its share on the optimal map at the last step, the
+    first step from which the share stays >= `MAP_HALF` to the end (`since_step`, NaN: not on the map at
+    the end) and that step's distance to the drop (`since_drop`), best heads first."""
+    rows = []
+    for (layer, head), history in taxonomy.sort_values("step").groupby(["layer", "head"]):
+        values = history[share].to_numpy()
+        below = [i for i, v in enumerate(values) if v < MAP_HALF]
+        since = float("nan") if values[-1] < MAP_HALF else float(history.step.iloc[below[-1] + 1 if below else 0])
+        no_drop = drop_step is None or pd.isna(drop_step)
+        rows.append({"layer": int(layer), "head": int(head), "share_at_end": float(values[-1]), "since_step": since,
+                     "since_drop": float("nan") if no_drop or pd.isna(since) else since - drop_step})
+    return pd.DataFrame(rows).sort_values("share_at_end", ascending=False).reset_index(drop=True)

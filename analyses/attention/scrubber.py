@@ -12,18 +12,20 @@ inlined once; all checkpoints' patterns travel in the file, rounded to 3 decimal
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
 from analyses.attention.heads import head_map_share, head_taxonomy
 from analyses.base.cache import mean_patterns
 from analyses.base.walk import Steps, across_checkpoints
-from mechlrmc.model import HookedEncoder
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.runs import Run
 from mechlrmc.tasks.lrmc import Batch
 
 
-def pattern_frame(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
+def pattern_frame(model: torch.nn.Module, batch: Batch, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Average attention pattern of every head as a long table (layer, head, query, key, weight)."""
-    patterns = mean_patterns(model, batch.tokens)  # [layer, head, q, k]
+    model, anatomy = subject_of(model, anatomy)
+    patterns = mean_patterns(model, batch.tokens, anatomy=anatomy)  # [layer, head, q, k]
     index = pd.MultiIndex.from_product([range(s) for s in patterns.shape], names=["layer", "head", "query", "key"])
     return pd.DataFrame({"weight": patterns.flatten().numpy()}, index=index).reset_index()
 

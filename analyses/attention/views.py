@@ -20,8 +20,9 @@ import torch
 
 from analyses.attention.figures import plot_attention_scrubber
 from analyses.attention.scrubber import scrub_data
-from analyses.base.cache import cache_hooks, mean_patterns, pattern_names
+from analyses.base.cache import chunked_patterns, mean_patterns
 from analyses.base.walk import Steps, analysis_batch
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
@@ -57,20 +58,22 @@ def attention_page(
     head_labels: dict[tuple[int, int], str] | None = None,
     title: str = "Attention patterns",
     chunk_size: int = 512,
+    anatomy: Anatomy | None = None,
 ) -> str:
     """A standalone HTML page of all heads: averaged over `batch` and for each of `examples`.
     `head_labels` ({(layer, head): label}, e.g. from `head_taxonomy`) are appended to head names."""
     bad = [e for e in examples if not 0 <= e < len(batch)]
     if bad:
         raise OptionError(f"examples {bad} are out of range: allowed 0 <= example < {len(batch)}")
-    names = pattern_names(model)
-    averaged = mean_patterns(model, batch.tokens, chunk_size=chunk_size)  # [layer, head, q, k]
+    model, anatomy = subject_of(model, anatomy)
+    averaged = mean_patterns(model, batch.tokens, chunk_size=chunk_size, anatomy=anatomy)  # [layer, head, q, k]
     chosen = batch[torch.tensor(examples, dtype=torch.long)]
-    _, cache = cache_hooks(model, chosen.tokens, names)
+    _, patterns = next(chunked_patterns(model, chosen.tokens, anatomy=anatomy, chunk_size=len(examples)))
     labels = head_labels or {}
     sections, calls, bundle = [], [], None
-
-    causal, signed = bool(getattr(model.cfg, "causal", False)), getattr(model.cfg, "attention", "softmax") != "softmax"
+    causal = bool(getattr(getattr(model, "cfg", None), "causal", False)) or bool(
+        (averaged.abs().sum((0, 1)).triu(1) == 0).all() and averaged.shape[-1] > 1)
+    signed = anatomy.pattern_kind == "linear" or getattr(getattr(model, "cfg", None), "attention", "softmax") == "linear"
 
     def view(pattern: torch.Tensor, tokens: list[str], layer: int, max_value: float | None = None) -> str:
         nonlocal bundle
@@ -85,7 +88,7 @@ def attention_page(
         calls.append(call)
         return f'<div id="{div}" class="view"></div>'
 
-    for layer, name in enumerate(names):
+    for layer in range(anatomy.n_layers):
         top = float(averaged[layer].abs().max())
         scale = f"-{top:.2f} to {top:.2f}, signed linear attention" if signed else f"0 to {top:.2f}"
         over = batch.description
@@ -96,7 +99,7 @@ def attention_page(
             what = batch.example_caption
             sections.append(f"<h3>Example {example} ({what})</h3>")
             sections.append(_example_table(chosen, i))
-            sections.append(view(cache[name][i], chosen.example_names(i), layer, None if signed else 1.0))
+            sections.append(view(patterns[layer][i], chosen.example_names(i), layer, None if signed else 1.0))
     style = ("body{font-family:sans-serif;margin:20px} table.matrix{border-collapse:collapse;margin:6px 0}"
              " .matrix td{border:1px solid #bbb;padding:3px 7px;text-align:right;font-family:monospace}"
              " .matrix td.masked{background:#ddd;color:#777}")

@@ -84,17 +84,43 @@ def pattern_names(model: HookedEncoder, layers: list[int] | None = None) -> list
 
 
 def mean_patterns(
-    model: HookedEncoder,
+    model: torch.nn.Module,
     tokens: torch.Tensor,
     layers: list[int] | None = None,
     chunk_size: int = 512,
     device: str | torch.device | None = None,
+    anatomy=None,
 ) -> torch.Tensor:
     """Attention patterns averaged over the batch, [layer, head, query, key], computed chunk by
-    chunk (finding 4 of docs/FINDINGS.md averages patterns over many samples)."""
-    names = pattern_names(model, layers)
+    chunk (finding 4 of docs/FINDINGS.md averages patterns over many samples), read through the
+    model's anatomy (`mechlrmc.anatomy`; default derived from the model)."""
     total = None
-    for _, _, cache in chunked_cache(model, tokens, names, chunk_size, device):
-        summed = torch.stack([cache[name].sum(0) for name in names]).cpu()  # [layer, head, q, k]
+    for _, patterns in chunked_patterns(model, tokens, layers, chunk_size, device, anatomy):
+        summed = torch.stack([p.sum(0) for p in patterns]).cpu()  # [layer, head, q, k]
         total = summed if total is None else total + summed
     return total / tokens.shape[0]
+
+
+def chunked_patterns(model: torch.nn.Module, tokens: torch.Tensor, layers: list[int] | None = None,
+                     chunk_size: int = 512, device: str | torch.device | None = None, anatomy=None
+                     ) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """Yield (rows of the batch, [pattern [rows, head, q, k] of each chosen layer]) chunk by chunk."""
+    from mechlrmc.anatomy import Anatomy
+
+    anatomy = Anatomy.of(model) if anatomy is None else anatomy
+    anatomy.require(["pattern"], "attention patterns")
+    n_layers = anatomy.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise OptionError(f"layers {bad} are out of range: allowed 0 <= layer < {n_layers}")
+    if chunk_size < 1:
+        raise OptionError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
+    if device is not None:
+        model, tokens = model.to(device), tokens.to(device)
+    keys = [f"pattern.{l}" for l in layers]
+    for start in range(0, tokens.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, tokens.shape[0]))
+        with torch.no_grad():
+            _, acts = anatomy.run(model, tokens[rows], read=keys)
+        yield rows, [acts[k] if acts[k].dim() == 4 else acts[k][:, None] for k in keys]

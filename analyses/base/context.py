@@ -58,7 +58,8 @@ class Context:
 
     def __post_init__(self) -> None:
         self._models: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._subjects: dict[int, Any] = {}
+        self._lock = threading.RLock()  # `subject` loads a model while it holds it
 
     @property
     def quick(self) -> bool:
@@ -78,6 +79,26 @@ class Context:
         """Where the run's model is read (`mechlrmc.sites.Sites`): a recorded run's sites, else None
         (mechlrmc's own model declares its own)."""
         return self.run.sites
+
+    @cached_property
+    def anatomy(self):
+        """Where the run's model keeps its parts (`mechlrmc.anatomy.Anatomy`), derived from its structure
+        (no checkpoint read) and the recorded sites: every lens reads the model through it."""
+        from mechlrmc.anatomy import Anatomy
+
+        return Anatomy.of(self.run.skeleton(), self.sites)
+
+    def subject(self, step: int):
+        """The model at `step` as the activation lenses run it (`Anatomy.subject`: a bridged copy of a
+        Hugging Face model, kept once per step; else the model itself)."""
+        if not self.anatomy.bridged:
+            return self.model(step)
+        with self._lock:
+            if step not in self._subjects:
+                if len(self._subjects) >= 2:
+                    self._subjects.pop(next(iter(self._subjects)))
+                self._subjects[step] = self.anatomy.subject(self.model(step))
+            return self._subjects[step]
 
     @cached_property
     def phases(self) -> pd.Series:
@@ -126,11 +147,14 @@ class Context:
                 self._models.popitem(last=False)
         return model
 
-    def walk(self, fn: Callable, steps: Steps = None, batch=None, **kwargs) -> pd.DataFrame:
-        """`fn(model, batch, **kwargs)` at `steps` (default `self.steps`) with the shared models."""
+    def walk(self, fn: Callable, steps: Steps = None, batch=None, anatomy: bool = False, **kwargs) -> pd.DataFrame:
+        """`fn(model, batch, **kwargs)` at `steps` (default `self.steps`) with the shared models;
+        `anatomy=True`: `fn(subject, batch, anatomy=ctx.anatomy, **kwargs)` (an activation lens)."""
+        if anatomy:
+            kwargs["anatomy"] = self.anatomy
         return across_checkpoints(self.run, fn, steps=self.steps if steps is None else steps,
                                   batch=self.batch if batch is None else batch, device=self.device,
-                                  progress=self.progress, load=self.model, **kwargs)
+                                  progress=self.progress, load=self.subject if anatomy else self.model, **kwargs)
 
     @cached_property
     def taxonomy(self) -> pd.DataFrame:
@@ -141,5 +165,5 @@ class Context:
 
         steps = sorted({*self.every_step, *self.key.values()})
         if "matrix" in self.task.supports:
-            return self.walk(head_taxonomy, steps=steps)
-        return self.walk(head_map_share, steps=steps).assign(queries="all")
+            return self.walk(head_taxonomy, steps=steps, anatomy=True)
+        return self.walk(head_map_share, steps=steps, anatomy=True).assign(queries="all")

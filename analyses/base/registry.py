@@ -57,8 +57,10 @@ class Analysis:
     needs: str | None = None  # a Context field that must be set ("family", "interventions")
     options: tuple[Option, ...] = ()
     steps: str = "around_drop"  # default step selection of `mechlrmc analyze NAME`
-    any_model: bool = False  # True: reads the model only through its output and its sites (`mechlrmc.sites`),
-    # so it applies to a recorded run of a user's own model too (`mechlrmc.record`)
+    any_model: bool = False  # True: reads the model only through its output, its anatomy (`mechlrmc.anatomy`)
+    # and its task, so it applies to a recorded run of a user's own model too (`mechlrmc.record`)
+    parts: tuple[str, ...] = ()  # the anatomy parts it reads ("pattern", "z", "resid", ...): it applies where the
+    # model's anatomy has them
     data: bool = True  # needs the run's data (its task's batches; a recorded loop's recorded batch)
 
     @staticmethod
@@ -83,7 +85,19 @@ class Analysis:
             return False
         if self.data and not ctx.run.config.task.has_data and ctx.run.recorded_batch() is None:
             return False
+        if self.parts and not _anatomy_has(ctx, self.parts):
+            return False
         return self.needs is None or getattr(ctx, self.needs) is not None
+
+
+def _anatomy_has(ctx, parts: tuple[str, ...]) -> bool:
+    """Whether the run's model has `parts` (False where its model cannot be rebuilt)."""
+    from mechlrmc.errors import UsageError
+
+    try:
+        return ctx.anatomy.has(*parts)
+    except UsageError:
+        return False
 
 
 def _entry(name, title, finding, caption, module, **kw) -> Analysis:
@@ -103,7 +117,8 @@ ANALYSES: list[Analysis] = [
     _entry("llc", "Local learning coefficient", "finding 1",
            "The calibrated LLC (SGLD estimate of the effective dimension, halved; settings chosen once per run and "
            "checked: checkpoints whose diagnostics fail are hollow) at the plateau, drop and end checkpoints under the "
-           "loss curves: does the drop show as a change in the model's effective complexity?", "llc.adapters"),
+           "loss curves: does the drop show as a change in the model's effective complexity?", "llc.adapters",
+           any_model=True),
     _entry("copy", "Copy check", "finding 2",
            "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
            "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
@@ -124,17 +139,19 @@ ANALYSES: list[Analysis] = [
     _entry("taxonomy", "Head taxonomy over time", "finding 4",
            "Share of each head's attention on the query's row, column, itself or observed keys, per checkpoint "
            "(random masks, and the fixed structured mask); letters: R row, C column, S self, O observed-only; "
-           "and the step from which each head keeps its final label.", "attention.adapters", requires=("matrix",), steps="all"),
+           "and the step from which each head keeps its final label; a token task: the share on its optimal map, the previous "
+           "token, the query itself and the first token.", "attention.adapters", steps="all", any_model=True, parts=("pattern",)),
     _entry("views", "Attention at the key checkpoints", "finding 4, P3",
            "circuitsvis patterns of every head averaged over the analysis batch (random masks, or sequences) and "
-           "for one example, on the plateau, at the drop and at the end.", "attention.adapters",
+           "for one example, on the plateau, at the drop and at the end.", "attention.adapters", any_model=True, parts=("pattern",),
            options=(Option("--views", "steps to draw (default: the key checkpoints)", int, "+"),)),
     _entry("scrubber", "Attention across training", "finding 4, P3",
            "Every head's average attention pattern at every checkpoint behind one slider, titled with its "
            "taxonomy label (LRMC: the row and column heads forming) or its share on the task's optimal map.",
-           "attention.adapters", steps="all"),
+           "attention.adapters", steps="all", any_model=True, parts=("pattern",)),
     _entry("ablation", "Head ablation", "finding 5",
-           "Change in L_mask when one head is zeroed or mean-ablated: which heads the completion needs.", "causal.adapters", requires=("matrix",),
+           "Change in the task's loss (LRMC: L_mask) when one head is zeroed or mean-ablated: which heads the task needs.",
+           "causal.adapters", any_model=True, parts=("z", "pattern"),
            options=(Option("--kinds", "ablations (default zero mean)", str, "+", ("zero", "mean", "uniform")),)),
     _entry("patching", "Activation patching", "finding 6",
            "Recovery of the clean output when clean activations of one head / layer / position are patched into "
@@ -150,16 +167,19 @@ ANALYSES: list[Analysis] = [
            "Recovery of the clean answer's logit difference when one site's clean activation (per layer and "
            "position; z per head) is patched into a run on other sequences of the batch: exact patching beside its "
            "first-order estimate, on the plateau, at the drop and at the end.", "causal.adapters",
-           requires=("generation",)),
+           requires=("generation",), any_model=True, parts=("embed", "resid", "attn_out", "mlp_out", "z")),
     _entry("probes", "Linear probes", "finding 7",
            "Test R^2 of linear probes at masked positions, per layer and checkpoint: which layer stores the entry, "
-           "its row and column and the singular vectors, and from when.", "representations.adapters", requires=("matrix",),
-           options=(Option("--targets", "comma-separated probe targets (default value,row,col,u,v,sigma)"),)),
+           "its row and column and the singular vectors (a token task: the input, the window on its optimal map and the "
+           "output at each output position), and from when.", "representations.adapters", any_model=True,
+           parts=("embed", "resid"), requires=("probes",),
+           options=(Option("--targets", "comma-separated probe targets (default: the task's, LRMC value,row,col,u,v)"),)),
     _entry("embeddings", "Embeddings", "finding 8",
            "Token-embedding symmetry and sign/magnitude PCs, position clustering by column, and the loss with "
            "permuted position embeddings.", "representations.adapters", requires=("matrix",)),
     _entry("swaps", "Component swaps", "finding 9",
-           "Losses of the post-drop model with components from the pre-drop checkpoint, and the reverse.", "weights.adapters", requires=("matrix",),
+           "Losses of the post-drop model with components from the pre-drop checkpoint, and the reverse.", "weights.adapters",
+           any_model=True, parts=("components",),
            options=(Option("--pre", "pre-drop step (default: the plateau checkpoint)", int),
                     Option("--post", "post-drop step (default: the last)", int),
                     Option("--components", "';'-separated component sets, e.g. 'attn;qkv;~attn'"))),

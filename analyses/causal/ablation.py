@@ -1,23 +1,22 @@
-"""Head ablation (finding 5, docs/FINDINGS.md): knock out heads through hooks and measure L, L_obs, L_mask.
+"""Head ablation (finding 5, docs/FINDINGS.md): knock out heads and measure the task's losses (LRMC:
+L, L_obs, L_mask; a token task: its cross-entropy and accuracy on the outputs).
 
-Three kinds, each for any set of (layer, head):
-- "zero": the head's output `hook_z` is set to 0 (the paper's head masking);
-- "mean": `hook_z` is replaced by its mean over a reference batch, per position [pos, d_head];
+Three kinds, each for any set of (layer, head), on any model through its anatomy (`mechlrmc.anatomy`):
+- "zero": the head's output `z` is set to 0 (the paper's head masking);
+- "mean": `z` is replaced by its mean over a reference batch, per position [pos, d_head];
 - "uniform": the head's pattern is replaced by uniform attention over all keys.
 Deltas are against the unablated model on the same batch.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
-from mechlrmc.tasks.lrmc import Batch, split_losses
+from mechlrmc.tasks import get_task
 
 KINDS = ("zero", "mean", "uniform")
 
@@ -25,36 +24,39 @@ KINDS = ("zero", "mean", "uniform")
 Heads = list[tuple[int, int]]
 
 
-def _check_heads(model: HookedEncoder, heads: Heads) -> None:
-    cfg = model.cfg
-    bad = [(l, h) for l, h in heads if not (0 <= l < cfg.n_layers and 0 <= h < cfg.n_heads)]
-    if bad:
-        raise OptionError(f"heads {bad} are out of range: allowed layer < {cfg.n_layers}, head < {cfg.n_heads}")
+def _check_heads(anatomy: Anatomy, heads: Heads) -> None:
+    for layer, head in heads:
+        anatomy.check_head(layer, head)
 
 
-def mean_z(model: HookedEncoder, batch: Batch) -> dict[int, torch.Tensor]:
+def mean_z(model: torch.nn.Module, batch, anatomy: Anatomy | None = None) -> dict[int, torch.Tensor]:
     """Mean head outputs over the batch, {layer: [pos, head, d_head]}."""
-    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+    model, anatomy = subject_of(model, anatomy)
+    keys = [f"z.{l}" for l in range(anatomy.n_layers)]
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n in names)
-    return {l: cache[name].mean(0) for l, name in enumerate(names)}
+        _, acts = anatomy.run(model, batch.tokens, read=keys)
+    return {l: acts[key].mean(0) for l, key in enumerate(keys)}
 
 
-def _set_z(z, hook, heads, value):  # z [batch, pos, head, d_head]
-    z = z.clone()
-    for h in heads:
-        z[:, :, h] = 0.0 if value is None else value[:, h]
-    return z
+def _set_z(heads: list[int], value: torch.Tensor | None):
+    def edit(z: torch.Tensor) -> torch.Tensor:  # z [batch, pos, head, d_head]
+        z = z.clone()
+        for h in heads:
+            z[:, :, h] = 0.0 if value is None else value[:, h]
+        return z
+    return edit
 
 
-def _set_uniform(pattern, hook, heads):  # pattern [batch, head, q, k]
-    pattern = pattern.clone()
-    pattern[:, heads] = 1.0 / pattern.shape[-1]
-    return pattern
+def _set_uniform(heads: list[int]):
+    def edit(pattern: torch.Tensor) -> torch.Tensor:  # pattern [batch, head, q, k]
+        pattern = pattern.clone()
+        pattern[:, heads] = 1.0 / pattern.shape[-1]
+        return pattern
+    return edit
 
 
-def ablation_hooks(heads: Heads, kind: str, means: dict[int, torch.Tensor] | None = None) -> list:
-    """Forward hooks ablating `heads` ((layer, head) pairs); "mean" needs `means` from `mean_z`."""
+def ablation_edits(heads: Heads, kind: str, means: dict[int, torch.Tensor] | None = None) -> dict:
+    """{anatomy part: edit} ablating `heads` ((layer, head) pairs); "mean" needs `means` from `mean_z`."""
     if kind not in KINDS:
         raise OptionError(f"kind={kind!r} is invalid: allowed one of {KINDS}")
     if kind == "mean" and means is None:
@@ -63,42 +65,41 @@ def ablation_hooks(heads: Heads, kind: str, means: dict[int, torch.Tensor] | Non
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
     if kind == "uniform":
-        return [(f"blocks.{l}.attn.hook_pattern", partial(_set_uniform, heads=hs)) for l, hs in by_layer.items()]
-    return [(f"blocks.{l}.attn.hook_z", partial(_set_z, heads=hs, value=None if kind == "zero" else means[l]))
-            for l, hs in by_layer.items()]
+        return {f"pattern.{l}": _set_uniform(hs) for l, hs in by_layer.items()}
+    return {f"z.{l}": _set_z(hs, None if kind == "zero" else means[l]) for l, hs in by_layer.items()}
 
 
-def _losses(model: HookedEncoder, batch: Batch, hooks: list) -> dict[str, float]:
+def _losses(model: torch.nn.Module, batch, anatomy: Anatomy, edits: dict) -> dict[str, float]:
     with torch.no_grad():
-        pred = model.run_with_hooks(batch.tokens, fwd_hooks=hooks)
-    return {k: float(v) for k, v in split_losses(pred, batch.values, batch.observed).items()}
+        output, _ = anatomy.run(model, batch.tokens, edit=edits)
+    return get_task(batch.task).lens_losses(output, batch)
 
 
-def ablate(
-    model: HookedEncoder, batch: Batch, heads: Heads, kind: str = "zero", reference: Batch | None = None
-) -> dict[str, float]:
+def ablate(model: torch.nn.Module, batch, heads: Heads, kind: str = "zero", reference=None,
+           anatomy: Anatomy | None = None) -> dict[str, float]:
     """Losses with `heads` ablated and their change vs the intact model on the same batch.
     "mean" ablation averages over `reference` (default: the batch itself)."""
-    _check_heads(model, heads)
-    means = mean_z(model, batch if reference is None else reference) if kind == "mean" else None
-    base = _losses(model, batch, [])
-    ablated = _losses(model, batch, ablation_hooks(heads, kind, means))
+    model, anatomy = subject_of(model, anatomy)
+    _check_heads(anatomy, heads)
+    means = mean_z(model, batch if reference is None else reference, anatomy) if kind == "mean" else None
+    base = _losses(model, batch, anatomy, {})
+    ablated = _losses(model, batch, anatomy, ablation_edits(heads, kind, means))
     return {**ablated, **{f"delta_{k}": ablated[k] - base[k] for k in base}}
 
 
-def head_ablation_sweep(
-    model: HookedEncoder, batch: Batch, kinds: tuple[str, ...] = KINDS, reference: Batch | None = None,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Every head ablated alone with every kind: one row per (layer, head, kind) with L, L_obs,
-    L_mask and their deltas vs the intact model (finding 5, docs/FINDINGS.md)."""
-    means = mean_z(model, batch if reference is None else reference) if "mean" in kinds else None
-    base = _losses(model, batch, [])
-    heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+def head_ablation_sweep(model: torch.nn.Module, batch, kinds: tuple[str, ...] = KINDS, reference=None,
+                        progress: bool = False, anatomy: Anatomy | None = None) -> pd.DataFrame:
+    """Every head ablated alone with every kind: one row per (layer, head, kind) with the task's
+    losses and their deltas vs the intact model (finding 5, docs/FINDINGS.md)."""
+    model, anatomy = subject_of(model, anatomy)
+    anatomy.require(["pattern" if k == "uniform" else "z" for k in kinds], "head ablation")
+    means = mean_z(model, batch if reference is None else reference, anatomy) if "mean" in kinds else None
+    base = _losses(model, batch, anatomy, {})
+    heads = [(l, h) for l in range(anatomy.n_layers) for h in range(anatomy.n_heads)]
     rows = []
     for kind in kinds:
         for layer, head in tqdm(heads, desc=f"{kind} ablation", disable=not progress):
-            losses = _losses(model, batch, ablation_hooks([(layer, head)], kind, means))
+            losses = _losses(model, batch, anatomy, ablation_edits([(layer, head)], kind, means))
             rows.append({"layer": layer, "head": head, "kind": kind, **losses,
                          **{f"delta_{k}": losses[k] - base[k] for k in base}})
     return pd.DataFrame(rows)

@@ -86,7 +86,7 @@ PATCH_BATCH = 64  # sequences per checkpoint in the report
 def sequence_patching_tables(ctx) -> dict[str, pd.DataFrame]:
     """Both estimators at the key checkpoints (plateau, drop, end) or the asked steps."""
     steps = ctx.steps if ctx.steps_asked is not None else sorted(set(ctx.key.values()))
-    frame = ctx.walk(sequence_patching, steps=steps, batch=ctx.batch[:PATCH_BATCH])
+    frame = ctx.walk(sequence_patching, steps=steps, batch=ctx.batch[:PATCH_BATCH], anatomy=True)
     return {"sequence_patching": frame, "agreement": patching_agreement(frame)}
 
 
@@ -107,11 +107,18 @@ def sequence_patching_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 def ablation_tables(ctx) -> dict[str, pd.DataFrame]:
     """Every head ablated at the last checkpoint (or at the asked steps)."""
     steps = ctx.steps if ctx.steps_asked is not None else [ctx.final]
-    return {"ablation": ctx.walk(head_ablation_sweep, steps=steps, kinds=tuple(ctx.option("kinds", ("zero", "mean"))))}
+    return {"ablation": ctx.walk(head_ablation_sweep, steps=steps, kinds=tuple(ctx.option("kinds", ("zero", "mean"))),
+                                 anatomy=True)}
 
 
 def ablation_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
-    sweep = tables["ablation"]
-    worst = sweep.sort_values("delta_loss_mask", ascending=False).groupby("step").head(8)
-    return {"ablation": plot_ablation(sweep, str(sweep.kind.iloc[0])),
-            "ablation_top": worst[["step", "layer", "head", "kind", "loss_mask", "delta_loss_mask"]]}
+    sweep, metric = tables["ablation"], ablation_metric(ctx.task)
+    worst = sweep.sort_values(f"delta_{metric}", ascending=False).groupby("step").head(8)
+    return {"ablation": plot_ablation(sweep, str(sweep.kind.iloc[0]), measure=f"delta_{metric}"),
+            "ablation_top": worst[["step", "layer", "head", "kind", metric, f"delta_{metric}"]]}
+
+
+def ablation_metric(task) -> str:
+    """The loss an ablation figure ranks heads by: LRMC's L_mask, a token task's loss on the outputs,
+    else the task's phase metric."""
+    return "loss_mask" if "matrix" in task.supports else task.phase_metric

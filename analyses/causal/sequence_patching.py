@@ -9,7 +9,8 @@ corrupted targets differ,
     LD(logits) = mean over those (sequence, position) of logit[clean target] - logit[corrupted target],
 
 and a patch's recovery is (LD(patched) - LD(corrupted)) / (LD(clean) - LD(corrupted)): 0 no move,
-1 the clean answer. Exact patching runs `transformer_lens.patching` (one forward per patch); the
+1 the clean answer. Exact patching takes one forward per patch, with the clean activation written
+into the corrupted run through the model's anatomy (`mechlrmc.anatomy`, so any model); the
 first-order estimate, (clean - corrupted activation) x d LD / d activation at the corrupted run, takes
 one forward and one backward for all patches. Sites per (layer, position): `resid_pre`,
 `attn_out`, `mlp_out`; per (layer, position, head): `z`. In a causal model a patch at position p
@@ -18,17 +19,14 @@ reaches only the positions from p on.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import torch
-from transformer_lens import patching as tl_patching
 
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.tasks.tokens import SequenceBatch
 
-SITES = {"resid_pre": tl_patching.get_act_patch_resid_pre, "attn_out": tl_patching.get_act_patch_attn_out,
-         "mlp_out": tl_patching.get_act_patch_mlp_out, "z": tl_patching.get_act_patch_attn_head_out_by_pos}
+SITES = ("resid_pre", "attn_out", "mlp_out", "z")
 
 
 MIN_GAP = 1e-3  # |LD(clean) - LD(corrupted)| below this: nothing to recover (recovery NaN)
@@ -40,18 +38,23 @@ def paired(batch: SequenceBatch, shift: int = 1) -> SequenceBatch:
     return batch[torch.arange(len(batch)).roll(-shift)]
 
 
-@contextlib.contextmanager
-def _quiet_patching():
-    """transformer_lens.patching without its per-patch progress bar."""
-    bar, tl_patching.tqdm = tl_patching.tqdm, lambda iterable, *args, **kwargs: iterable
-    try:
-        yield
-    finally:
-        tl_patching.tqdm = bar
+def part(site: str, layer: int) -> str:
+    """The anatomy part a site of a layer is: `resid_pre` of layer 0 is the embeddings, of layer l the
+    output of block l - 1."""
+    if site == "resid_pre":
+        return "embed" if layer == 0 else f"resid.{layer - 1}"
+    return f"{site}.{layer}"
 
 
-def _hook(site: str, layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z" if site == "z" else f"blocks.{layer}.hook_{site}"
+def _patch(clean: torch.Tensor, pos: int, head: int | None):
+    def edit(value: torch.Tensor) -> torch.Tensor:
+        value = value.clone()
+        if head is None:
+            value[:, pos] = clean[:, pos]
+        else:
+            value[:, pos, head] = clean[:, pos, head]
+        return value
+    return edit
 
 
 def logit_difference(clean: SequenceBatch, corrupted: SequenceBatch):
@@ -69,50 +72,36 @@ def logit_difference(clean: SequenceBatch, corrupted: SequenceBatch):
     return ld
 
 
-def _gradients(model, tokens: torch.Tensor, names: list[str], metric) -> tuple[dict, dict]:
-    """Activations of `names` on `tokens` and the metric's gradients there (one forward, one backward)."""
-    acts: dict[str, torch.Tensor] = {}
-
-    def keep(act, hook):
-        acts[hook.name] = act
-        return act
-
-    def track(act, hook):  # gradients even for a frozen model
-        return act if act.requires_grad else act.requires_grad_()
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[("hook_embed", track), *[(n, keep) for n in names]]):
-        grads = torch.autograd.grad(metric(model(tokens)), [acts[n] for n in names])
-    return {n: acts[n].detach() for n in names}, dict(zip(names, grads))
-
-
-def sequence_patching(model, batch: SequenceBatch, shift: int = 1, sites: tuple[str, ...] = tuple(SITES)
-                      ) -> pd.DataFrame:
+def sequence_patching(model, batch: SequenceBatch, shift: int = 1, sites: tuple[str, ...] = SITES,
+                      anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Exact and first-order recovery of every patch: one row per (site, layer, pos, head, method)
-    with `recovery` (head -1: the whole position). Maps over a run with `across_checkpoints`."""
+    with `recovery` (head -1: the whole position). Any model, through its anatomy (`mechlrmc.anatomy`);
+    maps over a run with `across_checkpoints`."""
+    model, anatomy = subject_of(model, anatomy)
+    keys = {(site, layer): part(site, layer) for site in sites for layer in range(anatomy.n_layers)}
     corrupted = paired(batch, shift)
     ld = logit_difference(batch, corrupted)
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(batch.tokens)
-        corrupt_logits = model(corrupted.tokens)
+        clean_logits, clean = anatomy.run(model, batch.tokens, read=list(keys.values()))
+        corrupt_logits, _ = anatomy.run(model, corrupted.tokens)
     base, gap = float(ld(corrupt_logits)), float(ld(clean_logits) - ld(corrupt_logits))
     scale = gap if abs(gap) >= MIN_GAP else float("nan")
-
-    def recovery(logits: torch.Tensor) -> torch.Tensor:
-        return (ld(logits) - base) / scale
-
-    names = [_hook(s, l) for s in sites for l in range(model.cfg.n_layers)]
-    acts, grads = _gradients(model, corrupted.tokens, names, ld)
+    with torch.enable_grad():  # the first-order estimate: one forward and one backward for every patch
+        logits, acts = anatomy.run(model, corrupted.tokens, read=list(keys.values()), grad=True)
+        grads = dict(zip(acts, torch.autograd.grad(ld(logits), list(acts.values()))))
     rows = []
-    for site in sites:
-        with torch.no_grad(), _quiet_patching():
-            exact = SITES[site](model, corrupted.tokens, clean_cache, recovery)  # [layer, pos(, head)]
-        first = torch.stack([((clean_cache[_hook(site, l)] - acts[_hook(site, l)]) * grads[_hook(site, l)])
-                             .sum(-1).sum(0) / scale for l in range(model.cfg.n_layers)])  # [layer, pos(, head)]
-        for method, values in (("exact", exact), ("attribution", first)):
-            values = values if site == "z" else values[..., None]
-            for (layer, pos, head), v in np.ndenumerate(values.detach().cpu().numpy()):
-                rows.append({"site": site, "layer": layer, "pos": pos, "head": head if site == "z" else -1,
-                             "method": method, "recovery": float(v)})
+    for (site, layer), key in keys.items():
+        heads = range(anatomy.n_heads) if site == "z" else [None]
+        first = ((clean[key] - acts[key].detach()) * grads[key]).sum(-1).sum(0) / scale  # [pos(, head)]
+        for pos in range(batch.tokens.shape[1]):
+            for head in heads:
+                with torch.no_grad():
+                    patched, _ = anatomy.run(model, corrupted.tokens, edit={key: _patch(clean[key], pos, head)})
+                exact = (float(ld(patched)) - base) / scale
+                estimate = float(first[pos] if head is None else first[pos, head])
+                for method, value in (("exact", exact), ("attribution", estimate)):
+                    rows.append({"site": site, "layer": layer, "pos": pos, "head": -1 if head is None else head,
+                                 "method": method, "recovery": value})
     return pd.DataFrame(rows).assign(ld_gap=gap)
 
 

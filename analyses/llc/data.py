@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from mechlrmc.measures import logits_of
 from mechlrmc.tasks import get_task
 from mechlrmc.tasks.lrmc import Batch
 
@@ -60,7 +61,7 @@ def mse_loss(model: torch.nn.Module, data) -> torch.Tensor:
     """The training objective of `model` on a task's batch (LRMC: MSE over all entries; any other
     task: its own `loss`), or the MSE on a tensor pair (inputs, targets)."""
     if is_batch(data):
-        return get_task(data.task).loss(model(data.tokens), data)["loss"]
+        return get_task(data.task).loss(logits_of(model)(data.tokens), data)["loss"]
     inputs, targets = data
     return F.mse_loss(model(inputs).reshape(targets.shape), targets)
 

@@ -7,8 +7,18 @@ import pandas as pd
 from analyses.report.overview import run_facts
 
 
+def _anatomy_line(ctx) -> str:
+    """The recorded model's anatomy in one line, or why it has none (then only the loss lenses apply)."""
+    from mechlrmc.errors import UsageError
+
+    try:
+        return ctx.anatomy.describe()
+    except UsageError as e:
+        return f"not derived ({e}): only the lenses of the losses apply"
+
+
 def overview_tables(ctx) -> dict[str, pd.DataFrame]:
-    facts = run_facts(ctx.run, ctx.phases, ctx.steps)
+    facts = run_facts(ctx.run, ctx.phases, ctx.steps, _anatomy_line(ctx) if ctx.run.config.recorded else None)
     key = pd.DataFrame([(f"key checkpoint: {k}", str(v)) for k, v in ctx.key.items()], columns=["", "value"])
     return {"overview": pd.concat([facts, key], ignore_index=True)}
 

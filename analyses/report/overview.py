@@ -7,14 +7,14 @@ import pandas as pd
 from mechlrmc.runs import Run
 
 
-def run_facts(run: Run, phases: pd.Series, walked: list[int] | None = None) -> pd.DataFrame:
+def run_facts(run: Run, phases: pd.Series, walked: list[int] | None = None, anatomy: str | None = None) -> pd.DataFrame:
     """Two columns ("", value): task, model, training, checkpoints, plateau and drop of `run`
     (`phases`: a row of `detect_phases`; `walked`: the checkpoints an analysis walks)."""
     cfg, p = run.config, phases
     task = cfg.data.describe()
     rows = [
         ("task", task),
-        *model_rows(cfg),
+        *model_rows(cfg, anatomy),
         ("checkpoints", f"{len(run.steps)}: {run.steps}"),
         *([("walked by the analyses", f"{walked}")] if walked is not None else []),
         _plateau(p),
@@ -34,22 +34,24 @@ def _plateau(p: pd.Series) -> tuple[str, str]:
                        f"{p.plateau_max_rep:.2f} (truth {p.rep_true:.2f})")
 
 
-def model_rows(cfg) -> list[tuple[str, str]]:
-    """The model and training rows: mechlrmc's recipe, or what a recorded run knows of the user's."""
+def model_rows(cfg, anatomy: str | None = None) -> list[tuple[str, str]]:
+    """The model and training rows: mechlrmc's recipe, or what a recorded run knows of the user's
+    (`anatomy`: `Anatomy.describe()` of its model, or why it could not be derived)."""
     if cfg.recorded:
         r = cfg.record
         sites = ", ".join([*(f"{k}: {v}" for k, v in r.sites.get("hidden", {}).items()),
                            *(f"attention: {a}" for a in r.sites.get("attention", []))]) or "none"
         missing = [text for kind, text in (
-            ("hidden", "collapse (no hidden-state site: Recorder(sites={'final': 'module.name'}))"),
-            ("attention", "attention on the optimal map (no attention site: Recorder(sites={'attention': "
-                          "['module.name']}))")) if not r.sites.get(kind)]
+            ("hidden", "collapse during training (no hidden-state site: Recorder(sites={'final': 'module.name'}))"),
+            ("attention", "attention on the optimal map during training (no attention site: Recorder(sites="
+                          "{'attention': 'blocks.{L}.attn.pattern'}))")) if not r.sites.get(kind)]
         factory = f"{r.model_factory}" if r.model_factory else "(recorded without a factory)"
-        return [("model", f"the user's own: {r.model_line()}; rebuilt by {factory}; sites read: {sites}"),
+        rows = [("model", f"the user's own: {r.model_line()}; rebuilt by {factory}; sites read: {sites}"),
                 ("training", f"the user's own loop, recorded by the {r.source} recorder: {cfg.train.steps} steps, "
-                             f"evaluated every {cfg.train.eval_every}; the loop told: {r.loop_line()} (all in config.yaml, record.loop)"),
-                ("not measured", "; ".join([*missing, "the lenses that read mechlrmc's own model's weights and hook "
-                                            "points (heads, patching, probes, LLC, early warnings)"]))]
+                             f"evaluated every {cfg.train.eval_every}; the loop told: {r.loop_line()} (all in config.yaml, record.loop)")]
+        if anatomy:
+            rows.append(("anatomy", f"{anatomy} (the lenses read the model through it; `mechlrmc.anatomy`)"))
+        return rows + ([("not measured", "; ".join(missing))] if missing else [])
     m = cfg.model
     model = (f"{'post-LN' if m.norm == 'post' else 'pre-LN'} {'causal' if m.causal else 'bidirectional'} "
              f"transformer, {m.attention} attention, {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, "

@@ -7,20 +7,21 @@ import pandas as pd
 from analyses.representations.embeddings import embedding_geometry, position_tsne, token_embedding_plane
 from analyses.representations.figures import (plot_embedding_geometry, plot_position_tsne, plot_probes,
     plot_token_embeddings)
-from analyses.representations.probes import DEFAULT_TARGETS, first_step_encoded, probe, probe_summary
+from analyses.representations.probes import first_step_encoded, probe, probe_summary
 
 
 def probes_tables(ctx) -> dict[str, pd.DataFrame]:
-    targets = ctx.option("targets", ",".join(DEFAULT_TARGETS)).split(",")
-    frame = ctx.walk(probe, targets=targets)
-    summary = pd.concat({p: probe_summary(frame, "r2", p) for p in ("masked", "observed")}, names=["positions"])
+    targets = ctx.option("targets", ",".join(ctx.task.probe_defaults)).split(",")
+    frame = ctx.walk(probe, targets=ctx.task.check_probe_targets(targets), anatomy=True)
+    groups = [p for p in ("masked", "observed") if p in set(frame.positions)] or [ctx.task.probe_focus]
+    summary = pd.concat({p: probe_summary(frame, "r2", p) for p in groups}, names=["positions"])
     return {"probes": frame, "probes_summary": summary.reset_index()}
 
 
 def probes_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
-    frame = tables["probes"]
-    first = first_step_encoded(frame).rename("first_step_r2_over_0.5").reset_index()
-    return {"probes": plot_probes(frame, "r2", "masked"), "probes_masked": probe_summary(frame, "r2", "masked"),
+    frame, focus = tables["probes"], ctx.task.probe_focus
+    first = first_step_encoded(frame, positions=focus).rename("first_step_r2_over_0.5").reset_index()
+    return {"probes": plot_probes(frame, "r2", focus), f"probes_{focus}": probe_summary(frame, "r2", focus),
             "first_encoded": first}
 
 

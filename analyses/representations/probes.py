@@ -10,7 +10,12 @@ the activation of a hook point to one target:
             entry is positive; scored by |cosine|, so the convention does not matter)   [m] / [n]
     sigma   the top singular value of X                                  [1]
 
-Matrices are split into train and test (all positions of a matrix on one side); the test R^2
+A token task declares its own targets (`Task.probe_targets`): at the query that predicts output j,
+`output` y_j, `window` the sum of the inputs on its optimal map and `input` the last of them alone;
+its probes are fitted and scored at the output positions. Every model is read through its anatomy
+(`mechlrmc.anatomy`): the embeddings (layer 0) and each block's output (layer l + 1).
+
+Matrices (sequences) are split into train and test (all positions of a matrix on one side); the test R^2
 (variance-weighted over outputs), MSE and mean |cosine| (vector targets) are reported for all,
 masked and observed positions. Across checkpoints (`analyses.base.walk.across_checkpoints`) the table
 shows when each layer starts to encode each target.
@@ -24,12 +29,11 @@ from typing import Iterable
 import pandas as pd
 import torch
 
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
-from mechlrmc.tasks.lrmc import Batch, row_col_index
-
-TARGETS = ("value", "row", "col", "u", "v", "sigma")
-
+from mechlrmc.tasks import get_task
+from mechlrmc.tasks.lrmc import TARGETS, matrix_targets  # noqa: F401 (LRMC's targets, re-exported)
 
 DEFAULT_TARGETS = ("value", "row", "col", "u", "v")
 
@@ -48,30 +52,11 @@ def hook_layer(hook: str) -> int:
     return int(match.group(1)) + (0 if hook.endswith("hook_resid_pre") else 1)
 
 
-def probe_targets(batch: Batch, targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, torch.Tensor]:
-    """Each target at every position, `{name: [batch * m*n, k]}` (float64)."""
-    b, m, n = len(batch), batch.m, batch.n
-    x = batch.matrices.double()  # [b, m, n]
-    x_in = (batch.values * batch.observed).double().view(b, m, n)
-    rows, cols = row_col_index(m, n)
-    out = {}
-    for name in targets:
-        if name not in TARGETS:
-            raise OptionError(f"probe target {name!r} is unknown: allowed {TARGETS}")
-        if name == "value":
-            t = x.reshape(b, m * n, 1)
-        elif name == "row":
-            t = x_in[:, rows, :]  # [b, m*n, n]
-        elif name == "col":
-            t = x_in.transpose(1, 2)[:, cols, :]  # [b, m*n, m]
-        else:
-            u, s, vh = torch.linalg.svd(x)
-            u, v = u[..., 0], vh[:, 0, :]  # [b, m], [b, n]
-            flip = torch.where(u.gather(1, u.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0)  # [b, 1]
-            vec = {"u": u * flip, "v": v * flip, "sigma": s[:, :1]}[name]  # [b, k]: X ~ sigma u v^T
-            t = vec[:, None, :].expand(b, m * n, vec.shape[1])
-        out[name] = t.reshape(b * m * n, -1)
-    return out
+def probe_targets(batch, targets: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Each target at every position, `{name: [batch * pos, k]}` (float64), as the batch's task
+    declares them (`Task.probe_targets`; LRMC: `matrix_targets`)."""
+    task = get_task(batch.task)
+    return task.probe_targets(batch, task.probe_defaults if targets is None else targets)
 
 
 def fit_probe(features: torch.Tensor, targets: torch.Tensor, train: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
@@ -104,52 +89,62 @@ def probe_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def probe(
-    model: HookedEncoder,
-    batch: Batch,
+    model: torch.nn.Module,
+    batch,
     hooks: Iterable[str] | None = None,
-    targets: Iterable[str] = DEFAULT_TARGETS,
+    targets: Iterable[str] | None = None,
     ridge: float = 1e-3,
     test_frac: float = 0.25,
     seed: int = 0,
+    anatomy: Anatomy | None = None,
 ) -> pd.DataFrame:
-    """Probe every hook for every target; one row per (hook, target, positions) with test r2, mse,
-    cos and n_test (positions: all / masked / observed)."""
+    """Probe every site for every target of the batch's task (default its `probe_defaults`); one row per
+    (hook, target, positions) with test r2, mse, cos and n_test. `hooks`: parts of the model's anatomy
+    ("embed", "resid.1") or module / hook-point names (default: the embeddings and every block's output);
+    positions: the task's groups (LRMC: all / masked / observed; a token task: outputs)."""
     if not 0 < test_frac < 1:
         raise OptionError(f"test_frac={test_frac} is invalid: allowed 0 < test_frac < 1")
-    hooks = list(hooks) if hooks is not None else default_hooks(model)
-    device = next(model.parameters()).device
-    _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=lambda name: name in hooks)
-    missing = [h for h in hooks if h not in cache]
-    if missing:
-        raise OptionError(f"hook(s) {missing} do not exist: e.g. {default_hooks(model)}")
-    b, pos = batch.tokens.shape
+    anatomy = Anatomy.of(model) if anatomy is None else anatomy
+    task = get_task(batch.task)
+    keys = list(hooks) if hooks is not None else ["embed", *[f"resid.{l}" for l in range(anatomy.n_layers)]]
+    device = next(model.parameters(), batch.tokens).device
+    _, acts = anatomy.run(model, batch.tokens.to(device), read=keys)
+    b, pos = batch.tokens.shape[:2]
     order = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
     test_samples = torch.zeros(b, dtype=torch.bool)
     test_samples[order[: max(1, round(b * test_frac))]] = True
     train = ~test_samples.repeat_interleave(pos)  # [b*pos]
-    observed = batch.observed.reshape(-1).cpu()
-    subsets = {"all": ~train, "masked": ~train & ~observed, "observed": ~train & observed}
+    groups = task.probe_positions(batch)
+    subsets = {name: ~train & where for name, where in groups.items()}
+    train = train & torch.stack(list(groups.values())).any(0)  # fit where the task scores
     target_values = probe_targets(batch, targets)
     rows = []
-    for hook in hooks:
-        feats = cache[hook].reshape(b * pos, -1).cpu()
+    for key in keys:
+        feats = acts[key].reshape(b * pos, -1).cpu()
+        hook = anatomy.place(key).module
+        layer = 0 if key == "embed" else int(key.split(".")[1]) + 1 if key.startswith("resid.") else hook_layer(hook)
         for name, target in target_values.items():
             pred = fit_probe(feats, target, train, ridge)
             for subset, sel in subsets.items():
                 if sel.sum() < 2:
                     continue
-                rows.append({"hook": hook, "layer": hook_layer(hook), "target": name, "positions": subset,
+                rows.append({"hook": hook, "layer": layer, "target": name, "positions": subset,
                              **probe_scores(pred[sel], target[sel].double()), "n_test": int(sel.sum())})
     return pd.DataFrame(rows)
 
 
-def probe_summary(frame: pd.DataFrame, metric: str = "r2", positions: str = "masked") -> pd.DataFrame:
+def probe_summary(frame: pd.DataFrame, metric: str = "r2", positions: str | None = None) -> pd.DataFrame:
     """A (target, layer) x step table of `metric`: the compact view for reports."""
-    part = frame[frame.positions == positions]
+    part = frame[frame.positions == (_focus(frame) if positions is None else positions)]
     return part.pivot_table(index=["target", "layer"], columns="step", values=metric).round(3)
 
 
-def first_step_encoded(frame: pd.DataFrame, threshold: float = 0.5, positions: str = "masked") -> pd.Series:
+def first_step_encoded(frame: pd.DataFrame, threshold: float = 0.5, positions: str | None = None) -> pd.Series:
     """The first step at which each (target, layer) reaches test R^2 >= `threshold` (missing: never)."""
-    part = frame[(frame.positions == positions) & (frame.r2 >= threshold)]
+    part = frame[(frame.positions == (_focus(frame) if positions is None else positions)) & (frame.r2 >= threshold)]
     return part.groupby(["target", "layer"]).step.min()
+
+
+def _focus(frame: pd.DataFrame) -> str:
+    """The positions a summary reads by default: LRMC's masked ones, else the task's one group."""
+    return "masked" if "masked" in set(frame.positions) else str(frame.positions.iloc[0])

@@ -6,19 +6,20 @@ import pandas as pd
 
 from analyses.weights.figures import plot_swaps
 from analyses.weights.swaps import swap_grid
-from mechlrmc.components import SWAP_SET
 
 
 def swaps_tables(ctx) -> dict[str, pd.DataFrame]:
     pre = ctx.option("pre", ctx.key["plateau"])
     post = ctx.option("post", ctx.final)
-    components = ctx.option("components").split(";") if ctx.option("components") else SWAP_SET
+    components = ctx.option("components").split(";") if ctx.option("components") else None
     return {"swaps": swap_grid(ctx.run, pre, post, components, batch=ctx.batch, device=ctx.device,
-                               progress=ctx.progress)}
+                               progress=ctx.progress, anatomy=ctx.anatomy)}
 
 
 def swaps_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     frame = tables["swaps"]
     pre, post = int(frame.from_step.min()), int(frame.from_step.max())
-    return {"note": f"<p>Pre-drop checkpoint {pre}, post-drop checkpoint {post}.</p>", "swaps": plot_swaps(frame),
-            "swaps_table": frame[["direction", "components", "loss", "loss_obs", "loss_mask", "corr_mask"]]}
+    metric = "loss_mask" if "matrix" in ctx.task.supports else ctx.task.phase_metric
+    losses = [c for c in frame.columns if c.startswith(("loss", "acc", "corr"))]
+    return {"note": f"<p>Pre-drop checkpoint {pre}, post-drop checkpoint {post}.</p>",
+            "swaps": plot_swaps(frame, metric), "swaps_table": frame[["direction", "components", *losses]]}

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 def plot_swaps(frame: pd.DataFrame, metric: str = "loss_mask"):
     """Bars of `metric` per swapped component set, one group per direction (log scale)."""
     fig = px.bar(frame, x="components", y=metric, color="direction", barmode="group", log_y=True,
-                 hover_data=["loss", "loss_obs", "loss_mask", "corr_mask"],
+                 hover_data=[c for c in frame.columns if c.startswith(("loss", "acc", "corr"))],
                  title=f"Component swaps: {metric} (finding 9)")
     return fig.update_layout(template="plotly_white")
 

@@ -5,10 +5,11 @@ The model is a minGPT-style causal transformer with *linear* attention, the plat
 diagonal set to 0 and no softmax, a final LayerNorm and an un-biased head. The loop is a plain
 PyTorch loop on moving-window sums (MWS) drawn here, Adam at 1e-4, batch 256, next-token
 cross-entropy on every position. Three lines hand it to mechlrmc: the `Recorder`, `rec.step`, and
-the sites it reads (`ln_f` for collapse, the pattern module `blocks.0.attn.pattern`).
+the sites it reads (`sites`: the module paths of the model's anatomy, so that every lens applies: the
+head taxonomy, attention views, ablation, patching, probes, swaps).
 
     python docs/examples/mingpt_mws.py --out runs/mingpt_mws          # ~400 steps, a few minutes on one core
-    mechlrmc report runs/mingpt_mws -o mingpt_mws.html                # plateau, drop, repetition, collapse
+    mechlrmc report runs/mingpt_mws -o mingpt_mws.html                # plateau, drop, heads, patching, probes
 
 `build` is the model factory the recorder stores ("docs/examples/mingpt_mws.py:build"), so
 `Run("runs/mingpt_mws").load_model(step)` and every analysis rebuild the model from the checkpoints.
@@ -44,16 +45,25 @@ class LinearCausalAttention(nn.Module):
         return self.out((att @ v).transpose(1, 2).reshape(B, T, C))
 
 
+class MLP(nn.Module):
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = LinearCausalAttention(d_model, n_heads)
-        self.fc, self.proj = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+        self.mlp = MLP(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.proj(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -83,6 +93,15 @@ def build(length: int = 16, max_value: int = 16, d_model: int = 256, n_layers: i
     return GPT(vocab_size=max_value + 2, block_size=2 * length, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
 
 
+def sites(n_heads: int) -> dict:
+    """Where mechlrmc reads this model (`mechlrmc.anatomy`), `{L}` for every layer: the final LayerNorm,
+    the pattern module, each block, its attention and MLP outputs, and the heads' outputs `z` as the
+    input of the attention's out projection; linear attention; the embeddings and the read-out."""
+    return {"final": "ln_f", "attention": "blocks.{L}.attn.pattern", "resid": "blocks.{L}", "attn_out": "blocks.{L}.attn",
+            "mlp_out": "blocks.{L}.mlp", "z": "blocks.{L}.attn.out", "heads": n_heads, "pattern_kind": "linear",
+            "components": {"embeddings": ["tok", "pos"], "unembed": "head"}}
+
+
 def mws_batch(generator: torch.Generator, batch: int, length: int, max_value: int) -> torch.Tensor:
     """[batch, 2L + 1]: L inputs, the separator, the L outputs y_1 = x_1, y_j = (x_{j-1} + x_j) mod p."""
     p = max_value + 1
@@ -108,7 +127,7 @@ def train(out: str | Path | None, steps: int = 400, seed: int = 0, length: int =
 
         recorder = Recorder(out, model, model_factory=f"{_here()}:build", factory_kwargs=kwargs,
                             task=MWSConfig(length=length, max_value=max_value, modulus=max_value + 1),
-                            sites={"final": "ln_f", "attention": ["blocks.0.attn.pattern"]}, optimizer=opt,
+                            sites=sites(n_heads=1), optimizer=opt,
                             checkpoints="log", dense=(min(50, steps), steps), dense_every=10, eval_every=eval_every, steps=steps,
                             log=log)
     with recorder as rec:

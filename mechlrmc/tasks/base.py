@@ -138,6 +138,52 @@ class Task:
         """A name for every position of the model's input (attention views label their axes with it)."""
         return [str(i) for i in range(batch.tokens.shape[1])]
 
+    # ----- what the lenses ask of a task (`analyses`: one implementation of each lens for every task) -----
+    probe_names: ClassVar[tuple[str, ...]] = ()  # the probe targets it declares ("probes" in `supports`)
+    probe_defaults: ClassVar[tuple[str, ...]] = ()  # those probed by default
+    probe_focus: ClassVar[str] = "all"  # the positions the report's probe figures read
+
+    def lens_losses(self, output: torch.Tensor, batch: Any) -> dict[str, float]:
+        """The losses ablation, swaps and freeze/retrain report for a model's `output` on `batch`
+        (default: every loss of `loss`, the first the objective)."""
+        return {k: float(v) for k, v in self.loss(output, batch).items()}
+
+    def reference_maps(self, batch: Any) -> dict[str, torch.Tensor]:
+        """{name: [batch, query, key] bool}: the cells the head taxonomy measures each head's share of
+        attention on (a token task: its optimal map, the previous token, itself, the first token)."""
+        import torch
+
+        q = batch.tokens.shape[1]
+        eye = torch.eye(q, dtype=torch.bool)
+        maps = {"previous": eye.roll(-1, 1).tril(-1), "self": eye,
+                "first": torch.zeros(q, q, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True)}
+        out = {name: m.expand(len(batch), q, q) for name, m in maps.items()}
+        return {"optimal": self.optimal_attention_map(batch), **out} if "optimal_map" in self.supports else out
+
+    def reference_rows(self, batch: Any) -> torch.Tensor:
+        """[query] bool: the queries the head taxonomy averages over (default: every position)."""
+        import torch
+
+        return torch.ones(batch.tokens.shape[1], dtype=torch.bool)
+
+    def probe_targets(self, batch: Any, names: Any) -> dict[str, torch.Tensor]:
+        """{name: [batch * pos, k]} float64: each declared target at every position of the input."""
+        raise NotImplementedError
+
+    def probe_positions(self, batch: Any) -> dict[str, torch.Tensor]:
+        """{group: [batch * pos] bool}: the positions probes are scored at, by group."""
+        raise NotImplementedError
+
+    def check_probe_targets(self, names: Any) -> list[str]:
+        from mechlrmc.errors import OptionError
+
+        names = list(names)
+        bad = [n for n in names if n not in self.probe_names]
+        if bad or not names:
+            raise OptionError(f"probe target {bad[0] if bad else ''!r} is not declared by task {self.name!r}: allowed "
+                              f"{list(self.probe_names)}")
+        return names
+
     def summary(self, row: Any) -> str:
         """One line for the end of `mechlrmc train`, from a row of `Run.evals`."""
         return "eval " + " ".join(f"{m}={row[f'eval_{m}']:.4g}" for m in self.eval_metrics)

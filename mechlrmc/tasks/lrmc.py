@@ -19,6 +19,7 @@ from typing import ClassVar, Iterable
 import torch
 
 from mechlrmc.config import ModelConfig, RunConfig, TrainConfig
+from mechlrmc.errors import OptionError
 from mechlrmc.tasks import register
 from mechlrmc.tasks.values import MASK_ID, decode_tokens, encode_values  # noqa: F401 (re-exported)
 from mechlrmc.tasks.base import Task, TaskConfig
@@ -323,6 +324,35 @@ def _tiny() -> RunConfig:
     )
 
 
+TARGETS = ("value", "row", "col", "u", "v", "sigma")  # LRMC's probe targets
+
+
+def matrix_targets(batch: Batch, targets: Iterable[str] = TARGETS[:5]) -> dict[str, torch.Tensor]:
+    """LRMC's probe targets (`analyses.representations.probes`) at every position, `{name: [batch * m*n, k]}` (float64)."""
+    b, m, n = len(batch), batch.m, batch.n
+    x = batch.matrices.double()  # [b, m, n]
+    x_in = (batch.values * batch.observed).double().view(b, m, n)
+    rows, cols = row_col_index(m, n)
+    out = {}
+    for name in targets:
+        if name not in TARGETS:
+            raise OptionError(f"probe target {name!r} is unknown: allowed {TARGETS}")
+        if name == "value":
+            t = x.reshape(b, m * n, 1)
+        elif name == "row":
+            t = x_in[:, rows, :]  # [b, m*n, n]
+        elif name == "col":
+            t = x_in.transpose(1, 2)[:, cols, :]  # [b, m*n, m]
+        else:
+            u, s, vh = torch.linalg.svd(x)
+            u, v = u[..., 0], vh[:, 0, :]  # [b, m], [b, n]
+            flip = torch.where(u.gather(1, u.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0)  # [b, 1]
+            vec = {"u": u * flip, "v": v * flip, "sigma": s[:, :1]}[name]  # [b, k]: X ~ sigma u v^T
+            t = vec[:, None, :].expand(b, m * n, vec.shape[1])
+        out[name] = t.reshape(b * m * n, -1)
+    return out
+
+
 class _LRMC(Task):
     name = "lrmc"
     config = DataConfig
@@ -337,7 +367,10 @@ class _LRMC(Task):
     copy_metric = "loss_obs"
     phase_label = "eval L_mask"
     final_metrics = ("loss", "loss_mask", "corr_mask")
-    supports = frozenset({"matrix", "optimal_map", "position_scores"})
+    supports = frozenset({"matrix", "optimal_map", "position_scores", "probes"})
+    probe_names = TARGETS
+    probe_defaults = ("value", "row", "col", "u", "v")
+    probe_focus = "masked"
     presets = {"paper": _paper, "cpu": _cpu, "tiny": _tiny}
 
     def sample(self, cfg: DataConfig, batch_size: int, generator: torch.Generator) -> Batch:
@@ -351,6 +384,15 @@ class _LRMC(Task):
 
     def optimal_attention_map(self, batch: Batch) -> torch.Tensor:
         return optimal_attention_map(batch.observed, batch.m, batch.n)
+
+    def probe_targets(self, batch: Batch, names) -> dict[str, torch.Tensor]:
+        """The entry, its masked-input row and column, the top singular vectors and value
+        (`analyses.representations.probes.matrix_targets`) at every position."""
+        return matrix_targets(batch, self.check_probe_targets(names))
+
+    def probe_positions(self, batch: Batch) -> dict[str, torch.Tensor]:
+        observed = batch.observed.reshape(-1).cpu()
+        return {"all": torch.ones_like(observed), "masked": ~observed, "observed": observed}
 
     def plateau(self, cfg: DataConfig) -> dict[str, float]:
         """Copy the observed entries, predict 0 at masked ones (finding 1)."""

@@ -142,7 +142,10 @@ class SequenceTask(Task):
     phase_label = "eval cross-entropy on the outputs"
     final_metrics = ("loss", "loss_out", "greedy_acc", "rep")
     generates = True
-    supports = frozenset({"generation", "optimal_map", "position_scores"})
+    supports = frozenset({"generation", "optimal_map", "position_scores", "probes"})
+    probe_names = ("output", "window", "input")
+    probe_defaults = ("output", "window", "input")
+    probe_focus = "outputs"
 
     def outputs(self, cfg: SequenceConfig, inputs: torch.Tensor) -> torch.Tensor:
         """The true outputs [batch, L] (long, in 0..modulus-1) of inputs [batch, L]."""
@@ -166,6 +169,30 @@ class SequenceTask(Task):
         for j in range(1, n + 1):
             on_map[n + j - 1, self.map_keys(cfg, j)] = True
         return on_map
+
+    def probe_targets(self, batch: SequenceBatch, names) -> dict[str, torch.Tensor]:
+        """At the query that predicts output j (position L + j - 1): `output` y_j, `window` the sum of
+        the inputs on its optimal map (MWS: x_(j-1) + x_j before the modulus; prefix sum: x_1 + ... + x_j;
+        reverse: the one input it copies) and `input` the last of them alone (MWS: x_j). Other
+        positions are 0 (they are not scored)."""
+        names, n, b = self.check_probe_targets(names), batch.length, len(batch)
+        keys = [self.map_keys(batch.cfg, j) for j in range(1, n + 1)]
+        values = {"output": batch.outputs.double(),
+                  "window": torch.stack([batch.tokens[:, k].double().sum(1) for k in keys], 1),
+                  "input": torch.stack([batch.tokens[:, k[-1]].double() for k in keys], 1)}
+        out = {}
+        for name in names:
+            full = torch.zeros(b, 2 * n, dtype=torch.float64)
+            full[:, n:] = values[name].cpu()
+            out[name] = full.reshape(-1, 1)
+        return out
+
+    def probe_positions(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+        return {"outputs": batch.scored.cpu().repeat(len(batch))}
+
+    def reference_rows(self, batch: SequenceBatch) -> torch.Tensor:
+        """The queries from the separator on: those that predict an output."""
+        return batch.scored.cpu()
 
     def optimal_attention_map(self, batch: SequenceBatch) -> torch.Tensor:
         """[batch, 2L, 2L] bool (`static_map` for every sequence)."""
