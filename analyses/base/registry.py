@@ -109,7 +109,8 @@ ANALYSES: list[Analysis] = [
            "report.adapters", any_model=True, data=False),
     _entry("family", "In its family", "run families",
            "Where this run's drop step and final L_mask sit among the seeds of its recipe (a shipped family "
-           "summary), and how close its machine type is to the family's.", "report.adapters", requires=("matrix",), needs="family"),
+           "summary), and how close its machine type is to the family's.", "report.adapters", requires=("matrix",), needs="family",
+           any_model=True),
     _entry("phases", "Loss curves and phases", "finding 1",
            "The losses with the detected plateau and drop (LRMC: L, L_obs and L_mask against the copy-and-zero "
            "level E[X^2]; a sequence task: the outputs' cross-entropy, greedy accuracy and repetition).", "plateau.adapters",
@@ -123,16 +124,17 @@ ANALYSES: list[Analysis] = [
            "MASK replaced by a value token: before the drop the output is the inserted value (copying); after "
            "it the model still mostly copies (the token looks observed) but pulls the entry toward the value "
            "the rest of the matrix implies, so the error against the inserted value grows.", "completion.adapters", requires=("matrix",),
+           any_model=True,
            options=(Option("--values", "inserted values (default -0.8 -0.24 0 0.44 0.8)", float, "+"),)),
     _entry("baselines", "Nuclear norm and copy-and-zero across p_mask", "finding 3",
            "The final model against nuclear-norm minimisation and copy-and-zero for p_mask 0.1-0.6: MSE on masked "
-           "entries and nuclear norm of the completed matrices.", "completion.adapters", requires=("matrix",),
+           "entries and nuclear norm of the completed matrices.", "completion.adapters", requires=("matrix",), any_model=True,
            options=(Option("--step", "checkpoint to evaluate (default the last)", int),
                     Option("--n-matrices", "matrices per p_mask / OOD variant", int),
                     Option("--p-masks", "p_mask values (default 0.1 to 0.6)", float, "+"))),
     _entry("ood", "Out of distribution", "finding 3",
            "Other rank, fewer rows or columns, Gaussian and Laplace factors: masked MSE relative to copy-and-zero.",
-           "completion.adapters", requires=("matrix",), options=(Option("--step", "checkpoint to evaluate (default the last)", int),
+           "completion.adapters", requires=("matrix",), any_model=True, options=(Option("--step", "checkpoint to evaluate (default the last)", int),
                                  Option("--n-matrices", "matrices per OOD variant", int),
                                  Option("--layout", "how smaller matrices meet the trained position grid", str,
                                         choices=("pad", "gather")))),
@@ -185,7 +187,8 @@ ANALYSES: list[Analysis] = [
                     Option("--components", "';'-separated component sets, e.g. 'attn;qkv;~attn'"))),
     _entry("dynamics", "Plateau dynamics", "P1-P3",
            "Repetition of masked predictions, collapse of hidden states and attention share on the optimal "
-           "row/column map across checkpoints.", "plateau.adapters", requires=("matrix",), steps="all"),
+           "row/column map across checkpoints.", "plateau.adapters", requires=("matrix",), steps="all", any_model=True,
+           parts=("embed", "resid", "final", "pattern")),
     _entry("plateau_dynamics", "Plateau dynamics in the plateau paper's definitions", "P1-P4",
            "Repetition of the greedy outputs against the truth's, collapse of the hidden states at every layer, "
            "each head's attention on the task's optimal map, and the accuracy of every output position, at "
@@ -203,7 +206,7 @@ ANALYSES: list[Analysis] = [
                                         "default no; the family report has it)", str, choices=("yes", "no")),)),
     _entry("interventions", "Attention intervention", "P5, finding 11",
            "Runs trained with attention scaled toward the optimal map by c: plateau length against c.", "plateau.adapters", requires=("matrix",),
-           needs="interventions", options=(Option("--interventions", "a `mechlrmc analyze intervention` folder"),)),
+           needs="interventions", any_model=True, options=(Option("--interventions", "a `mechlrmc analyze intervention` folder"),)),
 ]
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mechlrmc.config import DataConfig
 from mechlrmc.errors import OptionError
+from mechlrmc.measures import logits_of
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch, sample, split_losses
 
@@ -85,20 +86,24 @@ def _grid_positions(batch: Batch, trained: DataConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def model_predict(model: HookedEncoder, batch: Batch, trained: DataConfig, layout: str = "pad") -> torch.Tensor:
+def model_predict(model: torch.nn.Module, batch: Batch, trained: DataConfig, layout: str = "pad") -> torch.Tensor:
     """The model's completion of `batch` [batch, m'*n'], placing m' x n' matrices in the top-left
     block of the trained m x n grid (module docstring)."""
     if layout not in LAYOUTS:
         raise OptionError(f"layout={layout!r} is invalid: allowed {LAYOUTS}")
     device = next(model.parameters()).device
     tokens = batch.tokens.to(device)
+    forward = logits_of(model)
     if (batch.m, batch.n) == (trained.m, trained.n):
-        return model(tokens).float().cpu()
+        return forward(tokens).float().cpu()
     index = _grid_positions(batch, trained).to(device)  # [m'*n']
     if layout == "pad":
         full = torch.zeros(len(batch), trained.m * trained.n, dtype=tokens.dtype, device=device)
         full[:, index] = tokens
-        return model(full)[:, index].float().cpu()
+        return forward(full)[:, index].float().cpu()
+    if not hasattr(model, "W_pos"):
+        raise OptionError(f"layout='gather' needs mechlrmc's model's position table W_pos, which {type(model).__name__} "
+                          f"does not have: allowed layout='pad'")
 
     def grid_pos_embed(pos_embed: torch.Tensor, hook) -> torch.Tensor:  # [b, m'*n', d]
         return model.W_pos[index].expand_as(pos_embed)

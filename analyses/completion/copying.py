@@ -18,6 +18,7 @@ import torch
 
 from mechlrmc.config import DataConfig
 from mechlrmc.errors import OptionError
+from mechlrmc.measures import logits_of
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch, decode_tokens, encode_values, split_losses
 
@@ -42,7 +43,7 @@ def copy_check(
             inserted = float(decode_tokens(token, data_cfg.precision, data_cfg.value_max))
             tokens = torch.where(masked, token.to(batch.tokens.device), batch.tokens)
         with torch.no_grad():
-            pred = model(tokens)  # [batch, pos]
+            pred = logits_of(model)(tokens)  # [batch, pos]
         at_masked = pred[masked]
         vs_truth = float(((at_masked - batch.values[masked]) ** 2).mean())
         vs_inserted = float(((at_masked - inserted) ** 2).mean()) if not math.isnan(inserted) else math.nan

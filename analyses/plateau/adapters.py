@@ -61,7 +61,8 @@ DYNAMICS_BATCH = 256  # matrices per checkpoint of the LRMC dynamics
 
 def dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
     batch = ctx.batch[:DYNAMICS_BATCH]
-    return {fn.__name__: ctx.walk(fn, batch=batch) for fn in (repetition, collapse, attention_progress)}
+    return {"repetition": ctx.walk(repetition, batch=batch),
+            **{fn.__name__: ctx.walk(fn, batch=batch, anatomy=True) for fn in (collapse, attention_progress)}}
 
 
 def dynamics_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:

@@ -24,15 +24,15 @@ import torch
 from analyses.base.walk import Steps, across_checkpoints, analysis_batch
 from analyses.completion.baselines import copy_zero_predict
 from mechlrmc import measures
+from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.config import RunConfig
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 from mechlrmc.tasks.lrmc import Batch, optimal_attention_map
 
 
 @torch.no_grad()
-def repetition(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
+def repetition(model: torch.nn.Module, batch: Batch) -> pd.DataFrame:
     """One row: how degenerate the masked predictions are.
 
     - `spread_ratio`: mean over matrices of the variance of the predictions across a matrix's
@@ -43,7 +43,7 @@ def repetition(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
     - `dist_copy_zero`: MSE between the model and the copy-and-zero predictor over all entries
       (0 on the plateau, finding 2)."""
     device = next(model.parameters()).device
-    pred = model(batch.tokens.to(device)).float().cpu()  # [b, pos]
+    pred = measures.logits_of(model)(batch.tokens.to(device)).float().cpu()  # [b, pos]
     masked = batch.masked.cpu()
     values = batch.values.float().cpu()
     masked_pred = pred[masked]
@@ -54,46 +54,46 @@ def repetition(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
     }])
 
 
-def hidden_state_names(model: HookedEncoder) -> list[str]:
-    """Hook names of the hidden states: the input of every block, then the final output
+def hidden_state_parts(anatomy: Anatomy) -> list[str]:
+    """The anatomy parts of the hidden states: the input of every block, then the final output
     (layer 0 = embeddings, layer l = output of block l)."""
-    final = "ln_final.hook_normalized" if model.cfg.norm == "pre" else \
-        f"blocks.{model.cfg.n_layers - 1}.hook_normalized_resid_post"
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)] + [final]
+    return ["embed", *[f"resid.{layer}" for layer in range(anatomy.n_layers - 1)], "final"]
 
 
 @torch.no_grad()
-def collapse(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
+def collapse(model: torch.nn.Module, batch: Batch, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Per layer (0 = embeddings, l = output of block l): mean pairwise cosine similarity of
     hidden states across the positions of a matrix, over all positions (`cos_all`) and over
-    masked positions only (`cos_masked`). Near 1 = representation collapse (docs/FINDINGS.md, P2)."""
+    masked positions only (`cos_masked`). Near 1 = representation collapse (docs/FINDINGS.md, P2).
+    Any model, through its anatomy."""
+    model, anatomy = subject_of(model, anatomy)
     device = next(model.parameters()).device
-    names = hidden_state_names(model)
-    _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=lambda n: n in names)
+    keys = hidden_state_parts(anatomy)
+    _, acts = anatomy.run(model, batch.tokens.to(device), read=keys)
     masked = batch.masked.to(device)
     return pd.DataFrame([
-        {"layer": layer, "cos_all": measures.mean_pairwise_cosine(cache[name]),
-         "cos_masked": measures.mean_pairwise_cosine(cache[name], masked)}
-        for layer, name in enumerate(names)
+        {"layer": layer, "cos_all": measures.mean_pairwise_cosine(acts[key]),
+         "cos_masked": measures.mean_pairwise_cosine(acts[key], masked)}
+        for layer, key in enumerate(keys)
     ])
 
 
 @torch.no_grad()
-def attention_progress(model: HookedEncoder, batch: Batch) -> pd.DataFrame:
+def attention_progress(model: torch.nn.Module, batch: Batch, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Per (layer, head): share of attention on the optimal LRMC map (observed keys in the query's
     row or column), averaged over all queries (`share_on_map`) and over masked queries
     (`share_on_map_masked`); `uniform_share` is what uniform attention would give."""
+    model, anatomy = subject_of(model, anatomy)
     device = next(model.parameters()).device
-    _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=lambda n: n.endswith("hook_pattern"))
+    _, acts = anatomy.run(model, batch.tokens.to(device), read=[f"pattern.{l}" for l in range(anatomy.n_layers)])
     on_map = optimal_attention_map(batch.observed.to(device), batch.m, batch.n).float()  # [b, q, k]
     masked = batch.masked.to(device)  # [b, q]
     uniform = float(on_map.mean(-1).mean())
     rows = []
-    for layer in range(model.cfg.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [b, head, q, k]
+    for layer, pattern in enumerate(anatomy.patterns(acts)):  # [b, head, q, k]
         every = measures.attention_share(pattern, on_map, queries=torch.ones_like(masked))  # [head]
         on_masked = measures.attention_share(pattern, on_map, queries=masked)
-        for head in range(model.cfg.n_heads):
+        for head in range(pattern.shape[1]):
             rows.append({"layer": layer, "head": head, "share_on_map": float(every[head]),
                          "share_on_map_masked": float(on_masked[head]), "uniform_share": uniform})
     return pd.DataFrame(rows)
