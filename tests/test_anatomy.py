@@ -5,7 +5,6 @@ lenses through it, on a planted model and on a recorded run of a model mechlrmc 
 from __future__ import annotations
 
 import importlib.util
-import re
 import sys
 from pathlib import Path
 
@@ -169,33 +168,25 @@ def test_a_probe_finds_a_planted_window_sum_and_not_a_single_input():
     assert set(frame.positions) == {"outputs"}
 
 
-@pytest.mark.slow
-def test_every_lens_reads_a_recorded_minGPT_and_finds_the_solving_head_at_the_drop(tmp_path):
-    """The worked example (linear attention, 8 inputs, seed 0, 180 steps): every registry entry its task
-    allows runs, the head taxonomy puts the head over half on the optimal map after the drop, patching
-    at the end recovers the answer through that head's z at the output positions, and a probe of the
-    window sum at the last layer beats one of a single input."""
-    from analyses.base.context import Context
-    from analyses.base.registry import ANALYSES, applicable, get
-    from mechlrmc.runs import Run
+def test_the_per_component_llc_names_a_hugging_face_models_own_parameter_groups():
+    from analyses.llc.components import component_masks, model_components
+
+    gpt2 = _gpt2()
+    assert model_components(gpt2) == ["attn.0", "mlp.0", "attn.1", "mlp.1", "embeddings", "ln_final"]
+    assert set(component_masks(gpt2, "mlp.0")) == {"transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
+                                                   "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
+
+
+def test_bad_lens_input_on_a_recorded_model_is_one_line_with_exit_code_2(tmp_path, capsys):
+    from mechlrmc.cli import main
 
     torch.set_num_threads(1)
-    out = tmp_path / "mingpt8"
-    ex.train(out, steps=180, length=8, eval_every=10)
-    ctx = Context(Run(out), progress=False)
-    names = [a.name for a in applicable(ctx)]
-    own = [a.name for a in ANALYSES if a.any_model and not ({"matrix"} & set(a.requires)) and a.needs is None]
-    assert set(own) <= set(names), set(own) - set(names)
-    phases = ctx.phases
-    assert phases.dropped
-    taxonomy = ctx.taxonomy
-    end = taxonomy[taxonomy.step == ctx.final].share_on_map.max()
-    plateau = taxonomy[taxonomy.step == ctx.key["plateau"]].share_on_map.max()
-    assert end > 0.5 > plateau
-    patching = get("sequence_patching").compute(ctx)["sequence_patching"]
-    last = patching[(patching.step == ctx.final) & (patching.site == "z") & (patching.method == "exact")]
-    assert last.recovery.max() > 0.3
-    probes = get("probes").compute(ctx)["probes"]
-    final = probes[(probes.step == ctx.final) & (probes.layer == probes.layer.max())].set_index("target").r2
-    assert final["window"] > final["input"]
-    assert re.search(r"1 layer\(s\) x 1 head\(s\)", ctx.anatomy.describe())
+    out = tmp_path / "mingpt"
+    ex.train(out, steps=6, length=6, max_value=6, batch=16, eval_every=3)
+    cases = {("probes", "--targets", "value"): "probe target 'value' is not declared by task 'mws'",
+             ("swaps", "--components", "qkv"): "component 'qkv' is not in the anatomy of GPT"}
+    for args, words in cases.items():
+        capsys.readouterr()
+        assert main(["analyze", args[0], str(out), *args[1:], "-o", str(tmp_path / args[0])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err

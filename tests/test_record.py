@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from mechlrmc.cli import main
 from mechlrmc.factory import FactoryError
 from mechlrmc.record import RecordError
 from mechlrmc.runs import Run, RunLockedError
-from mechlrmc.sites import SiteError, Sites
+from mechlrmc.sites import SiteError
 from mechlrmc.tasks.mws import MWSConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,15 +321,21 @@ def test_the_lightning_callback_records_a_run(tmp_path):
 def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_and_collapse(tmp_path):
     """The worked example's minGPT (linear attention, the plateau paper's MWS step) at 8 inputs, seed 0,
     180 steps (on this project's machine: plateau from ~20, greedy outputs repeating at ~0.7 against
-    the truth's 0.06, drop at ~135)."""
-    from analyses.base.context import Context
-    from analyses.base.registry import get
+    the truth's 0.06, drop at ~135). Every entry its task allows applies through the anatomy its sites
+    name; the solving head is over half on the optimal map at the end and not on the plateau; patching
+    at the drop recovers the answer through that head's z at the output positions; a probe of the
+    window sum at the last layer beats one of a single input."""
+    from analyses.base.registry import ANALYSES, get
+    from analyses.report.run_report import build_report
 
     torch.set_num_threads(1)
     out = tmp_path / "mingpt8"
     ex.train(out, steps=180, length=8, eval_every=10)
-    assert main(["report", str(out), "-o", str(tmp_path / "report.html"), "--workers", "1"]) == 0
-    ctx = Context(Run(out))
+    report = build_report(Run(out), workers=1, progress=False)
+    assert report.errors == {}
+    ctx = report.context
+    sections = set(re.findall(r'<section id="([^"]+)" data-status="ok">', report.html))
+    assert sections == {a.name for a in ANALYSES if a.any_model and a.needs is None and set(a.requires) <= ctx.task.supports}
     phases = get("phases").compute(ctx)["phases"].iloc[0]
     assert phases.dropped and 60 < phases.drop_step < 180 and phases.plateau_start < phases.drop_step
     assert phases.plateau_max_rep > 3 * phases.rep_true  # repetition above the truth's on the plateau (P1)
@@ -336,6 +343,16 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     final = dynamics["collapse"][dynamics["collapse"].layer == "final"].set_index("step").cos_scored
     plateau = final[(final.index >= phases.plateau_start) & (final.index < phases.drop_step)]
     assert plateau.max() > 0.5 and final.iloc[-1] < 0.1  # collapse at the site ln_f on the plateau, gone after (P2)
+    taxonomy = ctx.taxonomy
+    head = taxonomy[taxonomy.step == ctx.final].sort_values("share_on_map").iloc[-1]
+    assert head.share_on_map > 0.5 > taxonomy[taxonomy.step == ctx.key["plateau"]].share_on_map.max()
+    patching = get("sequence_patching").compute(ctx)["sequence_patching"]
+    z = patching[(patching.step == ctx.key["drop"]) & (patching.site == "z") & (patching.method == "exact")
+                 & (patching.layer == head.layer) & (patching["head"] == head["head"]) & (patching.pos >= 8)]
+    assert z.recovery.sum() > 0.5  # the solving head's z at the output positions carries the answer
+    probes = get("probes").compute(ctx)["probes"]
+    last = probes[(probes.step == ctx.final) & (probes.layer == probes.layer.max())].set_index("target").r2
+    assert last["window"] > last["input"]
 
 
 def test_the_scaling_command_fits_a_planted_law_on_a_family(tmp_path, capsys):

@@ -28,8 +28,13 @@ def run_component_llc(ctx, components: list[str] | None = None, heads: bool = Fa
     calibration = run_calibration(ctx, QUICK if ctx.quick else REPORT)
     if num_chains is not None:
         calibration = replace(calibration, config=replace(calibration.config, num_chains=num_chains))
-    names = list(components or model_components(ctx.model(ctx.final), heads=heads))
-    settings = {**chain_settings(ctx, calibration), "components": names}
+    own = ctx.anatomy.source == "mechlrmc"
+    names = list(components or (model_components(ctx.model(ctx.final), heads=heads) if own
+                                else ctx.anatomy.component_names()))
+    if not own:  # named by the run's anatomy: the masks of its groups
+        names = {name: {p: None for p in ctx.anatomy.params(name, dict(ctx.model(ctx.final).named_parameters()))}
+                 for name in names}
+    settings = {**chain_settings(ctx, calibration), "components": list(names)}
     frames = []
     for moment, step in tqdm(ctx.key.items(), desc="component LLC", unit="ckpt", disable=not ctx.progress):
         rows = cached(ctx.run, "llc_components", step, settings,

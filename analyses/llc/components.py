@@ -7,7 +7,8 @@ along the head axis (`mechlrmc.components.head_masks`, the same masks as devinte
 `weight_restrictions.create_param_masks` gives for "l0h1"); devinterp's SGMCMC optimizer applies them (a
 mask on the drift, the localization and the noise). Components are named as everywhere in the toolkit
 (`mechlrmc.components`): "embeddings", "unembed", "attn.0", "mlp.0", "attn.0.1" (layer 0, head 1). Here it asks which components' complexity changes at the
-drop (finding 1, docs/FINDINGS.md), per run and across a family.
+drop (finding 1, docs/FINDINGS.md), per run and across a family. Another model's components are the
+parameter groups of its anatomy (`mechlrmc.anatomy`: "attn.L", "mlp.L", "embeddings", ...).
 
 All components of a model are sampled with one calibration of the whole model (`calibrate`), so their
 LLCs use the same nbeta, step size and localization and can be compared with each other; the diagnostics
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from analyses.llc.calibrate import Calibration, calibrate
 from analyses.llc.data import Data, Masks, mse_loss, sampled_dimension
 from analyses.llc.estimator import estimate_with
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.components import head_masks, model_component_params
 from mechlrmc.errors import OptionError
 
@@ -38,6 +40,9 @@ def component_masks(model: torch.nn.Module, component: str | Masks) -> Masks:
     params = dict(model.named_parameters())
     if component in params:
         return {component: None}
+    anatomy = Anatomy.of(model)
+    if anatomy.source != "mechlrmc":  # another model: the parameter groups its anatomy derived
+        return {name: None for name in anatomy.params(component, params)}
     head = head_masks(model, component)
     if head is not None:
         return head
@@ -50,6 +55,9 @@ def component_masks(model: torch.nn.Module, component: str | Masks) -> Masks:
 def model_components(model: torch.nn.Module, heads: bool = True) -> list[str]:
     """The components of a hooked transformer: embeddings, read-out, every layer's attention and MLP
     and (with `heads`) every head."""
+    anatomy = Anatomy.of(model)
+    if anatomy.source != "mechlrmc":  # another model: its anatomy's groups (no per-head parameter slices)
+        return anatomy.component_names()
     cfg = model.cfg
     names = ["embeddings", "unembed"]
     for layer in range(cfg.n_layers):
