@@ -53,3 +53,24 @@ def test_patching_everything_restores_the_clean_output(setup):
     # block 0's input carries all of the input: patching it gives back the clean output exactly
     row = frame[frame.layer == 0].iloc[0]
     assert row.recovery_mask == pytest.approx(1.0, abs=1e-4) and row.recovery_obs == pytest.approx(1.0, abs=1e-4)
+
+
+def test_patching_any_model_through_its_anatomy_gives_the_batched_numbers(tiny_run):
+    """The one-forward-per-patch path every other model takes (`anatomy_outputs`) against the batched
+    path of mechlrmc's model, on the same model read as if it were another's."""
+    from dataclasses import replace
+
+    from analyses.base.walk import analysis_batch
+    from analyses.causal.patching import batched_sweep, corrupt
+    from mechlrmc.anatomy import Anatomy
+
+    model = tiny_run.load_model(40)
+    batch = analysis_batch(tiny_run, 8)
+    corrupted = corrupt(batch, "negate", tiny_run.config.data)
+    foreign = replace(Anatomy.of(model), source="transformer_lens")
+    for site, granularity in (("z", "layer_head"), ("resid_pre", "layer_pos"), ("mlp_out", "layer")):
+        fast = batched_sweep(model, batch, corrupted, site, granularity)
+        slow = batched_sweep(model, batch, corrupted, site, granularity, anatomy=foreign)
+        assert (fast[["layer", "pos", "head"]].to_numpy() == slow[["layer", "pos", "head"]].to_numpy()).all()
+        assert torch.allclose(torch.tensor(fast.recovery_mask.to_numpy()), torch.tensor(slow.recovery_mask.to_numpy()), atol=1e-4), site
+        assert fast.recovery_mask.abs().max() > (0.2 if site == "z" else 0.01)  # the patches move the output

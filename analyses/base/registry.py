@@ -157,7 +157,8 @@ ANALYSES: list[Analysis] = [
            options=(Option("--kinds", "ablations (default zero mean)", str, "+", ("zero", "mean", "uniform")),)),
     _entry("patching", "Activation patching", "finding 6",
            "Recovery of the clean output when clean activations of one head / layer / position are patched into "
-           "the run on a corrupted matrix (-X by default).", "causal.adapters", requires=("matrix",),
+           "the run on a corrupted matrix (-X by default).", "causal.adapters", requires=("matrix",), any_model=True,
+           parts=("embed", "resid", "attn_out", "mlp_out", "z"),
            options=(Option("--corruption", "corruption of the clean matrices", str,
                            choices=("negate", "resample", "shuffle_rows")),)),
     _entry("attribution", "Attribution patching", "finding 6",

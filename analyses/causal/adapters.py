@@ -19,7 +19,7 @@ def patching_tables(ctx) -> dict[str, pd.DataFrame]:
     steps = ctx.steps if ctx.steps_asked is not None else [ctx.final]
     batch = ctx.batch[: ctx.option("patch_batch", ctx.budget.patch_batch)]
     return {"patching": ctx.walk(patching, steps=steps, batch=batch, data_cfg=ctx.run.config.data,
-                                 corruption=ctx.option("corruption", "negate"), sites=REPORT_SITES)}
+                                 corruption=ctx.option("corruption", "negate"), sites=REPORT_SITES, anatomy=True)}
 
 
 def patching_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:

@@ -10,7 +10,8 @@ the clean output is measured separately at masked and observed positions:
 (0: no move, 1: the clean output). Sites: `resid_pre`, `attn_out`, `mlp_out`, `resid_mid`,
 `resid_post` ([batch, pos, d_model]) and `z` (per head, [batch, pos, head, d_head]).
 
-Two paths give the same numbers: `stock_sweep` runs `transformer_lens.patching` (one forward per
+Any model is patched through its anatomy (`mechlrmc.anatomy`, `anatomy_outputs`: one forward per
+patch); on mechlrmc's own model two faster paths give the same numbers: `stock_sweep` runs `transformer_lens.patching` (one forward per
 patch), and `batched_sweep` stacks many patches of one layer into one forward that starts at that
 layer from the cached corrupted residual stream (the layers before it are not recomputed, and a
 single-position patch recomputes only that position within its own layer).
@@ -25,8 +26,10 @@ import pandas as pd
 import torch
 from transformer_lens import patching as tl_patching
 
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.config import DataConfig
 from mechlrmc.errors import OptionError
+from mechlrmc.measures import logits_of
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch, sample, with_values
 
@@ -76,15 +79,45 @@ def recovery_metrics(clean: torch.Tensor, corrupted: torch.Tensor, observed: tor
             "recovery_obs": partial(recovery, where=observed.float())}
 
 
-def patch_grid(model: HookedEncoder, site: str, granularity: str, pos: int) -> list[tuple[int, int, int]]:
-    """(layer, pos, head) of every patch in TransformerLens' sweep order; -1 means all."""
+def patch_grid(model, site: str, granularity: str, pos: int) -> list[tuple[int, int, int]]:
+    """(layer, pos, head) of every patch in TransformerLens' sweep order; -1 means all. `model`: a
+    model with `cfg.n_layers` and `cfg.n_heads`, or an `Anatomy`."""
     if granularity not in GRANULARITIES:
         raise OptionError(f"granularity={granularity!r} is unknown: allowed {GRANULARITIES}")
     if "head" in granularity and site != "z":
         raise OptionError(f"granularity={granularity!r} needs site='z' (per-head activations), got {site!r}")
-    heads = range(model.cfg.n_heads) if "head" in granularity else [-1]
+    shape = model if isinstance(model, Anatomy) else model.cfg
+    heads = range(shape.n_heads) if "head" in granularity else [-1]
     positions = range(pos) if "pos" in granularity else [-1]
-    return [(l, p, h) for l in range(model.cfg.n_layers) for p in positions for h in heads]
+    return [(l, p, h) for l in range(shape.n_layers) for p in positions for h in heads]
+
+
+def anatomy_part(site: str, layer: int) -> str:
+    """The anatomy part (`mechlrmc.anatomy`) of a site of a layer: `resid_pre` is the embeddings at layer
+    0 and block l - 1's output after; `resid_mid` has no part (mechlrmc's model only)."""
+    if site == "resid_mid":
+        raise OptionError("site='resid_mid' is read only on mechlrmc's own model: allowed on any model resid_pre, "
+                          "attn_out, mlp_out, resid_post, z")
+    if site == "resid_pre":
+        return "embed" if layer == 0 else f"resid.{layer - 1}"
+    return f"resid.{layer}" if site == "resid_post" else f"{site}.{layer}"
+
+
+@torch.no_grad()
+def anatomy_outputs(model: torch.nn.Module, clean_tokens: torch.Tensor, corrupted_tokens: torch.Tensor, site: str,
+                    patches: list[tuple[int, int, int]], anatomy: Anatomy) -> torch.Tensor:
+    """`batched_outputs` for any model, through its anatomy: one forward of the corrupted input per patch,
+    with the clean activation written in [K, batch, pos]."""
+    keys = {l: anatomy_part(site, l) for l in sorted({l for l, _, _ in patches})}
+    _, clean = anatomy.run(model, clean_tokens, read=list(keys.values()))
+    masks = patch_masks(patches, clean_tokens.shape[1], anatomy.n_heads, site).to(corrupted_tokens.device)
+    forward = []
+    for (layer, _, _), mask in zip(patches, masks):
+        key = keys[layer]
+        where = mask[None, ..., None]  # [1, pos, (head,) 1]
+        out, _ = anatomy.run(model, corrupted_tokens, edit={key: lambda v, key=key, where=where: torch.where(where, clean[key], v)})
+        forward.append(out.reshape(corrupted_tokens.shape).float())
+    return torch.stack(forward)
 
 
 def patch_masks(patches: list[tuple[int, int, int]], pos: int, n_heads: int, site: str) -> torch.Tensor:
@@ -184,15 +217,24 @@ def patch_frame(patches: list[tuple[int, int, int]], values: dict[str, torch.Ten
 
 
 @torch.no_grad()
-def batched_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch, site: str = "z",
-                  granularity: str = "layer_pos_head", max_rows: int = 4096) -> pd.DataFrame:
+def batched_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch, site: str = "z",
+                  granularity: str = "layer_pos_head", max_rows: int = 4096, anatomy: Anatomy | None = None
+                  ) -> pd.DataFrame:
     """Recovery of every patch of `site` at `granularity`, batched; one row per (layer, pos, head)
-    (-1: all positions / heads)."""
+    (-1: all positions / heads). Another model than mechlrmc's (its `anatomy`) is patched one forward
+    per patch (`anatomy_outputs`)."""
     device = next(model.parameters()).device
     clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
-    patches = patch_grid(model, site, granularity, clean_tokens.shape[1])
-    preds = batched_outputs(model, clean_tokens, corrupt_tokens, site, patches, max_rows)  # [K, b, pos]
-    metrics = recovery_metrics(model(clean_tokens), model(corrupt_tokens), clean.observed.to(device))
+    forward = logits_of(model)
+    if anatomy is not None and anatomy.source != "mechlrmc":
+        patches = patch_grid(anatomy, site, granularity, clean_tokens.shape[1])
+        preds = anatomy_outputs(model, clean_tokens, corrupt_tokens, site, patches, anatomy)
+    else:
+        patches = patch_grid(model, site, granularity, clean_tokens.shape[1])
+        preds = batched_outputs(model, clean_tokens, corrupt_tokens, site, patches, max_rows)  # [K, b, pos]
+    shape = clean_tokens.shape
+    metrics = recovery_metrics(forward(clean_tokens).reshape(shape), forward(corrupt_tokens).reshape(shape),
+                               clean.observed.to(device))
     return patch_frame(patches, {name: f(preds) for name, f in metrics.items()})
 
 
@@ -233,13 +275,14 @@ def stock_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch, site: str 
 
 
 @torch.no_grad()
-def patching(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
-             sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
+def patching(model: torch.nn.Module, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
+             sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0, anatomy: Anatomy | None = None
+             ) -> pd.DataFrame:
     """Batched patching sweeps for one corruption, by default (`DEFAULT_SITES`) per layer and per
     (layer, position) for resid_pre / attn_out / mlp_out, and per (layer, head) and (layer,
-    position, head) for z."""
+    position, head) for z; any model through its `anatomy`."""
     sites = sites or DEFAULT_SITES
     corrupted = corrupt(batch, corruption, data_cfg, seed)
-    frames = [batched_sweep(model, batch, corrupted, site, g).assign(site=site, granularity=g)
+    frames = [batched_sweep(model, batch, corrupted, site, g, anatomy=anatomy).assign(site=site, granularity=g)
               for site, grans in sites.items() for g in grans]
     return pd.concat(frames, ignore_index=True).assign(corruption=corruption)
