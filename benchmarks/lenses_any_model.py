@@ -44,7 +44,7 @@ def lens_facts(path: Path) -> dict:
     onsets = map_onsets(ctx.taxonomy, phases.drop_step)
     best = onsets.iloc[0]
     patching = get("sequence_patching").compute(ctx)["sequence_patching"]
-    z = patching[(patching.step == ctx.key["drop"]) & (patching.site == "z") & (patching.method == "exact")
+    z = patching[(patching.step == ctx.key.get("drop", ctx.final)) & (patching.site == "z") & (patching.method == "exact")
                  & (patching.layer == int(best["layer"])) & (patching["head"] == int(best["head"]))
                  & (patching.pos >= ctx.batch.length)]  # the positions that predict outputs
     probes = get("probes").compute(ctx)["probes"]
@@ -56,8 +56,8 @@ def lens_facts(path: Path) -> dict:
 
 
 def hf_run(out: Path, steps: int, seed: int = 0) -> Path:
-    """GPT-2 (2 layers, 2 heads, width 128, softmax attention), batch 64, Adam 1e-3 constant, MWS at 8
-    inputs, recorded by the Trainer callback with `sites="auto"` (no attention site named)."""
+    """GPT-2 (2 layers, 2 heads, width 128, softmax attention, no dropout), batch 64, Adam 1e-3 constant,
+    MWS at 8 inputs, recorded by the Trainer callback with `sites="auto"` (no attention site named)."""
     import transformers
 
     from mechlrmc.integrations.hf import RecorderCallback
@@ -67,7 +67,7 @@ def hf_run(out: Path, steps: int, seed: int = 0) -> Path:
     task = MWSConfig(length=8, max_value=16, modulus=17)
     data = get_task("mws").sample(task, 64 * steps, torch.Generator().manual_seed(seed + 1)).sequences[:, :-1]
     config = transformers.GPT2Config(vocab_size=task.vocab_size, n_positions=32, n_embd=128, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(config)
     args = transformers.TrainingArguments(output_dir=str(out / "hf_trainer"), max_steps=steps, per_device_train_batch_size=64,

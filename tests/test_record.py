@@ -331,7 +331,7 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     torch.set_num_threads(1)
     out = tmp_path / "mingpt8"
     ex.train(out, steps=180, length=8, eval_every=10)
-    report = build_report(Run(out), workers=1, progress=False)
+    report = build_report(Run(out), quick=True, workers=1, progress=False)
     assert report.errors == {}
     ctx = report.context
     sections = set(re.findall(r'<section id="([^"]+)" data-status="ok">', report.html))
