@@ -57,7 +57,7 @@ def lens_facts(path: Path) -> dict:
 
 def hf_run(out: Path, steps: int, seed: int = 0) -> Path:
     """GPT-2 (2 layers, 2 heads, width 128, softmax attention, no dropout), batch 64, Adam 1e-3 constant,
-    MWS at 8 inputs, recorded by the Trainer callback with `sites="auto"` (no attention site named)."""
+    cross-entropy on the outputs only, MWS at 8 inputs, recorded by the Trainer callback with `sites="auto"` (no attention site named)."""
     import transformers
 
     from mechlrmc.integrations.hf import RecorderCallback
@@ -75,7 +75,9 @@ def hf_run(out: Path, steps: int, seed: int = 0) -> Path:
                                           logging_steps=10, report_to=[], save_strategy="no", use_cpu=True,
                                           disable_tqdm=True, seed=seed, dataloader_drop_last=True)
     callback = RecorderCallback(out / "hf", task=task, sites="auto", checkpoints=25, eval_every=25)
-    transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": s, "labels": s} for s in data],
+    labels = data.clone()
+    labels[:, :task.length] = -100  # the loss on the outputs only (the separator predicts y_1)
+    transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": s, "labels": y} for s, y in zip(data, labels)],
                          callbacks=[callback]).train()
     return out / "hf"
 
