@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -108,7 +108,6 @@ class Anatomy:
     model_name: str = ""
     bridged: bool = False  # lenses read `subject(model)`, a TransformerBridge copy
     pattern_kind: str = "softmax"  # "linear": rows need not sum to 1 (the plateau paper's attention)
-    notes: tuple[str, ...] = field(default=())
 
     # ----- what it has -----
     def has(self, *parts: str) -> bool:
@@ -120,8 +119,9 @@ class Anatomy:
         """One line naming the first part `lens` needs that the anatomy lacks, and how to name it."""
         for part in parts:
             if not self.has(part):
-                raise AnatomyError(f"{lens} needs {part}{'' if part in ('final', 'embed') else ' of every layer'}, which the anatomy of {self.model_name} "
-                                   f"lacks: name it in the recorder's sites, e.g. {HOW_TO_NAME[part]}")
+                where = "" if part in ("final", "embed") else " of every layer"
+                raise AnatomyError(f"{lens} needs {part}{where}, which the anatomy of {self.model_name} lacks: name "
+                                   f"it in the recorder's sites, e.g. {HOW_TO_NAME.get(part, part)}")
 
     def missing(self) -> list[str]:
         return [p for p in ("embed", *PARTS, "final") if not self.has(p)]
@@ -133,9 +133,6 @@ class Anatomy:
         text = (f"{self.model_name} through {how}: {self.n_layers} layer(s) x {self.n_heads} head(s); "
                 f"parts {', '.join(found) or 'none'}")
         return text + (f"; not found: {', '.join(self.missing())}" if self.missing() else "")
-
-    def key(self, part: str, layer: int | None = None) -> str:
-        return "final" if part == "final" else f"{part}.{layer}"
 
     def place(self, key: str) -> Place:
         """Where `key` is read: a part ("z.1", "final", "embed"), or any module or hook-point name as it is."""
@@ -270,7 +267,7 @@ def _hook_layers(names: Iterable[str], suffix: str) -> int:
     return 1 + max((int(m.group(1)) for n in names if (m := pattern.fullmatch(n))), default=-1)
 
 
-def _own_groups(model: torch.nn.Module, n_layers: int, prefix: str = "") -> dict[str, tuple[str, ...]]:
+def _own_groups(model: torch.nn.Module, n_layers: int) -> dict[str, tuple[str, ...]]:
     from mechlrmc.components import component_params
 
     names = [n for n, _ in model.named_parameters()]
@@ -302,13 +299,20 @@ def _from_hook_points(model: torch.nn.Module) -> Anatomy:
                    pattern_kind="linear" if getattr(cfg, "attention", "softmax") == "linear" else "softmax")
 
 
-def bridge(model: torch.nn.Module) -> torch.nn.Module:
-    """A `TransformerBridge` around a copy of a Hugging Face model, with eager attention (patterns)."""
+def _bridged(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, str]]:
+    """A `TransformerBridge` around a copy of a Hugging Face model with eager attention (its patterns),
+    and {id(module): its path in the model}, taken before the bridge replaces the copy's submodules."""
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
     twin = copy.deepcopy(model)
     twin.set_attn_implementation("eager")
-    return build_bridge_from_module(twin, type(model).__name__, hf_config=twin.config).eval()
+    paths = {id(m): n for n, m in twin.named_modules()}
+    return build_bridge_from_module(twin, type(model).__name__, hf_config=twin.config).eval(), paths
+
+
+def bridge(model: torch.nn.Module) -> torch.nn.Module:
+    """A `TransformerBridge` around a copy of a Hugging Face model, with eager attention (patterns)."""
+    return _bridged(model)[0]
 
 
 def _bridge_supports(model: torch.nn.Module) -> bool:
@@ -321,12 +325,7 @@ def _bridge_supports(model: torch.nn.Module) -> bool:
 
 
 def _from_bridge(model: torch.nn.Module) -> Anatomy:
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("eager")
-    paths = {id(m): n for n, m in twin.named_modules()}  # before the bridge replaces its submodules
-    wrapped = build_bridge_from_module(twin, type(model).__name__, hf_config=twin.config)
+    wrapped, paths = _bridged(model)
     found = _from_hook_points(wrapped)
     own = [n for n, _ in model.named_parameters()]
 
@@ -385,12 +384,8 @@ def _named(model: torch.nn.Module, raw: dict) -> Anatomy:
         groups.setdefault("ln_final", tuple(n for n in names if n.startswith(final.split(":")[0] + ".")))
     pattern_kind = str(raw.get("pattern_kind", "softmax"))
     embed = Place(places["resid"][0].module, "input") if "resid" in places else None
-    return Anatomy(n_layers, heads or _heads_from_pattern(raw), places, Place.parse(final) if final else None, embed,
+    return Anatomy(n_layers, heads or int(raw.get("n_heads", 1) or 1), places, Place.parse(final) if final else None, embed,
                    {k: v for k, v in groups.items() if v}, "named", type(model).__name__, pattern_kind=pattern_kind)
-
-
-def _heads_from_pattern(raw: dict) -> int:
-    return int(raw.get("n_heads", 1) or 1)
 
 
 def _count_layers(template: str, modules: dict) -> int:
@@ -418,11 +413,7 @@ def auto_sites(model: torch.nn.Module) -> dict[str, Any]:
     other model gets none."""
     if not _bridge_supports(model):
         return {}
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    twin = copy.deepcopy(model)
-    paths = {id(m): n for n, m in twin.named_modules()}
-    wrapped = build_bridge_from_module(twin, type(model).__name__, hf_config=twin.config)
+    wrapped, paths = _bridged(model)
     hidden = {str(l): paths[id(block.original_component)] for l, block in enumerate(wrapped.blocks)}
     final = getattr(getattr(wrapped, "ln_final", None), "original_component", None)
     if final is not None and id(final) in paths:
