@@ -299,3 +299,24 @@ def test_joint_integrated_gradients_rejects_bad_options(setup, kwargs, message):
     model, clean, corrupted, _ = setup
     with pytest.raises(OptionError, match=message):
         joint_integrated_gradients_sweep(model, clean, corrupted, {"z": ("layer_head",)}, **kwargs)
+
+
+def test_every_estimator_through_the_anatomy_gives_mechlrmcs_numbers(tiny_run):
+    """The paths every other model takes (a forward from the tokens, sites read through the anatomy)
+    against mechlrmc's model's own (hook names, forwards restarted inside the blocks), on the same model."""
+    from dataclasses import replace
+
+    from analyses.base.walk import analysis_batch
+    from analyses.causal.agreement import compare_with_patching
+    from mechlrmc.anatomy import Anatomy
+
+    model = tiny_run.load_model(40)
+    batch = analysis_batch(tiny_run, 8)
+    own = compare_with_patching(model, batch, tiny_run.config.data, steps=2)
+    foreign = compare_with_patching(model, batch, tiny_run.config.data, steps=2,
+                                    anatomy=replace(Anatomy.of(model), source="transformer_lens"))
+    assert len(own) == len(foreign) > 0
+    for column in ("exact", "attribution", "integrated_gradients", "joint_integrated_gradients"):
+        gap = (own[column] - foreign[column]).abs().max()
+        assert gap < 1e-4 * max(1.0, own[column].abs().max()), (column, gap)
+    assert own.integrated_gradients.abs().max() > 0.05

@@ -165,7 +165,7 @@ ANALYSES: list[Analysis] = [
            "The first-order estimate of patching, (clean - corrupted activation) x gradient, and integrated "
            "gradients along each layer's clean-to-corrupted path, against exact patching for every site at the "
            "key checkpoints: where each estimate holds and fails.",
-           "causal.adapters", requires=("matrix",)),
+           "causal.adapters", requires=("matrix",), any_model=True, parts=("embed", "resid", "attn_out", "mlp_out", "z")),
     _entry("sequence_patching", "Activation patching and attribution", "finding 6, P4",
            "Recovery of the clean answer's logit difference when one site's clean activation (per layer and "
            "position; z per head) is patched into a run on other sequences of the batch: exact patching beside its "

@@ -42,7 +42,7 @@ def attribution_tables(ctx) -> dict[str, pd.DataFrame]:
     from analyses.causal.integrated_gradients import DEFAULT_STEPS
 
     batch = ctx.batch[: ctx.budget.patch_batch]
-    frames = [compare_with_patching(ctx.model(step), batch, ctx.run.config.data, steps=DEFAULT_STEPS)
+    frames = [compare_with_patching(ctx.subject(step), batch, ctx.run.config.data, steps=DEFAULT_STEPS, anatomy=ctx.anatomy)
               .assign(step=step, moment=moment) for moment, step in ctx.key.items()]
     frame = pd.concat(frames, ignore_index=True)
     agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])

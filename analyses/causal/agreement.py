@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
 from analyses.causal.attribution import attribution_sweep
 from analyses.causal.patching import DEFAULT_SITES, corrupt, patching
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.config import DataConfig
-from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch
 
 ESTIMATORS = ("attribution", "integrated_gradients", "joint_integrated_gradients")  # columns of `compare_with_patching`
@@ -19,9 +20,9 @@ HOLDS_PEARSON = 0.9  # attribution_verdict: an estimate holds at Pearson >= this
 FAILS_PEARSON = 0.5  # ... and fails below this
 
 
-def compare_with_patching(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
+def compare_with_patching(model: torch.nn.Module, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
                           sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0,
-                          steps: int | None = None) -> pd.DataFrame:
+                          steps: int | None = None, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Exact (batched) patching and attribution side by side: one row per patch and metric, with
     columns `exact` and `attribution`, and, if `steps` is given, `integrated_gradients` and
     `joint_integrated_gradients` (`steps` points each)."""
@@ -30,11 +31,13 @@ def compare_with_patching(model: HookedEncoder, batch: Batch, data_cfg: DataConf
     keys = ["site", "granularity", "layer", "pos", "head"]
     sites = sites or DEFAULT_SITES
     corrupted = corrupt(batch, corruption, data_cfg, seed)
-    frames = {"exact": patching(model, batch, data_cfg, corruption, sites, seed),
-              "attribution": attribution_sweep(model, batch, corrupted, sites)}
+    frames = {"exact": patching(model, batch, data_cfg, corruption, sites, seed, anatomy=anatomy),
+              "attribution": attribution_sweep(model, batch, corrupted, sites, anatomy=anatomy)}
     if steps is not None:
-        frames["integrated_gradients"] = integrated_gradients_sweep(model, batch, corrupted, sites, steps)
-        frames["joint_integrated_gradients"] = joint_integrated_gradients_sweep(model, batch, corrupted, sites, steps)
+        frames["integrated_gradients"] = integrated_gradients_sweep(model, batch, corrupted, sites, steps,
+                                                                    anatomy=anatomy)
+        frames["joint_integrated_gradients"] = joint_integrated_gradients_sweep(model, batch, corrupted, sites, steps,
+                                                                                anatomy=anatomy)
     long = [f.melt(id_vars=keys, value_vars=["recovery_mask", "recovery_obs"], var_name="metric", value_name=name)
             for name, f in frames.items()]
     out = long[0]

@@ -23,7 +23,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from analyses.causal.patching import DEFAULT_SITES, corrupt, hook_name, patch_frame, patch_grid, patch_masks
+from analyses.causal.patching import (DEFAULT_SITES, anatomy_part, corrupt, forward_from, hook_name, patch_frame,
+                                      patch_grid, patch_masks)
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.config import DataConfig
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch
@@ -64,6 +66,46 @@ def _gradients(model: HookedEncoder, tokens: torch.Tensor, names: list[str], wei
     return values, {n: g.view(2, b, *g.shape[1:]) for n, g in zip(names, grads)}
 
 
+class SiteReader:
+    """How the attribution estimators read and edit a model's sites: mechlrmc's model by its hook names
+    (a forward may restart inside its blocks), any other model through its anatomy (`mechlrmc.anatomy`;
+    sites `anatomy_part`, every forward from the tokens)."""
+
+    def __init__(self, model: torch.nn.Module, anatomy: Anatomy | None = None):
+        self.model = model
+        self.anatomy = anatomy if anatomy is not None and anatomy.source != "mechlrmc" else None
+        self.n_layers, self.n_heads = (model.cfg.n_layers, model.cfg.n_heads) if self.anatomy is None else \
+            (self.anatomy.n_layers, self.anatomy.n_heads)
+
+    def name(self, site: str, layer: int) -> str:
+        return hook_name(site, layer) if self.anatomy is None else anatomy_part(site, layer)
+
+    def grid(self, site: str, granularity: str, pos: int) -> list[tuple[int, int, int]]:
+        return patch_grid(self.model if self.anatomy is None else self.anatomy, site, granularity, pos)
+
+    def run(self, tokens: torch.Tensor, names, starts: set[str] = frozenset()) -> tuple[torch.Tensor, dict]:
+        """(prediction [b, pos], {name: activation}) with no gradient; `starts`: the block inputs a
+        restarted forward needs (mechlrmc's model only)."""
+        with torch.no_grad():
+            if self.anatomy is None:
+                wanted = set(names) | set(starts)
+                return self.model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+            pred, acts = self.anatomy.run(self.model, tokens, read=list(names))
+            return pred.reshape(tokens.shape), acts
+
+    def forward_edited(self, tokens: torch.Tensor, repeat: int, edits: dict, layer: int | None = None,
+                       start: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction [repeat * b, pos] of `tokens` repeated with `edits` ({name: act -> act}) applied:
+        mechlrmc's model from block `layer`'s cached input `start` where given, any other from the tokens."""
+        if self.anatomy is None:
+            with self.model.hooks(fwd_hooks=[(n, lambda act, hook, fn=fn: fn(act)) for n, fn in edits.items()]):
+                if start is None:
+                    return self.model(tokens.repeat(repeat, 1))
+                return forward_from(self.model, start.repeat(repeat, 1, 1), layer)
+        pred, _ = self.anatomy.run(self.model, tokens.repeat(repeat, 1), edit=edits)
+        return pred.reshape(repeat * tokens.shape[0], -1)
+
+
 def patch_estimates(grids: dict[tuple[str, str], list[tuple[int, int, int]]],
                     entries: dict[tuple[str, str], dict[int, torch.Tensor]], n_heads: int, pos: int) -> pd.DataFrame:
     """The table of patch estimates from per-entry ones: each patch of `grids` ((site, granularity)
@@ -80,32 +122,45 @@ def patch_estimates(grids: dict[tuple[str, str], list[tuple[int, int, int]]],
     return pd.concat(frames, ignore_index=True)
 
 
-def attribution_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
-                      sites: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
+def attribution_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch,
+                      sites: dict[str, tuple[str, ...]] | None = None, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """First-order recovery of every patch of every (site, granularity) in `sites` (default
     `DEFAULT_SITES`) from one clean forward, one corrupted forward and one backward. One row per
     (site, granularity, layer, pos, head) as `batched_sweep` (-1: all positions / heads)."""
     sites = sites or DEFAULT_SITES
+    reader = SiteReader(model, anatomy)
     device = next(model.parameters()).device
     clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
-    grids = {(s, g): patch_grid(model, s, g, clean_tokens.shape[1]) for s, grans in sites.items() for g in grans}
-    names = sorted({hook_name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
-    with torch.no_grad():
-        clean_pred, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
-        corrupt_pred = model(corrupt_tokens)
+    grids = {(s, g): reader.grid(s, g, clean_tokens.shape[1]) for s, grans in sites.items() for g in grans}
+    names = sorted({reader.name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
+    clean_pred, clean_cache = reader.run(clean_tokens, names)
+    corrupt_pred, _ = reader.run(corrupt_tokens, [])
     weights = metric_weights(clean_pred, corrupt_pred, clean.observed.to(device))
-    corrupt_acts, grads = _gradients(model, corrupt_tokens, names, weights)
+    corrupt_acts, grads = (_gradients(model, corrupt_tokens, names, weights) if reader.anatomy is None
+                           else _anatomy_gradients(model, reader.anatomy, corrupt_tokens, names, weights))
     # per name: the estimate of each entry, summed over the batch and the feature axis [2, pos, (head)]
     per_entry = {n: ((clean_cache[n] - corrupt_acts[n]) * grads[n]).sum(-1).sum(1) for n in names}
-    entries = {(s, g): {l: per_entry[hook_name(s, l)] for l, _, _ in grid} for (s, g), grid in grids.items()}
-    return patch_estimates(grids, entries, model.cfg.n_heads, clean_tokens.shape[1])
+    entries = {(s, g): {l: per_entry[reader.name(s, l)] for l, _, _ in grid} for (s, g), grid in grids.items()}
+    return patch_estimates(grids, entries, reader.n_heads, clean_tokens.shape[1])
 
 
-def attribution(model: HookedEncoder, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
-                sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0) -> pd.DataFrame:
+def _anatomy_gradients(model: torch.nn.Module, anatomy: Anatomy, tokens: torch.Tensor, names: list[str],
+                       weights: torch.Tensor):
+    """`_gradients` for any model, through its anatomy."""
+    b = tokens.shape[0]
+    with torch.enable_grad():
+        pred, acts = anatomy.run(model, torch.cat([tokens, tokens]), read=names, grad=True)
+        total = (pred.reshape(2, b, -1) * weights).sum()
+        grads = torch.autograd.grad(total, [acts[n] for n in names])
+    return {n: acts[n][:b].detach() for n in names}, {n: g.view(2, b, *g.shape[1:]) for n, g in zip(names, grads)}
+
+
+def attribution(model: torch.nn.Module, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
+                sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0, anatomy: Anatomy | None = None
+                ) -> pd.DataFrame:
     """Attribution patching of `batch` against one corruption: the table of `patching` (same
     columns and rows) with `method="attribution"`. Maps over a run with `across_checkpoints`."""
     corrupted = corrupt(batch, corruption, data_cfg, seed)
-    return attribution_sweep(model, batch, corrupted, sites).assign(corruption=corruption, method="attribution")
+    return attribution_sweep(model, batch, corrupted, sites, anatomy).assign(corruption=corruption, method="attribution")
 
 

@@ -40,10 +40,10 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 
-from analyses.causal.attribution import metric_weights, patch_estimates
-from analyses.causal.patching import DEFAULT_SITES, forward_from, hook_name, patch_grid
+from analyses.causal.attribution import SiteReader, metric_weights, patch_estimates
+from analyses.causal.patching import DEFAULT_SITES
+from mechlrmc.anatomy import Anatomy
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch
 
 DEFAULT_STEPS = 4  # on the shipped final checkpoint: masked Pearson 0.91 (2 steps: 0.89)
@@ -58,7 +58,7 @@ def diagonal_groups(m: int, n: int) -> torch.Tensor:
 
 
 @contextmanager
-def _frozen(model: HookedEncoder):
+def _frozen(model: torch.nn.Module):
     """The model's parameters out of the autograd graph (only activation gradients are wanted; about
     10% faster on the shipped run), their `requires_grad` restored after."""
     flags = [p.requires_grad for p in model.parameters()]
@@ -79,18 +79,21 @@ def _checked_groups(clean: Batch, groups: torch.Tensor | None, pos: int) -> torc
     return split
 
 
-def _path_gradients(model: HookedEncoder, name: str, layer: int, start: torch.Tensor, clean: torch.Tensor,
-                    corrupt: torch.Tensor, groups: torch.Tensor, steps: int, weights: torch.Tensor) -> torch.Tensor:
+def _path_gradients(reader: SiteReader, tokens: torch.Tensor, name: str, layer: int, start: torch.Tensor | None,
+                    clean: torch.Tensor, corrupt: torch.Tensor, groups: torch.Tensor, steps: int, weights: torch.Tensor
+                    ) -> torch.Tensor:
     """Integrated gradient x delta of every entry of `name` [2, pos, (head)]: each group of positions
-    (`groups` [G, pos]) moves from corrupted to clean alone, `steps` points each, in one stack."""
+    (`groups` [G, pos]) moves from corrupted to clean alone, `steps` points each, in one stack (mechlrmc's
+    model restarted at `layer` from `start`; any other model from the corrupted `tokens`)."""
+    model = reader.model
     k, (g, b, pos) = steps, (groups.shape[0], *clean.shape[:2])
     delta = clean - corrupt  # [b, pos, ...]
     feature = (1,) * (delta.dim() - 2)
     alpha = torch.arange(k, dtype=delta.dtype, device=delta.device) / k
     moving = alpha.view(k, 1, 1, 1, *feature) * groups.to(delta).view(1, g, 1, pos, *feature)  # [k, G, 1, pos, ...]
     point = (corrupt + moving * delta).flatten(0, 2).requires_grad_()  # [k * G * b, pos, ...]
-    with torch.enable_grad(), _frozen(model), model.hooks(fwd_hooks=[(name, lambda act, hook: point)]):
-        pred = forward_from(model, start.repeat(k * g, 1, 1), layer).view(k, g, b, pos)
+    with torch.enable_grad(), _frozen(model):
+        pred = reader.forward_edited(tokens, k * g, {name: lambda act: point}, layer, start).view(k, g, b, pos)
         grads = [torch.autograd.grad((pred * w).sum(), point, retain_graph=i == 0)[0]
                  for i, w in enumerate(weights)]  # 2 x [k * G * b, pos, ...]
     out = []
@@ -101,58 +104,63 @@ def _path_gradients(model: HookedEncoder, name: str, layer: int, start: torch.Te
     return torch.stack(out)
 
 
-def _prepare(model: HookedEncoder, clean: Batch, corrupted: Batch, sites, steps: int, groups):
+def _prepare(reader: SiteReader, clean: Batch, corrupted: Batch, sites, steps: int, groups):
     """What both sweeps start from: (device, corrupted tokens, positions, position groups, patch
-    grids, clean prediction, clean and corrupted caches of the patched sites (and each block's
-    input on the corrupted run), metric weights)."""
+    grids, clean prediction, clean and corrupted caches of the patched sites (and, on mechlrmc's model,
+    each block's input on the corrupted run), metric weights)."""
     if not isinstance(steps, int) or steps < 1:
         raise OptionError(f"steps={steps!r} is invalid: allowed an integer >= 1")
     sites = sites or DEFAULT_SITES
-    device = next(model.parameters()).device
+    device = next(reader.model.parameters()).device
     clean_tokens, corrupt_tokens = clean.tokens.to(device), corrupted.tokens.to(device)
     pos = clean_tokens.shape[1]
     split = _checked_groups(clean, groups, pos).to(device)
-    grids = {(s, g): patch_grid(model, s, g, pos) for s, grans in sites.items() for g in grans}
-    names = sorted({hook_name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
-    starts = {f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)}
-    with torch.no_grad():
-        clean_pred, clean_cache = model.run_with_cache(clean_tokens, names_filter=lambda n: n in names)
-        corrupt_pred, corrupt_cache = model.run_with_cache(corrupt_tokens,
-                                                           names_filter=lambda n: n in names or n in starts)
+    grids = {(s, g): reader.grid(s, g, pos) for s, grans in sites.items() for g in grans}
+    names = sorted({reader.name(s, l) for (s, _), grid in grids.items() for l, _, _ in grid})
+    starts = {f"blocks.{l}.hook_resid_pre" for l in range(reader.n_layers)} if reader.anatomy is None else set()
+    clean_pred, clean_cache = reader.run(clean_tokens, names)
+    corrupt_pred, corrupt_cache = reader.run(corrupt_tokens, names, starts)
     weights = metric_weights(clean_pred, corrupt_pred, clean.observed.to(device))
     return device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights
 
 
-def integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
+def _start(reader: SiteReader, corrupt_cache, layer: int) -> torch.Tensor | None:
+    """Block `layer`'s input on the corrupted run, where the forward may restart there (mechlrmc's model)."""
+    return corrupt_cache[f"blocks.{layer}.hook_resid_pre"] if reader.anatomy is None else None
+
+
+def integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch,
                                sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
-                               groups: torch.Tensor | None = None) -> pd.DataFrame:
+                               groups: torch.Tensor | None = None, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Integrated-gradients recovery of every patch of every (site, granularity) in `sites`
     (default `DEFAULT_SITES`): the table of `attribution_sweep`. `groups` [G, pos] (bool) are the
     positions that move together for single-position patches (default `diagonal_groups`)."""
+    reader = SiteReader(model, anatomy)
     device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
-        model, clean, corrupted, sites, steps, groups)
+        reader, clean, corrupted, sites, steps, groups)
     whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     per_entry: dict[tuple[str, bool], torch.Tensor] = {}  # (hook, single position?) -> [2, pos, (head)]
     for (site, granularity), grid in grids.items():
         single = "pos" in granularity
         for layer in sorted({l for l, _, _ in grid}):
-            name = hook_name(site, layer)
+            name = reader.name(site, layer)
             if (name, single) not in per_entry:
                 per_entry[name, single] = _path_gradients(
-                    model, name, layer, corrupt_cache[f"blocks.{layer}.hook_resid_pre"], clean_cache[name],
+                    reader, corrupt_tokens, name, layer, _start(reader, corrupt_cache, layer), clean_cache[name],
                     corrupt_cache[name], split if single else whole, steps, weights)
-    entries = {(s, g): {l: per_entry[hook_name(s, l), "pos" in g] for l, _, _ in grid}
+    entries = {(s, g): {l: per_entry[reader.name(s, l), "pos" in g] for l, _, _ in grid}
                for (s, g), grid in grids.items()}
-    return patch_estimates(grids, entries, model.cfg.n_heads, pos)
+    return patch_estimates(grids, entries, reader.n_heads, pos)
 
 
 METRICS = ("recovery_mask", "recovery_obs")
 
 
-def joint_integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupted: Batch,
+def joint_integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch,
                                      sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
                                      groups: torch.Tensor | None = None,
-                                     metrics: tuple[str, ...] = METRICS, max_rows: int = 4096) -> pd.DataFrame:
+                                     metrics: tuple[str, ...] = METRICS, max_rows: int = 4096,
+                                     anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Integrated gradients with every layer of a site on one path: the table of `attribution_sweep`.
 
     Each layer's activation of the site is shifted by s_l (everything downstream recomputed), so that
@@ -169,20 +177,21 @@ def joint_integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupt
     per layer and head: Pearson -0.45 on one path, 0.79 on each layer's own)."""
     if not metrics or any(m not in METRICS for m in metrics):
         raise OptionError(f"metrics={metrics!r} is invalid: allowed a non-empty subset of {METRICS}")
+    reader = SiteReader(model, anatomy)
     device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
-        model, clean, corrupted, sites, steps, groups)
+        reader, clean, corrupted, sites, steps, groups)
     b = corrupt_tokens.shape[0]
     wanted = [METRICS.index(m) for m in metrics]
     whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     per_entry: dict[tuple[str, bool], torch.Tensor] = {}  # (hook, single position?) -> [2, pos, (head)]
     for (site, granularity), grid in grids.items():
         single = "pos" in granularity
-        layer_names = [hook_name(site, l) for l in sorted({l for l, _, _ in grid})]
+        layer_names = [reader.name(site, l) for l in sorted({l for l, _, _ in grid})]
         if (layer_names[0], single) in per_entry:
             continue
         if not single:  # each layer on its own path
             for layer, name in zip(sorted({l for l, _, _ in grid}), layer_names):
-                estimate = _path_gradients(model, name, layer, corrupt_cache[f"blocks.{layer}.hook_resid_pre"],
+                estimate = _path_gradients(reader, corrupt_tokens, name, layer, _start(reader, corrupt_cache, layer),
                                            clean_cache[name], corrupt_cache[name], whole, steps, weights)
                 estimate[[i for i in range(len(METRICS)) if i not in wanted]] = float("nan")
                 per_entry[name, False] = estimate
@@ -200,9 +209,9 @@ def joint_integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupt
             r = len(rows)
             shifts = {n: (move[rows].view(r, 1, pos, *feature) * d).flatten(0, 1).requires_grad_()
                       for n, d in deltas.items()}  # [r * b, pos, ...]
-            hooks = [(n, lambda act, hook: act + shifts[hook.name]) for n in layer_names]
-            with torch.enable_grad(), _frozen(model), model.hooks(fwd_hooks=hooks):
-                pred = model(corrupt_tokens.repeat(r, 1)).view(r, b, pos)
+            edits = {n: (lambda act, n=n: act + shifts[n]) for n in layer_names}
+            with torch.enable_grad(), _frozen(model):
+                pred = reader.forward_edited(corrupt_tokens, r, edits).view(r, b, pos)
                 for i in wanted:
                     grads = torch.autograd.grad((pred * weights[i]).sum(), list(shifts.values()),
                                                 retain_graph=i != wanted[-1])
@@ -210,5 +219,5 @@ def joint_integrated_gradients_sweep(model: HookedEncoder, clean: Batch, corrupt
                         per_row = (grad.view(r, *d.shape) * d).sum(-1).sum(1)  # [r, pos, (head)]
                         out[i, k] += (per_row * credit[rows].view(r, pos, *feature[1:])).sum(0) / steps
         per_entry.update({(n, single): out[:, k] for k, n in enumerate(layer_names)})
-    entries = {(s, g): {l: per_entry[hook_name(s, l), "pos" in g] for l, _, _ in grid} for (s, g), grid in grids.items()}
-    return patch_estimates(grids, entries, model.cfg.n_heads, pos)
+    entries = {(s, g): {l: per_entry[reader.name(s, l), "pos" in g] for l, _, _ in grid} for (s, g), grid in grids.items()}
+    return patch_estimates(grids, entries, reader.n_heads, pos)
