@@ -113,7 +113,18 @@ class Anatomy:
     def has(self, *parts: str) -> bool:
         """Whether it has every part named (a layered part, "embed", "final", or "components": parameter groups)."""
         return all(p in self.places or (p in ("final", "embed") and getattr(self, p) is not None)
-                   or (p == "components" and bool(self.groups)) for p in parts)
+                   or (p == "components" and bool(self.groups))
+                   or (p == "tables" and all(len(self.groups.get(g, ())) == 1 for g in ("embed", "pos_embed")))
+                   for p in parts)
+
+    def table(self, model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+        """The token ("embed") or position ("pos_embed") table of `model`, [rows, d_model]: its one
+        parameter in that group."""
+        names = self.groups.get(name, ())
+        if len(names) != 1:
+            raise AnatomyError(f"the {name} table of {self.model_name} is not known: name it in the recorder's sites, "
+                               f"e.g. 'components': {{'embed': 'tok', 'pos_embed': 'pos'}} (one parameter [rows, d_model])")
+        return dict(model.named_parameters())[names[0]]
 
     def require(self, parts: Iterable[str], lens: str) -> None:
         """One line naming the first part `lens` needs that the anatomy lacks, and how to name it."""
@@ -273,7 +284,7 @@ def _own_groups(model: torch.nn.Module, n_layers: int) -> dict[str, tuple[str, .
     names = [n for n, _ in model.named_parameters()]
     groups = {f"{kind}.{l}": tuple(component_params(f"{kind}.{l}", names, n_layers))
               for l in range(n_layers) for kind in ("attn", "mlp")}
-    for name in ("embeddings", "ln_final", "unembed"):
+    for name in ("embeddings", "embed", "pos_embed", "ln_final", "unembed"):
         groups[name] = tuple(component_params(name, names, n_layers))
     return {k: v for k, v in groups.items() if v}
 
@@ -338,6 +349,8 @@ def _from_bridge(model: torch.nn.Module) -> Anatomy:
     for l, block in enumerate(wrapped.blocks):
         groups[f"attn.{l}"], groups[f"mlp.{l}"] = owned(block.attn), owned(block.mlp)
     groups["embeddings"] = owned(*[getattr(wrapped, c) for c in ("embed", "pos_embed") if hasattr(wrapped, c)])
+    for name in ("embed", "pos_embed"):
+        groups[name] = owned(getattr(wrapped, name)) if hasattr(wrapped, name) else ()
     for name in ("ln_final", "unembed"):
         groups[name] = owned(getattr(wrapped, name)) if hasattr(wrapped, name) else ()
     final = Place("ln_final.hook_normalized") if "ln_final.hook_normalized" in wrapped.hook_dict else found.final

@@ -172,7 +172,8 @@ def test_the_per_component_llc_names_a_hugging_face_models_own_parameter_groups(
     from analyses.llc.components import component_masks, model_components
 
     gpt2 = _gpt2()
-    assert model_components(gpt2) == ["attn.0", "mlp.0", "attn.1", "mlp.1", "embeddings", "ln_final"]
+    assert model_components(gpt2) == ["attn.0", "mlp.0", "attn.1", "mlp.1", "embeddings", "embed", "pos_embed",
+                                      "ln_final"]
     assert set(component_masks(gpt2, "mlp.0")) == {"transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias",
                                                    "transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
 
@@ -190,3 +191,35 @@ def test_bad_lens_input_on_a_recorded_model_is_one_line_with_exit_code_2(tmp_pat
         assert main(["analyze", args[0], str(out), *args[1:], "-o", str(tmp_path / args[0])]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_the_embeddings_lens_reads_a_plain_models_named_tables():
+    """The token and position tables a plain module names (`components`): the lens reads exactly them,
+    the permuted-position loss moves, and the table is restored after."""
+    from analyses.representations.embeddings import permuted_position_losses, tables
+    from mechlrmc.tasks.lrmc import split_losses
+
+    batch = get_task("lrmc").sample(preset("tiny").data, 16, torch.Generator().manual_seed(0))
+
+    class Plain(torch.nn.Module):  # an LRMC model of the user's: a scalar per position
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.tok = torch.nn.Embedding(int(batch.tokens.max()) + 1, 8)
+            self.pos = torch.nn.Parameter(torch.randn(batch.tokens.shape[1], 8))
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.tok(tokens) + self.pos[: tokens.shape[1]])).squeeze(-1)
+
+    model = Plain()
+    anatomy = Anatomy.of(model, {"components": {"embed": "tok", "pos_embed": "pos"}})
+    token_table, pos_table = tables(model, anatomy)
+    assert token_table is model.tok.weight and pos_table is model.pos and anatomy.has("tables")
+    before = model.pos.detach().clone()
+    permuted = permuted_position_losses(model, batch, anatomy=anatomy)
+    with torch.no_grad():
+        intact = {k: float(v) for k, v in split_losses(model(batch.tokens), batch.values, batch.observed).items()}
+    assert torch.equal(model.pos, before) and permuted["loss_permuted_pos"] != intact["loss"]
+    with pytest.raises(AnatomyError, match="the embed table of Plain is not known"):
+        tables(model, Anatomy.of(model, {}))

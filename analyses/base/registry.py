@@ -179,7 +179,8 @@ ANALYSES: list[Analysis] = [
            options=(Option("--targets", "comma-separated probe targets (default: the task's, LRMC value,row,col,u,v)"),)),
     _entry("embeddings", "Embeddings", "finding 8",
            "Token-embedding symmetry and sign/magnitude PCs, position clustering by column, and the loss with "
-           "permuted position embeddings.", "representations.adapters", requires=("matrix",)),
+           "permuted position embeddings.", "representations.adapters", requires=("matrix",),
+           any_model=True, parts=("tables",)),
     _entry("swaps", "Component swaps", "finding 9",
            "Losses of the post-drop model with components from the pre-drop checkpoint, and the reverse.", "weights.adapters",
            any_model=True, parts=("components",),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pandas as pd
 
 from analyses.representations.embeddings import embedding_geometry, position_tsne, token_embedding_plane
@@ -27,7 +29,8 @@ def probes_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 
 def embeddings_tables(ctx) -> dict[str, pd.DataFrame]:
     data = ctx.run.config.data
-    return {"embeddings": ctx.walk(embedding_geometry, precision=data.precision, value_max=data.value_max)}
+    geometry = partial(embedding_geometry, anatomy=ctx.anatomy)  # the model's own tables (not a bridged copy)
+    return {"embeddings": ctx.walk(geometry, precision=data.precision, value_max=data.value_max)}
 
 
 def embeddings_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
@@ -35,5 +38,5 @@ def embeddings_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     model = ctx.model(int(tables["embeddings"].step.max()))
     return {"embeddings": plot_embedding_geometry(tables["embeddings"]),
             "token_embeddings": plot_token_embeddings(token_embedding_plane(model, ctx.batch, data.precision,
-                                                                            data.value_max)),
-            "position_tsne": plot_position_tsne(position_tsne(model, data.m, data.n))}
+                                                                            data.value_max, anatomy=ctx.anatomy)),
+            "position_tsne": plot_position_tsne(position_tsne(model, data.m, data.n, anatomy=ctx.anatomy))}

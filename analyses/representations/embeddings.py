@@ -20,15 +20,23 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import silhouette_score
 from sklearn.model_selection import cross_val_score
 
-from mechlrmc.model import HookedEncoder
+from mechlrmc.anatomy import Anatomy
+from mechlrmc.measures import logits_of
 from mechlrmc.tasks.lrmc import Batch, decode_tokens, evaluate, row_col_index, split_losses
 
 
-def value_tokens(model: HookedEncoder, batch: Batch, precision: float, value_max: float,
-                 quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+def tables(model: torch.nn.Module, anatomy: Anatomy | None = None) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """The token and position tables [rows, d_model] (mechlrmc's W_E and W_pos; another model's named
+    by its anatomy's `embed` and `pos_embed` groups)."""
+    anatomy = Anatomy.of(model) if anatomy is None else anatomy
+    return anatomy.table(model, "embed"), anatomy.table(model, "pos_embed")
+
+
+def value_tokens(model: torch.nn.Module, batch: Batch, precision: float, value_max: float,
+                 quantile: float = 0.99, anatomy: Anatomy | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and values of the grid values within the `quantile` of |X| seen in `batch`."""
     limit = float(batch.values.abs().quantile(quantile))
-    ids = torch.arange(1, model.cfg.d_vocab)
+    ids = torch.arange(1, tables(model, anatomy)[0].shape[0])
     values = decode_tokens(ids, precision, value_max)
     keep = values.abs() <= limit
     return ids[keep], values[keep]
@@ -72,59 +80,62 @@ def position_silhouettes(w_pos: np.ndarray, m: int, n: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def permuted_position_losses(model: HookedEncoder, batch: Batch, n_perm: int = 5, seed: int = 0) -> dict[str, float]:
+def permuted_position_losses(model: torch.nn.Module, batch: Batch, n_perm: int = 5, seed: int = 0,
+                             anatomy: Anatomy | None = None) -> dict[str, float]:
     """Mean L, L_obs, L_mask over `n_perm` random permutations of the position table rows."""
     pos = batch.tokens.shape[1]
-    original = model.W_pos.data.clone()
+    table = tables(model, anatomy)[1]
+    original = table.data.clone()
     generator = torch.Generator().manual_seed(seed)
     totals: dict[str, float] = {}
     try:
         for _ in range(n_perm):
-            model.W_pos.data[:pos] = original[:pos][torch.randperm(pos, generator=generator)]
-            pred = model(batch.tokens.to(original.device)).cpu()
+            table.data[:pos] = original[:pos][torch.randperm(pos, generator=generator)]
+            pred = logits_of(model)(batch.tokens.to(original.device)).reshape(batch.tokens.shape).cpu()
             for k, v in split_losses(pred, batch.values, batch.observed).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / n_perm
     finally:
-        model.W_pos.data.copy_(original)
+        table.data.copy_(original)
     return {f"{k}_permuted_pos": v for k, v in totals.items()}
 
 
 @torch.no_grad()
-def embedding_geometry(model: HookedEncoder, batch: Batch, precision: float = 0.01, value_max: float = 10.0,
-                       n_perm: int = 5) -> pd.DataFrame:
+def embedding_geometry(model: torch.nn.Module, batch: Batch, precision: float = 0.01, value_max: float = 10.0,
+                       n_perm: int = 5, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """One row: token-embedding symmetry and PCA, position clustering, and the losses with the
-    original and with permuted position embeddings."""
-    ids, values = value_tokens(model, batch, precision, value_max)
-    emb = model.W_E[ids].float().cpu().numpy()
+    original and with permuted position embeddings (any model whose anatomy names its two tables)."""
+    token_table, pos_table = tables(model, anatomy)
+    ids, values = value_tokens(model, batch, precision, value_max, anatomy=anatomy)
+    emb = token_table[ids].float().cpu().numpy()
     pos = batch.tokens.shape[1]
     row = {
         **token_embedding_geometry(emb, values.numpy(), precision),
-        **position_silhouettes(model.W_pos[:pos].float().cpu().numpy(), batch.m, batch.n),
+        **position_silhouettes(pos_table[:pos].float().cpu().numpy(), batch.m, batch.n),
         **{k: v for k, v in evaluate(model, batch).items() if k != "corr_mask"},
-        **permuted_position_losses(model, batch, n_perm),
+        **permuted_position_losses(model, batch, n_perm, anatomy=anatomy),
     }
     return pd.DataFrame([row])
 
 
 @torch.no_grad()
-def token_embedding_plane(model: HookedEncoder, batch: Batch, precision: float = 0.01, value_max: float = 10.0
-                          ) -> pd.DataFrame:
+def token_embedding_plane(model: torch.nn.Module, batch: Batch, precision: float = 0.01, value_max: float = 10.0,
+                          anatomy: Anatomy | None = None) -> pd.DataFrame:
     """One row per value token: its `value`, its embedding's top-2 principal components (`pc1`,
     `pc2`) and its L2 `norm` (finding 8: sign and magnitude along the PCs, a norm symmetric in x)."""
-    ids, values = value_tokens(model, batch, precision, value_max)
-    emb = model.W_E[ids].float().cpu().numpy()
+    ids, values = value_tokens(model, batch, precision, value_max, anatomy=anatomy)
+    emb = tables(model, anatomy)[0][ids].float().cpu().numpy()
     plane = PCA(n_components=2).fit_transform(emb)
     return pd.DataFrame({"value": values.numpy(), "pc1": plane[:, 0], "pc2": plane[:, 1],
                          "norm": np.linalg.norm(emb, axis=1)})
 
 
 @torch.no_grad()
-def position_tsne(model: HookedEncoder, m: int, n: int, seed: int = 0) -> pd.DataFrame:
+def position_tsne(model: torch.nn.Module, m: int, n: int, seed: int = 0, anatomy: Anatomy | None = None) -> pd.DataFrame:
     """t-SNE of the position embeddings: one row per position, `x`, `y`, its `row` and `column`
     and a `label` "(row,col)" (finding 8: clusters by column)."""
     from sklearn.manifold import TSNE
 
-    w = model.W_pos[: m * n].float().cpu().numpy()
+    w = tables(model, anatomy)[1][: m * n].float().cpu().numpy()
     xy = TSNE(n_components=2, perplexity=min(5.0, m * n - 1.0), random_state=seed, init="pca").fit_transform(w)
     rows, cols = row_col_index(m, n)
     return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "row": rows.numpy(), "column": cols.numpy(),

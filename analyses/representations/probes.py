@@ -33,7 +33,6 @@ from mechlrmc.anatomy import Anatomy
 from mechlrmc.errors import OptionError
 from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks import get_task
-from mechlrmc.tasks.lrmc import TARGETS, matrix_targets  # noqa: F401 (LRMC's targets, re-exported)
 
 DEFAULT_TARGETS = ("value", "row", "col", "u", "v")
 
