@@ -7,7 +7,7 @@ the end) and when it crossed half, exact patching through that head's z (its rec
 output positions, at the drop's checkpoint) and the probes of the window sum and of a single input at
 the last layer. Last line: sections of the recorded runs over those of the trained run (target 1.00x).
 
-    python benchmarks/lenses_any_model.py --seeds 0 1 2 --steps 300 --hf-steps 700 --out runs/lenses
+    python benchmarks/lenses_any_model.py --seeds 0 1 2 --steps 300 --hf-steps 1500 --out runs/lenses
 """
 
 from __future__ import annotations

@@ -335,7 +335,7 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     assert report.errors == {}
     ctx = report.context
     sections = set(re.findall(r'<section id="([^"]+)" data-status="ok">', report.html))
-    assert sections == {a.name for a in ANALYSES if a.any_model and a.needs is None and set(a.requires) <= ctx.task.supports}
+    assert sections == {a.name for a in ANALYSES if a.needs is None and set(a.requires) <= ctx.task.supports}
     phases = get("phases").compute(ctx)["phases"].iloc[0]
     assert phases.dropped and 60 < phases.drop_step < 180 and phases.plateau_start < phases.drop_step
     assert phases.plateau_max_rep > 3 * phases.rep_true  # repetition above the truth's on the plateau (P1)
