@@ -35,7 +35,6 @@ lens serves every model:
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -169,6 +168,8 @@ class Anatomy:
     # ----- reading and editing -----
     def subject(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the activation lenses run: a bridged copy of a Hugging Face model, else the model."""
+        from mechlrmc.bridge import bridge
+
         return bridge(model) if self.bridged else model
 
     @contextlib.contextmanager
@@ -310,52 +311,14 @@ def _from_hook_points(model: torch.nn.Module) -> Anatomy:
                    pattern_kind="linear" if getattr(cfg, "attention", "softmax") == "linear" else "softmax")
 
 
-def _bridged(model: torch.nn.Module) -> tuple[torch.nn.Module, dict[int, str]]:
-    """A `TransformerBridge` around a copy of a Hugging Face model with eager attention (its patterns),
-    and {id(module): its path in the model}, taken before the bridge replaces the copy's submodules."""
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    twin = copy.deepcopy(model)
-    twin.set_attn_implementation("eager")
-    paths = {id(m): n for n, m in twin.named_modules()}
-    return build_bridge_from_module(twin, type(model).__name__, hf_config=twin.config).eval(), paths
-
-
-def bridge(model: torch.nn.Module) -> torch.nn.Module:
-    """A `TransformerBridge` around a copy of a Hugging Face model, with eager attention (patterns)."""
-    return _bridged(model)[0]
-
-
-def _bridge_supports(model: torch.nn.Module) -> bool:
-    try:
-        import transformers
-        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-    except ImportError:
-        return False
-    return isinstance(model, transformers.PreTrainedModel) and type(model).__name__ in SUPPORTED_ARCHITECTURES
-
-
 def _from_bridge(model: torch.nn.Module) -> Anatomy:
-    wrapped, paths = _bridged(model)
+    from mechlrmc.bridge import bridged, hf_groups
+
+    wrapped, paths = bridged(model)
     found = _from_hook_points(wrapped)
-    own = [n for n, _ in model.named_parameters()]
-
-    def owned(*components: Any) -> tuple[str, ...]:
-        prefixes = [paths[id(c.original_component)] for c in components
-                    if getattr(c, "original_component", None) is not None and id(c.original_component) in paths]
-        return tuple(n for n in own if any(n.startswith(p + ".") for p in prefixes))
-
-    groups = {}
-    for l, block in enumerate(wrapped.blocks):
-        groups[f"attn.{l}"], groups[f"mlp.{l}"] = owned(block.attn), owned(block.mlp)
-    groups["embeddings"] = owned(*[getattr(wrapped, c) for c in ("embed", "pos_embed") if hasattr(wrapped, c)])
-    for name in ("embed", "pos_embed"):
-        groups[name] = owned(getattr(wrapped, name)) if hasattr(wrapped, name) else ()
-    for name in ("ln_final", "unembed"):
-        groups[name] = owned(getattr(wrapped, name)) if hasattr(wrapped, name) else ()
     final = Place("ln_final.hook_normalized") if "ln_final.hook_normalized" in wrapped.hook_dict else found.final
-    return Anatomy(found.n_layers, wrapped.cfg.n_heads, found.places, final, found.embed, {k: v for k, v in groups.items() if v},
-                   "transformers", type(model).__name__, bridged=True)
+    return Anatomy(found.n_layers, wrapped.cfg.n_heads, found.places, final, found.embed,
+                   hf_groups(model, wrapped, paths), "transformers", type(model).__name__, bridged=True)
 
 
 def _named(model: torch.nn.Module, raw: dict) -> Anatomy:
@@ -413,25 +376,12 @@ def derive(model: torch.nn.Module, sites: Any = None) -> Anatomy:
     """The anatomy of `model`: its hook points, a TransformerBridge, or the named sites."""
     if "blocks.0.attn.hook_pattern" in getattr(model, "hook_dict", {}):
         return _from_hook_points(model)
-    if _bridge_supports(model):
+    from mechlrmc.bridge import supports
+
+    if supports(model):
         return _from_bridge(model)
     raw = sites.to_dict() if hasattr(sites, "to_dict") else dict(sites or {})
     return _named(model, raw)
-
-
-def auto_sites(model: torch.nn.Module) -> dict[str, Any]:
-    """The recorder's `sites="auto"` for a model that declares none: a Hugging Face model the bridge
-    supports gets each block's output ("0", "1", ...) and its final LayerNorm ("final") at their module
-    paths in the model itself (its patterns come from the bridged checkpoints at analysis time); any
-    other model gets none."""
-    if not _bridge_supports(model):
-        return {}
-    wrapped, paths = _bridged(model)
-    hidden = {str(l): paths[id(block.original_component)] for l, block in enumerate(wrapped.blocks)}
-    final = getattr(getattr(wrapped, "ln_final", None), "original_component", None)
-    if final is not None and id(final) in paths:
-        hidden["final"] = paths[id(final)]
-    return {"hidden": hidden}
 
 
 def subject_of(model: torch.nn.Module, anatomy: Anatomy | None = None) -> tuple[torch.nn.Module, Anatomy]:

@@ -97,9 +97,9 @@ class Sites:
         each checkpoint); a plain module: none (name them)."""
         if callable(getattr(model, "sites", None)):
             return cls.of(model)
-        from mechlrmc.anatomy import auto_sites
+        from mechlrmc.bridge import hf_sites
 
-        return cls.from_dict(auto_sites(model))
+        return cls.from_dict(hf_sites(model))
 
     @property
     def names(self) -> list[str]:

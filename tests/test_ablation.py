@@ -81,3 +81,24 @@ def test_bad_arguments_are_named(setup):
         ablate(model, batch, [(0, 0)], "half")
     with pytest.raises(ValueError, match=r"head \(5, 0\) is out of range"):
         ablate(model, batch, [(5, 0)])
+
+
+def test_zeroing_a_layers_mlp_output_equals_zeroing_its_weights_out(setup):
+    """Component ablation: zeroing `mlp_out.0` is the MLP with W_out and b_out zeroed, and the mean
+    kind over one example is that example's own output (a no-op on it)."""
+    from analyses.causal.ablation import component_ablation_sweep
+
+    cfg, model, batch = setup
+    surgery = copy.deepcopy(model)
+    with torch.no_grad():
+        surgery.blocks[0].mlp.W_out.zero_()
+        surgery.blocks[0].mlp.b_out.zero_()
+    sweep = component_ablation_sweep(model, batch).set_index(["component", "kind"])
+    assert list(sweep.index.get_level_values(0).unique()) == ["attn.0", "mlp.0", "attn.1", "mlp.1"]
+    assert sweep.loc[("mlp.0", "zero"), "loss_mask"] == pytest.approx(_losses(surgery, batch)["loss_mask"], rel=1e-5)
+    assert abs(sweep.loc[("mlp.0", "zero"), "delta_loss"]) > 1e-6
+    one = batch[:1] if hasattr(batch, "__getitem__") else batch
+    itself = component_ablation_sweep(model, one, kinds=("mean",)).set_index("component")
+    assert itself.delta_loss.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="kind='uniform' is invalid for a component"):
+        component_ablation_sweep(model, batch, kinds=("uniform",))

@@ -146,9 +146,9 @@ ANALYSES: list[Analysis] = [
            "Every head's average attention pattern at every checkpoint behind one slider, titled with its "
            "taxonomy label (LRMC: the row and column heads forming) or its share on the task's optimal map.",
            "attention.adapters", steps="all", parts=("pattern",)),
-    _entry("ablation", "Head ablation", "finding 5",
-           "Change in the task's loss (LRMC: L_mask) when one head is zeroed or mean-ablated: which heads the task needs.",
-           "causal.adapters", parts=("z", "pattern"),
+    _entry("ablation", "Head and component ablation", "finding 5",
+           "Change in the task's loss (LRMC: L_mask) when one head, or one layer's attention or MLP output, is zeroed "
+           "or mean-ablated: which heads and components the task needs.", "causal.adapters", parts=("z",),
            options=(Option("--kinds", "ablations (default zero mean)", str, "+", ("zero", "mean", "uniform")),)),
     _entry("patching", "Activation patching", "finding 6",
            "Recovery of the clean output when clean activations of one head / layer / position are patched into "

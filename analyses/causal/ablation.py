@@ -1,5 +1,6 @@
-"""Head ablation (finding 5, docs/FINDINGS.md): knock out heads and measure the task's losses (LRMC:
-L, L_obs, L_mask; a token task: its cross-entropy and accuracy on the outputs).
+"""Head and component ablation (finding 5, docs/FINDINGS.md): knock out heads, or a layer's attention or
+MLP output, and measure the task's losses (LRMC: L, L_obs, L_mask; a token task: its cross-entropy
+and accuracy on the outputs).
 
 Three kinds, each for any set of (layer, head), on any model through its anatomy (`mechlrmc.anatomy`):
 - "zero": the head's output `z` is set to 0 (the paper's head masking);
@@ -101,5 +102,36 @@ def head_ablation_sweep(model: torch.nn.Module, batch, kinds: tuple[str, ...] = 
         for layer, head in tqdm(heads, desc=f"{kind} ablation", disable=not progress):
             losses = _losses(model, batch, anatomy, ablation_edits([(layer, head)], kind, means))
             rows.append({"layer": layer, "head": head, "kind": kind, **losses,
+                         **{f"delta_{k}": losses[k] - base[k] for k in base}})
+    return pd.DataFrame(rows)
+
+
+COMPONENT_KINDS = ("zero", "mean")
+
+
+def component_ablation_sweep(model: torch.nn.Module, batch, kinds: tuple[str, ...] = COMPONENT_KINDS, reference=None,
+                             anatomy: Anatomy | None = None) -> pd.DataFrame:
+    """Every layer's attention output and MLP output ablated alone ("zero": 0; "mean": its mean over
+    `reference`, default the batch, per position): one row per (component `attn.L` / `mlp.L`, kind)
+    with the task's losses and their deltas vs the intact model."""
+    model, anatomy = subject_of(model, anatomy)
+    bad = [k for k in kinds if k not in COMPONENT_KINDS]
+    if bad:
+        raise OptionError(f"kind={bad[0]!r} is invalid for a component: allowed one of {COMPONENT_KINDS}")
+    anatomy.require(["attn_out", "mlp_out"], "component ablation")
+    keys = {f"{kind}.{l}": f"{part}.{l}" for l in range(anatomy.n_layers)
+            for kind, part in (("attn", "attn_out"), ("mlp", "mlp_out"))}
+    means = {}
+    if "mean" in kinds:
+        with torch.no_grad():
+            _, acts = anatomy.run(model, (batch if reference is None else reference).tokens, read=list(keys.values()))
+        means = {key: value.mean(0) for key, value in acts.items()}  # [pos, d]
+    base = _losses(model, batch, anatomy, {})
+    rows = []
+    for kind in kinds:
+        for component, key in keys.items():
+            edit = (lambda v: torch.zeros_like(v)) if kind == "zero" else (lambda v, m=means[key]: m.expand_as(v))
+            losses = _losses(model, batch, anatomy, {key: edit})
+            rows.append({"component": component, "kind": kind, **losses,
                          **{f"delta_{k}": losses[k] - base[k] for k in base}})
     return pd.DataFrame(rows)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analyses.causal.ablation import head_ablation_sweep
+from analyses.causal.ablation import COMPONENT_KINDS, component_ablation_sweep, head_ablation_sweep
 from analyses.causal.agreement import attribution_agreement, attribution_verdict, compare_with_patching
-from analyses.causal.figures import (plot_ablation, plot_attribution_vs_patching, plot_patching, plot_patching_steps,
+from analyses.causal.figures import (plot_ablation, plot_component_ablation, plot_attribution_vs_patching, plot_patching, plot_patching_steps,
     plot_sequence_patching)
 from analyses.causal.patching import patching
 from analyses.causal.sequence_patching import patching_agreement, sequence_patching
@@ -107,15 +107,24 @@ def sequence_patching_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 def ablation_tables(ctx) -> dict[str, pd.DataFrame]:
     """Every head ablated at the last checkpoint (or at the asked steps)."""
     steps = ctx.steps if ctx.steps_asked is not None else [ctx.final]
-    return {"ablation": ctx.walk(head_ablation_sweep, steps=steps, kinds=tuple(ctx.option("kinds", ("zero", "mean"))),
-                                 anatomy=True)}
+    kinds = tuple(ctx.option("kinds", ("zero", "mean")))
+    tables = {"ablation": ctx.walk(head_ablation_sweep, steps=steps, kinds=kinds, anatomy=True)}
+    if ctx.anatomy.has("attn_out", "mlp_out"):
+        tables["component_ablation"] = ctx.walk(component_ablation_sweep, steps=steps, anatomy=True,
+                                                kinds=tuple(k for k in kinds if k in COMPONENT_KINDS))
+    return tables
 
 
 def ablation_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     sweep, metric = tables["ablation"], ablation_metric(ctx.task)
     worst = sweep.sort_values(f"delta_{metric}", ascending=False).groupby("step").head(8)
-    return {"ablation": plot_ablation(sweep, str(sweep.kind.iloc[0]), measure=f"delta_{metric}"),
-            "ablation_top": worst[["step", "layer", "head", "kind", metric, f"delta_{metric}"]]}
+    parts = {"ablation": plot_ablation(sweep, str(sweep.kind.iloc[0]), measure=f"delta_{metric}"),
+             "ablation_top": worst[["step", "layer", "head", "kind", metric, f"delta_{metric}"]]}
+    if "component_ablation" in tables:
+        components = tables["component_ablation"]
+        parts["component_ablation"] = plot_component_ablation(components, f"delta_{metric}")
+        parts["component_ablation_table"] = components[["step", "component", "kind", metric, f"delta_{metric}"]]
+    return parts
 
 
 def ablation_metric(task) -> str:

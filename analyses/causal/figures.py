@@ -75,6 +75,14 @@ def plot_sequence_patching(frame: pd.DataFrame, names: list[str], title: str = "
                              coloraxis=dict(colorscale="RdBu", cmid=0.0, colorbar=dict(title="recovery")))
 
 
+def plot_component_ablation(frame: pd.DataFrame, measure: str = "delta_loss_mask") -> go.Figure:
+    """Bars of one delta per component (`attn.L`, `mlp.L`), one group per ablation kind (the last step)."""
+    last = frame[frame.step == frame.step.max()] if "step" in frame else frame
+    fig = px.bar(last, x="component", y=measure, color="kind", barmode="group",
+                 title=f"Each layer's attention and MLP output ablated alone: {measure}")
+    return fig.update_layout(template="plotly_white")
+
+
 def plot_ablation(sweep: pd.DataFrame, kind: str = "zero", measure: str = "delta_loss_mask") -> px.imshow:
     """Heatmap of one delta per (layer, head), one panel per step when a `step` column is present."""
     frame = sweep[sweep.kind == kind]

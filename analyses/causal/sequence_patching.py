@@ -3,7 +3,8 @@ plateau paper's setting): which activations carry the answer on MWS, prefix sum,
 user's token task.
 
 Clean sequences against corrupted ones, the batch's other sequences (other inputs and so other
-outputs), both read teacher-forced. The metric is the logit difference at the output positions whose clean and
+outputs), both read teacher-forced; the task says both (`Task.patch_pair`, `Task.patch_metric`), so a
+user's token task may give its own. The metric is the logit difference at the output positions whose clean and
 corrupted targets differ,
 
     LD(logits) = mean over those (sequence, position) of logit[clean target] - logit[corrupted target],
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 
 from mechlrmc.anatomy import Anatomy, subject_of
+from mechlrmc.tasks import get_task
 from mechlrmc.tasks.tokens import SequenceBatch
 
 SITES = ("resid_pre", "attn_out", "mlp_out", "z")
@@ -33,9 +35,9 @@ MIN_GAP = 1e-3  # |LD(clean) - LD(corrupted)| below this: nothing to recover (re
 
 
 def paired(batch: SequenceBatch, shift: int = 1) -> SequenceBatch:
-    """The corrupted batch: each sequence replaced by the one `shift` places on in the batch
-    (other inputs and so other outputs, from the same distribution, with no new draw)."""
-    return batch[torch.arange(len(batch)).roll(-shift)]
+    """The corrupted batch of the batch's task (`Task.patch_pair`; a token task: each sequence replaced
+    by the one `shift` places on in the batch, other inputs and so other outputs, with no new draw)."""
+    return get_task(batch.task).patch_pair(batch, shift)
 
 
 def part(site: str, layer: int) -> str:
@@ -58,18 +60,9 @@ def _patch(clean: torch.Tensor, pos: int, head: int | None):
 
 
 def logit_difference(clean: SequenceBatch, corrupted: SequenceBatch):
-    """`LD(logits [..., batch, pos, vocab]) -> [...]` over the scored positions whose targets differ."""
-    scored = clean.scored.to(clean.tokens.device)
-    differ = (clean.targets != corrupted.targets) & scored  # [b, pos]
-    good, bad = clean.targets.clamp_min(0), corrupted.targets.clamp_min(0)
-    weight = differ.float() / differ.sum().clamp_min(1)
-
-    def ld(logits: torch.Tensor) -> torch.Tensor:
-        gap = logits.gather(-1, good.expand(*logits.shape[:-1])[..., None]).squeeze(-1) \
-            - logits.gather(-1, bad.expand(*logits.shape[:-1])[..., None]).squeeze(-1)
-        return (gap * weight).sum((-2, -1))
-
-    return ld
+    """The task's patching metric (`Task.patch_metric`; a token task: the logit difference
+    `LD(logits [..., batch, pos, vocab]) -> [...]` over the scored positions whose targets differ)."""
+    return get_task(clean.task).patch_metric(clean, corrupted)
 
 
 def sequence_patching(model, batch: SequenceBatch, shift: int = 1, sites: tuple[str, ...] = SITES,

@@ -166,6 +166,18 @@ class Task:
 
         return torch.ones(batch.tokens.shape[1], dtype=torch.bool)
 
+    def patch_pair(self, batch: Any, shift: int = 1) -> Any:
+        """The corrupted batch activation patching runs against: by default each example replaced by the
+        one `shift` places on in the batch (other inputs from the same distribution, no new draw)."""
+        import torch
+
+        return batch[torch.arange(len(batch)).roll(-shift)]
+
+    def patch_metric(self, clean: Any, corrupted: Any) -> Any:
+        """`metric(output [..., batch, pos, ...]) -> [...]`: how far an output is toward the clean answer
+        (patching's recovery is (metric(patched) - metric(corrupted)) / (metric(clean) - metric(corrupted)))."""
+        raise NotImplementedError
+
     def probe_targets(self, batch: Any, names: Any) -> dict[str, torch.Tensor]:
         """{name: [batch * pos, k]} float64: each declared target at every position of the input."""
         raise NotImplementedError

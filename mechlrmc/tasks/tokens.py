@@ -190,6 +190,21 @@ class SequenceTask(Task):
     def probe_positions(self, batch: SequenceBatch) -> dict[str, torch.Tensor]:
         return {"outputs": batch.scored.cpu().repeat(len(batch))}
 
+    def patch_metric(self, clean: SequenceBatch, corrupted: SequenceBatch):
+        """The logit difference `LD(logits [..., batch, pos, vocab]) -> [...]`: the mean over the scored
+        positions whose clean and corrupted targets differ of logit[clean target] - logit[corrupted target]."""
+        scored = clean.scored.to(clean.tokens.device)
+        differ = (clean.targets != corrupted.targets) & scored  # [b, pos]
+        good, bad = clean.targets.clamp_min(0), corrupted.targets.clamp_min(0)
+        weight = differ.float() / differ.sum().clamp_min(1)
+
+        def ld(logits: torch.Tensor) -> torch.Tensor:
+            gap = logits.gather(-1, good.expand(*logits.shape[:-1])[..., None]).squeeze(-1) \
+                - logits.gather(-1, bad.expand(*logits.shape[:-1])[..., None]).squeeze(-1)
+            return (gap * weight).sum((-2, -1))
+
+        return ld
+
     def reference_rows(self, batch: SequenceBatch) -> torch.Tensor:
         """The queries from the separator on: those that predict an output."""
         return batch.scored.cpu()
