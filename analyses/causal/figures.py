@@ -78,8 +78,9 @@ def plot_sequence_patching(frame: pd.DataFrame, names: list[str], title: str = "
 def plot_component_ablation(frame: pd.DataFrame, measure: str = "delta_loss_mask") -> go.Figure:
     """Bars of one delta per component (`attn.L`, `mlp.L`), one group per ablation kind (the last step)."""
     last = frame[frame.step == frame.step.max()] if "step" in frame else frame
+    at = f" at step {int(last.step.iloc[0])}" if "step" in last else ""
     fig = px.bar(last, x="component", y=measure, color="kind", barmode="group",
-                 title=f"Each layer's attention and MLP output ablated alone: {measure}")
+                 title=f"Each layer's attention and MLP output ablated alone{at}: {measure}")
     return fig.update_layout(template="plotly_white")
 
 
