@@ -13,22 +13,12 @@ the last layer. Last line: sections of the recorded runs over those of the train
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("mingpt_mws", ROOT / "docs" / "examples" / "mingpt_mws.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def lens_facts(path: Path) -> dict:
@@ -91,7 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
-    ex = _example()
+    from mechlrmc.factory import import_object
+
+    train_example = import_object(f"{ROOT / 'docs' / 'examples' / 'mingpt_mws.py'}:train")  # the worked example's loop
     from analyses.base.context import Context
     from analyses.base.registry import applicable
     from mechlrmc.config import preset
@@ -109,7 +101,7 @@ def main() -> None:
         path = out / f"mingpt8_seed{seed}"
         start = time.time()
         if not (path / "config.yaml").is_file():
-            ex.train(path, steps=args.steps, seed=seed, length=8, eval_every=10)
+            train_example(path, steps=args.steps, seed=seed, length=8, eval_every=10)
         facts = lens_facts(path)
         counts.append(len(facts["sections"]))
         print(f"minGPT seed {seed}: {len(facts['sections'])} entries; drop {facts['drop']}; solving head {facts['head']} "

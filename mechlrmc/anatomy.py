@@ -301,10 +301,10 @@ def _from_hook_points(model: torch.nn.Module) -> Anatomy:
               "pattern": "attn.hook_pattern", "z": "attn.hook_z"}
     found = {part: tuple(Place(f"blocks.{l}.{hook}") for l in range(n_layers))
              for part, hook in places.items() if f"blocks.0.{hook}" in names}
-    final = next((Place(n) for n in ("ln_final", "ln_final.hook_normalized") if n in dict(model.named_modules())
-                  and (own or n in names)), None)
-    if own and model.ln_final is None:
-        final = Place(f"blocks.{n_layers - 1}.{resid}")
+    if own:  # the final LayerNorm's output (pre-LN), else the last block's normalized output
+        final = Place("ln_final") if model.ln_final is not None else Place(f"blocks.{n_layers - 1}.{resid}")
+    else:
+        final = Place("ln_final.hook_normalized") if "ln_final.hook_normalized" in names else None
     embed = Place("blocks.0.hook_resid_pre") if "blocks.0.hook_resid_pre" in names else None
     return Anatomy(n_layers, cfg.n_heads, found, final, embed, _own_groups(model, n_layers) if own else {},
                    "mechlrmc" if own else "transformer_lens", type(model).__name__,
@@ -316,13 +316,14 @@ def _from_bridge(model: torch.nn.Module) -> Anatomy:
 
     wrapped, paths = bridged(model)
     found = _from_hook_points(wrapped)
-    final = Place("ln_final.hook_normalized") if "ln_final.hook_normalized" in wrapped.hook_dict else found.final
-    return Anatomy(found.n_layers, wrapped.cfg.n_heads, found.places, final, found.embed,
+    return Anatomy(found.n_layers, wrapped.cfg.n_heads, found.places, found.final, found.embed,
                    hf_groups(model, wrapped, paths), "transformers", type(model).__name__, bridged=True)
 
 
 def _named(model: torch.nn.Module, raw: dict) -> Anatomy:
     """From the recorder's sites of a plain module (see the module docstring)."""
+    from mechlrmc.sites import layer_names
+
     modules = dict(model.named_modules())
     hidden = dict(raw.get("hidden") or {})
     layered = [hidden[str(l)] for l in range(len(hidden)) if str(l) in hidden]
@@ -331,7 +332,7 @@ def _named(model: torch.nn.Module, raw: dict) -> Anatomy:
     n_layers = 0
     for text in templates.values():
         if isinstance(text, str) and "{L}" in text:
-            n_layers = max(n_layers, _count_layers(text, modules))
+            n_layers = max(n_layers, len(layer_names(text, modules)))
         elif isinstance(text, (list, tuple)):
             n_layers = max(n_layers, len(text))
     heads = int(raw.get("heads", 0) or 0)
@@ -362,14 +363,6 @@ def _named(model: torch.nn.Module, raw: dict) -> Anatomy:
     embed = Place(places["resid"][0].module, "input") if "resid" in places else None
     return Anatomy(n_layers, heads or int(raw.get("n_heads", 1) or 1), places, Place.parse(final) if final else None, embed,
                    {k: v for k, v in groups.items() if v}, "named", type(model).__name__, pattern_kind=pattern_kind)
-
-
-def _count_layers(template: str, modules: dict) -> int:
-    module = template.split(":")[0]
-    n = 0
-    while module.replace("{L}", str(n)) in modules:
-        n += 1
-    return n
 
 
 def derive(model: torch.nn.Module, sites: Any = None) -> Anatomy:

@@ -29,6 +29,15 @@ import torch
 from mechlrmc.errors import UsageError
 
 
+def layer_names(template: str, modules: dict[str, Any]) -> list[str]:
+    """`template` ("blocks.{L}.attn.pattern", optionally ending in ":I") written out for L = 0, 1, ...
+    as long as the module it names is in `modules` (a model's `named_modules()`)."""
+    out = []
+    while template.replace("{L}", str(len(out))).split(":")[0] in modules:
+        out.append(template.replace("{L}", str(len(out))))
+    return out
+
+
 class SiteError(UsageError, ValueError):
     """A site name that is not a submodule of the model, or a site whose output has the wrong shape."""
 
@@ -66,12 +75,7 @@ class Sites:
         modules = dict(model.named_modules())
 
         def expand(name: str) -> list[str]:
-            if "{L}" not in name:
-                return [name]
-            out = []
-            while name.replace("{L}", str(len(out))).split(":")[0] in modules:
-                out.append(name.replace("{L}", str(len(out))))
-            return out
+            return layer_names(name, modules) if "{L}" in name else [name]
 
         attention = tuple(n for name in self.attention for n in expand(name))
         anatomy = {k: (expand(v) if isinstance(v, str) and k != "pattern_kind" else v) for k, v in self.anatomy.items()}

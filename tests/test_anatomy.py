@@ -4,8 +4,6 @@ lenses through it, on a planted model and on a recorded run of a model mechlrmc 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from mechlrmc.anatomy import Anatomy, AnatomyError
 from mechlrmc.config import preset
+from mechlrmc.factory import import_object
 from mechlrmc.model import HookedEncoder
 from mechlrmc.sites import Sites
 from mechlrmc.tasks import get_task
@@ -21,15 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("mingpt_anatomy_example", ROOT / "docs" / "examples" / "mingpt_mws.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _example()
+EXAMPLE = ROOT / "docs" / "examples" / "mingpt_mws.py"
+build, example_sites, train = (import_object(f"{EXAMPLE}:{name}") for name in ("build", "sites", "train"))
 
 
 def _gpt2(layers: int = 2, heads: int = 2):
@@ -41,8 +33,8 @@ def _gpt2(layers: int = 2, heads: int = 2):
 
 def _mingpt(layers: int = 2, heads: int = 2):
     torch.manual_seed(0)
-    model = ex.build(length=6, max_value=6, d_model=32, n_layers=layers, n_heads=heads).eval()
-    return model, Sites.from_dict(ex.sites(heads)).resolve(model)
+    model = build(length=6, max_value=6, d_model=32, n_layers=layers, n_heads=heads).eval()
+    return model, Sites.from_dict(example_sites(heads)).resolve(model)
 
 
 def test_every_kind_of_model_gets_every_part_with_the_same_shapes():
@@ -183,7 +175,7 @@ def test_bad_lens_input_on_a_recorded_model_is_one_line_with_exit_code_2(tmp_pat
 
     torch.set_num_threads(1)
     out = tmp_path / "mingpt"
-    ex.train(out, steps=6, length=6, max_value=6, batch=16, eval_every=3)
+    train(out, steps=6, length=6, max_value=6, batch=16, eval_every=3)
     cases = {("probes", "--targets", "value"): "probe target 'value' is not declared by task 'mws'",
              ("swaps", "--components", "qkv"): "component 'qkv' is not in the anatomy of GPT"}
     for args, words in cases.items():

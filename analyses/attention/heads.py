@@ -207,12 +207,9 @@ def head_onsets(
     return out.reset_index(drop=True)
 
 
-def map_shares(patterns, batch, n_layers: int | None = None) -> pd.DataFrame:
+def map_shares(patterns, batch) -> pd.DataFrame:
     """Per (layer, head): the share of |attention| on the task's optimal map (P3), from the patterns
-    of every layer (a list of [batch, head, query, key], or a cache with `blocks.l.attn.hook_pattern`
-    for `n_layers` layers)."""
-    if n_layers is not None:
-        patterns = [patterns[f"blocks.{layer}.attn.hook_pattern"] for layer in range(n_layers)]
+    of every layer (a list of [batch, head, query, key])."""
     on_map = get_task(batch.task).optimal_attention_map(batch).to(batch.tokens.device)
     rows = []
     for layer, pattern in enumerate(patterns):

@@ -65,22 +65,31 @@ def chunked_cache(
 ) -> Iterator[tuple[slice, torch.Tensor, ActivationCache]]:
     """Yield (rows of the batch, output, cache of `names`) chunk by chunk; only one chunk's
     activations are alive at a time, so memory stays bounded whatever the batch size."""
-    if chunk_size < 1:
-        raise OptionError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
-    for start in range(0, tokens.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, tokens.shape[0]))
+    for rows in _chunks(tokens.shape[0], chunk_size):
         out, cache = cache_hooks(model, tokens[rows], names, device)
         yield rows, out, cache
 
 
-def pattern_names(model: HookedEncoder, layers: list[int] | None = None) -> list[str]:
-    """`blocks.{l}.attn.hook_pattern` of the chosen layers (all by default)."""
-    n_layers = model.cfg.n_layers
+def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
+    """The rows of a batch of `n`, `chunk_size` at a time."""
+    if chunk_size < 1:
+        raise OptionError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def _layers(layers: list[int] | None, n_layers: int) -> list[int]:
+    """The chosen layers (all by default), each checked to be in range."""
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise OptionError(f"layers {bad} are out of range: allowed 0 <= layer < {n_layers}")
-    return [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    return layers
+
+
+def pattern_names(model: HookedEncoder, layers: list[int] | None = None) -> list[str]:
+    """`blocks.{l}.attn.hook_pattern` of the chosen layers (all by default)."""
+    return [f"blocks.{l}.attn.hook_pattern" for l in _layers(layers, model.cfg.n_layers)]
 
 
 def mean_patterns(
@@ -109,18 +118,10 @@ def chunked_patterns(model: torch.nn.Module, tokens: torch.Tensor, layers: list[
 
     anatomy = Anatomy.of(model) if anatomy is None else anatomy
     anatomy.require(["pattern"], "attention patterns")
-    n_layers = anatomy.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise OptionError(f"layers {bad} are out of range: allowed 0 <= layer < {n_layers}")
-    if chunk_size < 1:
-        raise OptionError(f"chunk_size={chunk_size} is invalid: allowed an integer >= 1")
+    keys = [f"pattern.{l}" for l in _layers(layers, anatomy.n_layers)]
     if device is not None:
         model, tokens = model.to(device), tokens.to(device)
-    keys = [f"pattern.{l}" for l in layers]
-    for start in range(0, tokens.shape[0], chunk_size):
-        rows = slice(start, min(start + chunk_size, tokens.shape[0]))
+    for rows in _chunks(tokens.shape[0], chunk_size):
         with torch.no_grad():
             _, acts = anatomy.run(model, tokens[rows], read=keys)
         yield rows, [acts[k] if acts[k].dim() == 4 else acts[k][:, None] for k in keys]
