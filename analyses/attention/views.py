@@ -24,7 +24,6 @@ from analyses.base.cache import chunked_patterns, mean_patterns
 from analyses.base.walk import Steps, analysis_batch
 from mechlrmc.anatomy import Anatomy, subject_of
 from mechlrmc.errors import OptionError
-from mechlrmc.model import HookedEncoder
 from mechlrmc.runs import Run
 from mechlrmc.tasks.lrmc import Batch
 
@@ -52,7 +51,7 @@ def _split(rendered: cv.utils.render.RenderedHTML) -> tuple[str, str, str]:
 
 
 def attention_page(
-    model: HookedEncoder,
+    model: torch.nn.Module,
     batch,
     examples: tuple[int, ...] = (0, 1),
     head_labels: dict[tuple[int, int], str] | None = None,
@@ -108,7 +107,7 @@ def attention_page(
             f'<script crossorigin type="module">{bundle}\n{";".join(calls)}</script></body></html>')
 
 
-def save_attention_views(model: HookedEncoder, batch: Batch, path: str | Path, **kwargs) -> Path:
+def save_attention_views(model: torch.nn.Module, batch: Batch, path: str | Path, **kwargs) -> Path:
     """Write `attention_page(model, batch, **kwargs)` to `path` (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

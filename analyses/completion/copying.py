@@ -19,14 +19,13 @@ import torch
 from mechlrmc.config import DataConfig
 from mechlrmc.errors import OptionError
 from mechlrmc.measures import logits_of
-from mechlrmc.model import HookedEncoder
 from mechlrmc.tasks.lrmc import Batch, decode_tokens, encode_values, split_losses
 
 DEFAULT_VALUES = (-0.8, -0.24, 0.0, 0.44, 0.8)
 
 
 def copy_check(
-    model: HookedEncoder, batch: Batch, data_cfg: DataConfig, values: tuple[float, ...] = DEFAULT_VALUES
+    model: torch.nn.Module, batch: Batch, data_cfg: DataConfig, values: tuple[float, ...] = DEFAULT_VALUES
 ) -> pd.DataFrame:
     """One row per inserted value (and one with the MASK token kept, `inserted` NaN): the MSE of
     the output at masked positions against the inserted value and against the truth, L_obs, and
