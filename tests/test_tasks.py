@@ -170,11 +170,11 @@ def test_mws_intervention_run_trains(tmp_path):
 
 
 # ----- the plateau paper's MWS run (slow) -----
-def _mws_test_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts [n, 17] (16 inputs in 1..16, separator 17) and true outputs [n, 16], made here from
-    the task's definition, independently of mechlrmc.tasks."""
+def _mws_test_data(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [n, length + 1] (`length` inputs in 1..16, separator 17) and true outputs [n, length],
+    made here from the task's definition, independently of mechlrmc.tasks."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, 17, (n, 16), generator=g)
+    x = torch.randint(1, 17, (n, length), generator=g)
     y = torch.cat([x[:, :1], (x[:, :-1] + x[:, 1:]) % 17], dim=1)
     return torch.cat([x, torch.full((n, 1), 17)], dim=1), y
 
@@ -189,15 +189,23 @@ def _greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_mws_preset_plateaus_repeats_itself_then_drops(tmp_path):
-    cfg = preset("mws").override(["train.steps=200", "train.eval_every=100", "train.log_every=50"])
+    """The paper's model, optimizer and batch (the `mws` preset) on 8 inputs instead of 16, a quarter
+    of the cost per step and of the greedy decoding: on this project's machine a plateau at ~0.18
+    greedy accuracy from step ~20 with outputs repeating at ~0.35 against the truth's 0.05, the
+    drop at ~140 (at 16 inputs the same picture, the drop at ~170)."""
+    length = 8
+    cfg = preset("mws").override([f"data.length={length}", "train.steps=170", "train.eval_every=170",
+                                  "train.log_every=50"])
     run = train(cfg, tmp_path / "mws", progress=False)
-    prompt, truth = _mws_test_data(256, seed=2024)
+    prompt, truth = _mws_test_data(256, length, seed=2024)
     rep_truth = float((truth[:, 1:] == truth[:, :-1]).float().mean())
     rows = []
-    for step in run.steps:
-        out = _greedy(run.load_model(step), prompt, 16)
+    for step in run.steps:  # up to the first checkpoint that solves the task: nothing below reads the later ones
+        out = _greedy(run.load_model(step), prompt, length)
         rows.append({"step": step, "acc": float((out == truth).float().mean()),
                      "rep": float((out[:, 1:] == out[:, :-1]).float().mean())})
+        if rows[-1]["acc"] >= 0.95:
+            break
     table = pd.DataFrame(rows)
     dropped = table[table.acc >= 0.95]
     assert len(dropped), table.to_string()
@@ -207,5 +215,5 @@ def test_mws_preset_plateaus_repeats_itself_then_drops(tmp_path):
     assert plateau.step.max() - plateau.step.min() >= 40, table.to_string()  # flat for >= 40 steps
     assert (before.rep >= 3 * rep_truth).any(), table.to_string()
     times = learning_times(run, batch_size=64, progress=False)  # P4 as a number: output 1 is learned first
-    assert list(times.position) == list(range(1, 17)), times.to_string()
+    assert list(times.position) == list(range(1, length + 1)), times.to_string()
     assert learning_order(times)["first_precedes_median"], times.to_string()
