@@ -1,10 +1,13 @@
 """What the analyses of one run share: the run, its phases and key checkpoints, the analysis batch,
-the loaded models and the head taxonomy, each computed once on first use.
+the loaded models, the head taxonomy and a sequence run's greedy generations, each computed once on
+first use.
 
 `Context(run)` is what every registered analysis (`analyses.base.registry`) takes, from the report, from
 `mechlrmc analyze NAME RUN` and from a notebook alike. `ctx.model(step)` loads a checkpoint once
 and keeps it (up to `model_cache_bytes`); `ctx.walk(fn)` maps an analysis over the chosen steps
-with those models; `ctx.taxonomy` is the head taxonomy at every step any section asks for.
+with those models; `ctx.taxonomy` is the head taxonomy at every step any section asks for;
+`ctx.native(step, size)` is a sequence run's native measures at a checkpoint, the one greedy generation
+that the plateau dynamics, the early warnings and the learning times all read.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Context:
     def __post_init__(self) -> None:
         self._models: OrderedDict[int, Any] = OrderedDict()
         self._subjects: dict[int, Any] = {}
+        self._native: dict[tuple[int, int], dict[str, pd.DataFrame]] = {}
         self._lock = threading.RLock()  # `subject` loads a model while it holds it
 
     @property
@@ -99,6 +103,20 @@ class Context:
                     self._subjects.pop(next(iter(self._subjects)))
                 self._subjects[step] = self.anatomy.subject(self.model(step))
             return self._subjects[step]
+
+    def native(self, step: int, size: int) -> dict[str, pd.DataFrame]:
+        """`analyses.plateau.sequences.native_measures` of the model at `step` on the first `size`
+        sequences of the batch (a sequence task's run), computed once: greedy generation at every
+        checkpoint is most of the cost of the sections that read it (plateau dynamics, early
+        warnings, learning times). Do not modify the tables in place."""
+        from analyses.plateau.sequences import native_measures
+
+        with self._lock:
+            if (step, size) in self._native:
+                return self._native[step, size]
+        tables = native_measures(self.model(step), self.batch[:size], self.sites)
+        with self._lock:
+            return self._native.setdefault((step, size), tables)
 
     @cached_property
     def phases(self) -> pd.Series:

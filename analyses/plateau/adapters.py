@@ -10,7 +10,6 @@ from analyses.plateau.dynamics import attention_progress, collapse, dynamics_sum
 from analyses.plateau.early_warning import WARNING_BATCH, early_warning_table, run_milestones, run_trajectory
 from analyses.plateau.figures import (drop_aligned_figure, plot_dynamics, plot_interventions, plot_native_dynamics,
     plot_phases, plot_sequence_phases)
-from analyses.plateau.sequences import native_measures
 
 
 def phases_tables(ctx) -> dict[str, pd.DataFrame]:
@@ -30,9 +29,9 @@ def plateau_dynamics_tables(ctx) -> dict[str, pd.DataFrame]:
     """Every measure at every checkpoint (or the asked ones), on `SEQUENCE_BATCH` sequences."""
     from tqdm.auto import tqdm
 
-    batch, parts = ctx.batch[:SEQUENCE_BATCH], {}
+    parts = {}
     for step in tqdm(ctx.every_step, desc="plateau dynamics", unit="ckpt", disable=not ctx.progress):
-        for name, frame in native_measures(ctx.model(step), batch, ctx.sites).items():
+        for name, frame in ctx.native(step, SEQUENCE_BATCH).items():
             parts.setdefault(name, []).append(frame.assign(step=step))
     tables = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
     return {name: t[["step", *[c for c in t if c != "step"]]] for name, t in tables.items()}
@@ -80,9 +79,11 @@ def interventions_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 
 def early_warning_tables(ctx) -> dict[str, pd.DataFrame]:
     """The run's measures at every checkpoint (the Hessian on request, `--hessian yes`: it is most
-    of the cost) and their milestones against its drop."""
+    of the cost) and their milestones against its drop; a sequence run's measures from the context's
+    generations (`ctx.native`), shared with the plateau dynamics."""
+    native = (lambda step: ctx.native(step, WARNING_BATCH)) if ctx.task.generates else None
     trajectory = run_trajectory(ctx.run, ctx.batch[:WARNING_BATCH], hessian=ctx.option("hessian", "no") == "yes",
-                                load=ctx.model, progress=ctx.progress)
+                                load=ctx.model, progress=ctx.progress, native=native)
     marks = run_milestones(ctx.run, trajectory)
     return {"trajectories": trajectory.assign(run=ctx.run.path.name), "milestones": marks,
             "early_warning": early_warning_table(marks)}
@@ -101,10 +102,16 @@ def early_warning_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 
 
 def learning_times_tables(ctx) -> dict[str, pd.DataFrame]:
-    """Each output position's score at every checkpoint, its logistic fit, and the order of the onsets."""
+    """Each output position's score at every checkpoint, its logistic fit, and the order of the onsets
+    (a sequence run's scores, the greedy accuracy per position, from the context's generations)."""
     from analyses.plateau.learning_times import LEARNING_BATCH, fit_learning_times, learning_order, position_scores
 
-    scores = ctx.walk(position_scores, steps=ctx.every_step, batch=ctx.batch[:LEARNING_BATCH])
+    if ctx.task.generates:
+        scores = pd.concat([ctx.native(step, LEARNING_BATCH)["partial_solution"][["position", "greedy_acc"]]
+                            .rename(columns={"greedy_acc": "score"}).assign(step=step) for step in ctx.every_step],
+                           ignore_index=True)[["step", "position", "score"]]
+    else:
+        scores = ctx.walk(position_scores, steps=ctx.every_step, batch=ctx.batch[:LEARNING_BATCH])
     times = fit_learning_times(scores)
     return {"position_scores": scores, "learning_times": times, "learning_order": pd.DataFrame([learning_order(times)])}
 

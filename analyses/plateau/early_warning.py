@@ -103,14 +103,15 @@ def top_hessian_eigenvalue(model, batch, iterations: int = HESSIAN_ITERATIONS, s
 
 
 @torch.no_grad()
-def _behaviour(model, batch, sites=None) -> pd.DataFrame:
+def _behaviour(model, batch, sites=None, native=None) -> pd.DataFrame:
     """Attention progress per head, collapse and repetition, as (measure, value) rows (none for a
-    recorded loop's own batch: it has no outputs to generate and no optimal map)."""
+    recorded loop's own batch: it has no outputs to generate and no optimal map); a sequence task's
+    from `native`, its `native_measures` on `batch` where the caller has them."""
     task = get_task(batch.task)
     if task.generates:
         from analyses.plateau.sequences import native_measures
 
-        native = native_measures(model, batch, sites)
+        native = native_measures(model, batch, sites) if native is None else native
         rows = [{"measure": f"attention progress L{r.layer}H{r.head}", "value": r.share_on_map}
                 for r in native["attention_progress"].itertuples()]
         collapse = native["collapse"]
@@ -129,10 +130,11 @@ def _behaviour(model, batch, sites=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def warning_measures(model, batch, hessian: bool = True, sites=None) -> pd.DataFrame:
+def warning_measures(model, batch, hessian: bool = True, sites=None, native=None) -> pd.DataFrame:
     """Every per-checkpoint measure above at one checkpoint: rows (measure, value); `sites`
-    (`mechlrmc.sites`) where the model is not mechlrmc's own."""
-    parts = [part for part in (_behaviour(model, batch, sites), component_norms(model, batch)) if len(part)]
+    (`mechlrmc.sites`) where the model is not mechlrmc's own; `native`: a sequence task's
+    `analyses.plateau.sequences.native_measures` of this model on `batch`, where already computed."""
+    parts = [part for part in (_behaviour(model, batch, sites, native), component_norms(model, batch)) if len(part)]
     if hessian:
         value = top_hessian_eigenvalue(model, batch[:HESSIAN_BATCH])
         parts.append(pd.DataFrame([{"measure": "top Hessian eigenvalue", "value": value}]))
@@ -220,9 +222,12 @@ def normalised(trajectory: pd.DataFrame, marks: pd.DataFrame) -> pd.DataFrame:
 WARNING_BATCH = 128  # examples per checkpoint behind the measures
 
 
-def run_trajectory(run: Run, batch=None, hessian: bool = True, load=None, progress: bool = True) -> pd.DataFrame:
+def run_trajectory(run: Run, batch=None, hessian: bool = True, load=None, progress: bool = True,
+                   native=None) -> pd.DataFrame:
     """(step, measure, value) of `warning_measures` at every checkpoint (each cached in the run
-    directory, `analyses.base.store`) and the essential dynamics of the whole series."""
+    directory, `analyses.base.store`) and the essential dynamics of the whole series. `native(step)`:
+    a sequence run's `native_measures` on `batch` at `step`, where the caller shares them (a report's
+    context)."""
     from tqdm.auto import tqdm
 
     from analyses.base.store import cached
@@ -233,7 +238,8 @@ def run_trajectory(run: Run, batch=None, hessian: bool = True, load=None, progre
     settings = {"batch": len(batch), "hessian": hessian, "hessian_batch": HESSIAN_BATCH,
                 "hessian_iterations": HESSIAN_ITERATIONS}
     frames = [cached(run, "early_warning", step, settings,
-                     lambda step=step: warning_measures(load(step), batch, hessian, run.sites))
+                     lambda step=step: warning_measures(load(step), batch, hessian, run.sites,
+                                                        native(step) if native else None))
               .assign(step=step) for step in tqdm(run.steps, desc=f"early warnings {run.path.name}", unit="ckpt",
                                                   disable=not progress)]
     frames.append(essential_dynamics(run, run.steps, batch, load=load))
