@@ -37,11 +37,15 @@ RAY_WORDS = ("sweep", "intervention", "ray", "cluster")  # tests that start Ray 
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), the tests that start Ray
-    (a sweep, a cluster, a driver that trains runs through the sweep) share one worker, one at a
-    time, so two local Ray instances never compete for the machine; the rest spread over both."""
+    (a sweep, a cluster, a driver that trains runs through the sweep, a notebook that calls one)
+    share one worker, one at a time, so two local Ray instances never compete for the machine; the
+    rest spread over both."""
     import inspect
 
     for item in items:
         source = inspect.getsource(item.function).lower() if hasattr(item, "function") else ""
+        notebook = getattr(item, "callspec", None) and item.callspec.params.get("path")
+        if isinstance(notebook, Path) and notebook.suffix == ".ipynb":
+            source += notebook.read_text().lower()
         if item.path.name in ("test_cluster.py", "test_sweep.py") or any(w in source for w in RAY_WORDS):
             item.add_marker(pytest.mark.xdist_group("ray"))
