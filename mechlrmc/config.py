@@ -106,7 +106,9 @@ class TrainConfig:
     picks PyTorch's Adam kernel: "foreach" (multi-tensor, bitwise the same as the per-tensor loop)
     or "fused" (one kernel, faster, float results differ in the last
     bits). `compile` and "fused" are for speed but change the float trajectory: a run with them does
-    not reproduce a run without them bit for bit (the default does).
+    not reproduce a run without them bit for bit (the default does). `threads` sets torch's
+    intra-op thread count while the run trains (0: leave it); the caller's own count is restored
+    when training ends or fails.
 
     Live telemetry (`mechlrmc.telemetry`, the `telemetry` extra): `log` sends every evaluation's
     metrics and mechanistic measures to "tensorboard", "wandb" or "both" ("none": off), and each

@@ -71,8 +71,7 @@ class Trainer:
         self.task = cfg.task
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.device = resolve_device(cfg.train.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.caller_threads = torch.get_num_threads()  # restored by `close()`
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write instead of killing
         telemetry.require(cfg.train.log)  # before anything is written
@@ -85,6 +84,8 @@ class Trainer:
         if not (resume and Path(out, "config.yaml").is_file()):
             Run.check_new(out)  # before the lock creates the directory
         self.lock = RunLock(out).acquire()  # one writer per run, taken before anything is written
+        if cfg.train.threads:  # before the provenance records them; `close()` gives the caller's back
+            torch.set_num_threads(cfg.train.threads)
         try:
             self.run, resume = self._open_run(cfg, Path(out), resume)
         except BaseException:
@@ -124,10 +125,12 @@ class Trainer:
             fn(self)
 
     def close(self) -> None:
-        """Release the run's writer lock (done by `train()` when training ends or fails)."""
+        """Release the run's writer lock and give the caller back its torch thread count, which
+        `train.threads` changed for the run (done by `train()` when training ends or fails)."""
         try:
             self._fire("on_close")
         finally:
+            torch.set_num_threads(self.caller_threads)
             self.lock.release()
 
     # ----- resume -----

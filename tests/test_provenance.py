@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from mechlrmc import provenance
 from mechlrmc.cli import main
+from mechlrmc.config import preset
 from mechlrmc.runs import Run
+from mechlrmc.train import Trainer
 
 
 def test_a_run_records_versions_device_threads_and_determinism(tiny_run, capsys):
@@ -93,3 +96,24 @@ def test_match_sentence_says_whether_a_seeds_numbers_carry_over():
     assert "an unrecorded machine" in sentence(AVX2_FAMILY, None) and "unknown" in sentence(AVX2_FAMILY, None)
     for a, b in ((AVX2_FAMILY, AVX2_FAMILY), (AVX512_FAMILY, AVX2_FAMILY), (None, None)):
         assert sentence(a, b).count(". ") == 0 and sentence(a, b).endswith(".")  # one sentence
+
+
+def test_train_threads_hold_for_the_run_and_the_caller_gets_its_own_back(tmp_path):
+    cfg = preset("tiny").override({"train.steps": 2, "train.threads": 2})
+    caller = torch.get_num_threads()
+    assert caller != 2  # conftest runs the tests on one thread
+    seen = []
+    trainer = Trainer(cfg, tmp_path / "ok", progress=False)
+    trainer.add_callback("on_step_end", lambda t: seen.append(torch.get_num_threads()))
+    trainer.train()
+    assert seen == [2, 2] and Run(tmp_path / "ok").provenance["threads"] == 2
+    assert torch.get_num_threads() == caller
+
+    def fail(trainer):
+        raise RuntimeError("planted")
+
+    trainer = Trainer(cfg, tmp_path / "failed", progress=False)
+    trainer.add_callback("on_step_end", fail)
+    with pytest.raises(RuntimeError, match="planted"):
+        trainer.train()
+    assert torch.get_num_threads() == caller  # a failed run gives them back too
