@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from analyses.base.walk import across_checkpoints
-from analyses.llc.calibrate import Calibration, calibrate, flat_after_burnin, rrr_learning_coefficient
+from analyses.llc.calibrate import (Calibration, calibrate, dln_learning_coefficient, flat_after_burnin,
+    rrr_learning_coefficient)
 from analyses.llc.components import component_llc, component_masks
 from analyses.llc.data import SGLDConfig
 from analyses.llc.estimator import llc_per_step, local_learning_coefficient
@@ -133,6 +134,93 @@ def test_whitening_gives_the_resolved_directions_curvature_one():
     assert coarse.tolist() == pytest.approx([-2e-4, 0.0, 1e-4, 3e-3, 1.0], abs=1e-6)  # 1 and 30 below 1 % of 1e4
 
 
+def test_above_full_limit_the_sharp_directions_are_whitened():
+    """100 weights above a lowered full_limit (50): inputs of mean 3 give X^T X one eigenvalue ~900
+    times the rest. The low-rank path resolves it (k = 1: the spectrum falls below 1 % of the
+    sharpest right after it) and rescales the rest: d / 2 within 10 % (measured 1.01); one scale
+    per tensor gives 7.1 of 50 calibrated in full, 2.9 with this short budget (a test that can fail)."""
+    from analyses.llc.estimator import estimate_with
+
+    model, data = _regression(99, mean=3.0)
+    calibration = calibrate(model, data, full_limit=50)
+    assert calibration.preconditioner == "low-rank" and len(calibration.low_rank.values) == 1
+    frame = estimate_with(model, data, calibration.config, calibration.scales, calibration=calibration.diagnostics(),
+                          transform=calibration.transform())
+    assert frame.ok.all() and frame.llc_mean.iloc[0] == pytest.approx(50.0, rel=0.1)
+    per_tensor = local_learning_coefficient(model, data, full_limit=50, rank=0, rounds=1, max_steps=1000)
+    assert per_tensor.llc_mean.iloc[0] < 0.5 * 50.0
+
+
+def test_low_rank_transform_with_every_direction_is_the_whitening():
+    """With k = d sharp directions the low-rank preconditioner is the whole-Hessian one: the same
+    T T^T (= H^-1 for a regular model), curvature 1 in every direction, and so is its restriction
+    to some weights (a component) against `whitening` of that block of the Hessian."""
+    from analyses.llc.calibrate import curvature_scales, default_nbeta, sampled_hessian, sharp_directions, whitening
+
+    model, data = _regression(11, mean=1.0, spread=10.0)
+    nbeta = default_nbeta(2000)
+    hessian = sampled_hessian(model, data, nbeta)
+    low_rank = sharp_directions(model, data, nbeta, curvature_scales(model, data, nbeta), fraction=0.0)
+    assert len(low_rank.values) == 12
+
+    def dense(transform):
+        return torch.stack([transform.apply(e) for e in torch.eye(transform.dim, dtype=torch.float64)], 1)
+
+    def close(T, W):  # the same preconditioner T T^T, to 1e-3 (subspace iteration's tolerance)
+        return float(torch.linalg.norm(T @ T.T - W @ W.T)) <= 1e-3 * float(torch.linalg.norm(W @ W.T))
+
+    T, W = dense(low_rank), whitening(hessian).double()
+    assert close(T, W)
+    assert torch.linalg.eigvalsh(T.T @ hessian @ T).tolist() == pytest.approx([1.0] * 12, abs=1e-3)
+    keep = torch.tensor([0, 3, 5, 11])  # three weights and the bias
+    assert close(dense(low_rank.restrict(keep)), whitening(hessian[keep][:, keep]).double())
+
+
+def test_low_rank_transform_rescales_the_rest_and_floors_like_whitening():
+    """Two sharp directions (1e4 and 30) of a Hessian whose other curvatures are 1, 0 and -2: they get
+    curvature 1, the rest is divided by its largest |curvature| (2). At floor 1e-2, 30 and the rest
+    are below 1 % of the sharpest and are scaled like it, as `whitening` scales them."""
+    from analyses.llc.calibrate import whitening
+    from analyses.llc.coordinates import LowRankTransform
+
+    q = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    values = torch.tensor([1e4, 30.0, 1.0, 0.0, -2.0], dtype=torch.float64)
+    hessian = q @ torch.diag(values) @ q.T
+    transform = LowRankTransform(torch.ones(5, dtype=torch.float64), q[:, :2], values[:2], rest=2.0, floor=1e-5)
+    T = torch.stack([transform.apply(e) for e in torch.eye(5, dtype=torch.float64)], 1)
+    assert torch.linalg.eigvalsh(T.T @ hessian @ T).tolist() == pytest.approx([-1.0, 0.0, 0.5, 1.0, 1.0], abs=1e-9)
+    coarse = transform.with_floor(1e-2)
+    T = torch.stack([coarse.apply(e) for e in torch.eye(5, dtype=torch.float64)], 1)
+    W = whitening(hessian, 1e-2).double()
+    assert torch.linalg.eigvalsh(T.T @ hessian @ T).tolist() == pytest.approx(
+        torch.linalg.eigvalsh(W.T @ hessian @ W).tolist(), abs=1e-6)  # -2e-4, 0, 1e-4, 3e-3, 1
+
+
+def test_deep_linear_learning_coefficient_formula():
+    """Aoyagi (2024) against what is known: with one hidden layer it is Aoyagi & Watanabe's
+    reduced-rank regression (every (M, H, N, r) up to 6, all four cases of that formula); with a
+    width equal to r, half the dimension of the rank-r maps; one layer, a regular model."""
+    cases = set()
+    for M in range(1, 7):
+        for H in range(1, 7):
+            for N in range(1, 7):
+                for r in range(min(M, H, N) + 1):
+                    assert dln_learning_coefficient([M, H, N], r) == rrr_learning_coefficient(M, N, H, r)
+                    cases.add(0 if N + r <= M + H and M + r <= N + H and H + r <= M + N else
+                              1 if M + H < N + r else 2 if N + H < M + r else 3)
+    assert cases == {0, 1, 2, 3}
+    for widths in ([5, 3, 7, 4], [4, 9, 3, 9, 6], [8, 3, 3, 8], [3, 5, 6, 5]):
+        r = min(widths)
+        assert dln_learning_coefficient(widths, r) == r * (widths[0] + widths[-1] - r) / 2
+    assert dln_learning_coefficient([7, 4], 2) == 7 * 4 / 2
+    # widths 150-200-200-150, r = 10: M = 140, 190, 190, 140, all four in S (l = 3), a = 3:
+    # 1450 + 0 - 1.5 * 220^2 + (140^2 + 4 * 140 * 190 + 190^2) / 2 = 9900, below 150 * 150 / 2
+    assert dln_learning_coefficient([150, 200, 200, 150], 10) == 9900.0
+    assert dln_learning_coefficient([100, 200, 200, 100], 10) == 100 * 100 / 2  # wide hidden layers: l = 1
+    with pytest.raises(ValueError, match="allowed"):
+        dln_learning_coefficient([4, 3, 5], 4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("d_in, n, noise, scale, mean", [(4, 2000, 0.5, 1.0, 0.0), (11, 5000, 3.0, 10.0, 0.0),
                                                          (20, 1000, 1.0, 0.1, 0.5), (49, 3000, 0.2, 1.0, 1.0)])
@@ -222,6 +310,8 @@ def test_calibration_round_trips_through_its_cache_frames():
     model, data = _regression(3, n=300)
     with pytest.raises(ValueError, match="full preconditioner is invalid"):  # a Hessian is not kept in the frames
         calibrate(model, data, rounds=1, max_steps=200).scales_frame()
+    with pytest.raises(ValueError, match="low-rank preconditioner is invalid"):  # nor its sharp directions
+        calibrate(model, data, rounds=1, max_steps=200, full_limit=2).scales_frame()
     calibration = calibrate(model, data, rounds=1, max_steps=200, full_limit=0)
     again = Calibration.from_frames(calibration.scales_frame(), calibration.sweep)
     assert again.config == calibration.config and again.scales == pytest.approx(calibration.scales)

@@ -24,6 +24,17 @@ The estimate LLC = nbeta (E[L(w)] - L(w*)) is only as good as the sampler's sett
    Directions flatter than a floor (a fraction of the sharpest), or negative, are scaled like the
    sharpest; the floor starts at 1e-5 and coarsens (1e-3, 0.1, 1) while the first chains diverge: a
    singular model's near-flat directions, whitened, run away from w*.
+   A larger model is preconditioned by its sharpest directions instead (`sharp_directions`,
+   `analyses.llc.coordinates.LowRankTransform`): in the per-tensor coordinates above, the top
+   eigenpairs of the Hessian by subspace iteration with Hessian-vector products, k of them (those
+   above 1 % of the sharpest when the spectrum falls below that within `RANK_LIMIT` directions, else
+   those above its largest drop if it is tenfold, else none: per-tensor scales), each given
+   curvature 1, and every other direction divided by the largest |curvature| left off them (block
+   power iteration on the deflated Hessian). This undoes a few directions far sharper than the
+   rest (an input mean: one per output of a layer), not a spread through the bulk; it costs O(k d)
+   memory and, per step, O(k d) memory traffic besides the model. The same floors apply (a sharp
+   direction below the floor, and the rest when its curvature is, are scaled like the sharpest).
+   `full_limit=0` keeps the per-tensor scales alone.
 3. A small sweep, walked from lr 0.2, localization 0.02: at each point (lr, gamma) chains run
    at (lr, gamma), (lr / 2, gamma) and (lr, gamma / 2), each for 2 / (lr gamma) burn-in steps and as
    many draws (the relaxation time of a direction held only by the localization), at most
@@ -45,7 +56,8 @@ Minibatches are all examples up to 4096 and their losses are paired with L(w*) o
 minibatch (`SGLDConfig.paired`). For a regular model in these coordinates the step's bias is about
 +lr / 4 and the localization's about -gamma, so the starting point is within ~2 % of d / 2. Known
 answers for the tests: d / 2 for a regular model, `rrr_learning_coefficient` for reduced-rank
-regression.
+regression; `dln_learning_coefficient` for deep linear networks, which the default call misses at
+10^5 weights (benchmarks/llc_known.py, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analyses.llc.coordinates import Reparametrized, flat_positions
+from analyses.llc.coordinates import LowRankTransform, Reparametrized, flat_positions
 from analyses.llc.data import (Data, Masks, SGLDConfig, data_size, is_batch, is_indexable, mse_loss, sampled_dimension,
     sampled_parameters)
 from analyses.llc.sampler import diverged_chains, excess_loss, llc_from_traces, sgld_traces
@@ -74,6 +86,12 @@ FULL_LIMIT = 4096  # models with at most this many sampled weights are precondit
 # whole-Hessian preconditioning: eigenvalues below this fraction of the largest are not whitened; the
 # calibration starts at the first and coarsens while the chains diverge
 FULL_FLOORS = (1e-5, 1e-3, 1e-1, 1.0)
+
+
+# above FULL_LIMIT: the low-rank preconditioner resolves at most RANK_LIMIT sharp directions, those above
+# RANK_FRACTION of the sharpest (or above a drop of RANK_GAP in the spectrum); the search starts with a
+# block of RANK_START; REST_PROBES directions measure the curvature left off them
+RANK_LIMIT, RANK_FRACTION, RANK_GAP, RANK_START, REST_PROBES = 256, 1e-2, 10.0, 32, 8
 
 
 CHAINS = 2  # chains per setting of the sweep
@@ -147,22 +165,113 @@ def curvature_scales(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: 
     return {name: float(h) * top for (name, _, _), h in zip(named, diagonal)}
 
 
+def _hessian_products(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: Callable, masks: Masks | None,
+                      examples: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rows [b, d] -> rows H [b, d], H the Hessian of nbeta L over the sampled weights (`flat_positions`
+    order) on at most `examples` examples: double backpropagation, batched with vmap (one row at a
+    time for an op without a batching rule)."""
+    sampler = Reparametrized(copy.deepcopy(model).train(), masks)
+    u = sampler.u
+    with torch.enable_grad():
+        grad = torch.autograd.grad(nbeta * loss_fn(sampler, _head(data, examples)), u, create_graph=True)[0]
+
+    @torch.enable_grad()
+    def products(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(u)
+        try:
+            return torch.cat([torch.autograd.grad(grad, u, part, retain_graph=True, is_grads_batched=True)[0]
+                              for part in rows.split(64)])
+        except RuntimeError:
+            return torch.stack([torch.autograd.grad(grad, u, row, retain_graph=True)[0] for row in rows])
+
+    return products
+
+
 def sampled_hessian(model: torch.nn.Module, data: Data, nbeta: float, loss_fn: Callable = mse_loss,
                     masks: Masks | None = None, examples: int = 4096) -> torch.Tensor:
     """The Hessian of nbeta L over the sampled weights (`flat_positions` order), float64, on at most
     `examples` examples: one Hessian-vector product (double backpropagation) per weight."""
-    sampler = Reparametrized(copy.deepcopy(model).train(), masks)
-    u = sampler.u
-    eye = torch.eye(len(u), dtype=u.dtype, device=u.device)
-    with torch.enable_grad():
-        grad = torch.autograd.grad(nbeta * loss_fn(sampler, _head(data, examples)), u, create_graph=True)[0]
-        try:  # rows in batches (vmap over the double backward)
-            rows = [torch.autograd.grad(grad, u, eye[i:i + 256], retain_graph=True, is_grads_batched=True)[0]
-                    for i in range(0, len(u), 256)]
-        except RuntimeError:  # an op without a batching rule: one row at a time
-            rows = [torch.autograd.grad(grad, u, e, retain_graph=True)[0][None] for e in eye]
-    hessian = torch.cat(rows).double()
+    products = _hessian_products(model, data, nbeta, loss_fn, masks, examples)
+    d = sampled_dimension(model, masks)
+    hessian = products(torch.eye(d)).double()
     return (hessian + hessian.T) / 2
+
+
+def _subspace_iteration(curvature: Callable[[torch.Tensor], torch.Tensor], block: torch.Tensor, fraction: float,
+                        iterations: int = 8, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Ritz values (descending) and vectors ([d, b]) of the symmetric operator `curvature`
+    ([d, b] -> [d, b]) on the block `block` after at most `iterations` steps of subspace iteration:
+    until the values of at least `fraction` of the largest |value| change by less than `tol` of it."""
+    basis, previous = torch.linalg.qr(block).Q, None
+    for step in range(iterations):
+        image = curvature(basis)
+        small = basis.T @ image
+        values, rotation = torch.linalg.eigh((small + small.T) / 2)
+        values, rotation = values.flip(0), rotation.flip(1)
+        scale = float(values.abs().max()) or 1.0
+        watched = values.abs() >= fraction * scale
+        if previous is not None and float((values - previous)[watched].abs().max()) <= tol * scale:
+            break
+        if step < iterations - 1:
+            basis, previous = torch.linalg.qr(image).Q, values
+    return values, basis @ rotation
+
+
+def sharp_directions(model: torch.nn.Module, data: Data, nbeta: float, scales: dict[str, float],
+                     loss_fn: Callable = mse_loss, masks: Masks | None = None, rank: int = RANK_LIMIT,
+                     fraction: float = RANK_FRACTION, examples: int = 4096, seed: int = 0,
+                     progress: bool = False) -> LowRankTransform | None:
+    """The low-rank preconditioner of a model above `FULL_LIMIT` sampled weights (step 2 of the
+    procedure), at floor `FULL_FLOORS[0]`: in the per-tensor coordinates v = D^1/2 w (D: `scales`),
+    the top eigenpairs of the Hessian of nbeta L by subspace iteration with Hessian-vector products
+    (a block of 32 random directions, doubled while its smallest Ritz value is above `fraction` of
+    the largest, up to `rank`), and the largest |curvature| off them (block power iteration on the
+    deflated Hessian). k is where the spectrum falls below `fraction` of the sharpest; where it does
+    not within `rank` directions, at its largest drop if that is at least `RANK_GAP`-fold, else None
+    (per-tensor scales): whitening k of a smoothly falling spectrum gains only lambda_1 / lambda_k+1
+    and costs O(k d) a step. A block method rather than single-vector Lanczos (scipy's eigsh): its
+    products batch (vmap; ~7x cheaper a vector on a 10^5-weight linear layer), and a repeated
+    eigenvalue (a layer's Hessian is often X^T X once per output row, so is its sharp eigenvalue) is
+    one Krylov direction in exact arithmetic, which Lanczos recovers only through rounding."""
+    named = sampled_parameters(model, masks)
+    root = torch.cat([torch.full((p.numel() if m is None else int(m.sum()),), float(scales[name]) ** -0.5,
+                                 dtype=torch.float64) for name, p, m in named])
+    d = len(root)
+    products = _hessian_products(model, data, nbeta, loss_fn, masks, examples)
+    with tqdm(desc="sharp directions", unit="hvp", disable=not progress) as bar:
+
+        def curvature(block):  # [d, b] -> D^-1/2 H D^-1/2 block
+            bar.update(block.shape[1])
+            return products((block * root[:, None]).T).double().T * root[:, None]
+
+        generator = torch.Generator().manual_seed(seed)
+        size, vectors = min(RANK_START, rank, d), torch.zeros(d, 0, dtype=torch.float64)
+        while True:
+            fresh = torch.randn(d, size - vectors.shape[1], generator=generator, dtype=torch.float64)
+            values, vectors = _subspace_iteration(curvature, torch.cat([vectors, fresh], 1), fraction)
+            if size == min(rank, d) or float(values[-1]) < fraction * float(values[0]):
+                break
+            size = min(2 * size, rank, d)
+        top = float(values[0])
+        if size == d or float(values[-1]) < fraction * top:  # the spectrum fell below `fraction` in the block
+            kept = (values >= fraction * top) & (values > 0)
+        else:  # it did not within `rank` directions: down to its largest drop, if that is a clear one
+            drops = values[:-1] / values[1:]
+            last = int(drops.argmax())
+            kept = torch.arange(len(values)) <= last
+            if float(drops[last]) < RANK_GAP:
+                return None
+        basis, rest = vectors[:, kept], float(values[~kept].abs().max()) if bool((~kept).any()) else 0.0
+        if basis.shape[1] < d:  # the largest curvature off the sharp directions (a lower bound from the block above)
+
+            def deflated(block):
+                block = block - basis @ (basis.T @ block)
+                image = curvature(block)
+                return image - basis @ (basis.T @ image)
+
+            probes = torch.randn(d, min(REST_PROBES, d - basis.shape[1]), generator=generator, dtype=torch.float64)
+            rest = max(rest, float(_subspace_iteration(deflated, probes, 1.0)[0].abs().max()))
+        return LowRankTransform(root, basis, values[kept], rest, FULL_FLOORS[0])
 
 
 def whitening(hessian: torch.Tensor, floor: float = FULL_FLOORS[0]) -> torch.Tensor:
@@ -235,8 +344,8 @@ def chain_length(lr: float, localization: float, max_steps: int, stretch: float 
 class Calibration:
     """The chosen SGLD settings (`config`, dimensionless lr and localization), the preconditioner
     (`scales` per tensor; for a model of at most `FULL_LIMIT` sampled weights the `hessian` of
-    nbeta L, whose `transform` is used instead), the diagnostics at the chosen point and the `sweep`
-    (one row per setting tried)."""
+    nbeta L, above it its sharp directions `low_rank`, whose `transform` is used instead), the
+    diagnostics at the chosen point and the `sweep` (one row per setting tried)."""
 
     config: SGLDConfig
     scales: dict[str, float]
@@ -247,7 +356,8 @@ class Calibration:
     localization_ok: bool
     sweep: pd.DataFrame
     hessian: torch.Tensor | None = None
-    floor: float | None = None  # of the full preconditioner (`whitening`)
+    floor: float | None = None  # of the full or low-rank preconditioner (`whitening`, `LowRankTransform`)
+    low_rank: LowRankTransform | None = None
 
     @property
     def ok(self) -> bool:
@@ -255,19 +365,23 @@ class Calibration:
 
     @property
     def preconditioner(self) -> str:
-        return "per-tensor" if self.hessian is None else "full"
+        return "full" if self.hessian is not None else "low-rank" if self.low_rank is not None else "per-tensor"
 
-    def transform(self, model: torch.nn.Module | None = None, masks: Masks | None = None) -> torch.Tensor | None:
-        """The full preconditioner (None: per-tensor `scales`), restricted to the weights `masks`
-        selects (a component of the calibrated model: its rows and columns of the Hessian)."""
-        if self.hessian is None:
+    def transform(self, model: torch.nn.Module | None = None,
+                  masks: Masks | None = None) -> torch.Tensor | LowRankTransform | None:
+        """The full or low-rank preconditioner (None: per-tensor `scales`), restricted to the weights
+        `masks` selects (a component of the calibrated model: its rows and columns of the Hessian,
+        `LowRankTransform.restrict`)."""
+        if self.hessian is None and self.low_rank is None:
             return None
         if masks is None:
-            return whitening(self.hessian, self.floor)
-        if model is None or len(self.hessian) != sum(p.numel() for p in model.parameters()):
+            return whitening(self.hessian, self.floor) if self.low_rank is None else self.low_rank
+        size = len(self.hessian) if self.low_rank is None else self.low_rank.dim
+        if model is None or size != sum(p.numel() for p in model.parameters()):
             raise ValueError("masks are invalid for this calibration: allowed with the model it calibrated whole")
         keep = flat_positions(model, masks)
-        return whitening(self.hessian[keep][:, keep], self.floor)
+        return whitening(self.hessian[keep][:, keep], self.floor) if self.low_rank is None else \
+            self.low_rank.restrict(keep)
 
     def diagnostics(self) -> dict:
         return {"diverged": self.diverged, "flat": self.flat, "stable": self.stable,
@@ -276,9 +390,9 @@ class Calibration:
     def scales_frame(self) -> pd.DataFrame:
         """One row per sampled tensor with its scale; the settings and diagnostics as columns (a cache entry)."""
         settings = asdict(self.config)
-        if self.hessian is not None:
-            raise ValueError("a calibration with a full preconditioner is invalid for the cache frames: "
-                             "allowed per-tensor scales (calibrate with full_limit=0)")
+        if self.preconditioner != "per-tensor":
+            raise ValueError(f"a calibration with a {self.preconditioner} preconditioner is invalid for the cache "
+                             "frames: allowed per-tensor scales (calibrate with full_limit=0)")
         return pd.DataFrame({"param": list(self.scales), "scale": list(self.scales.values())}).assign(
             dimension=self.dimension, **settings, **self.diagnostics())
 
@@ -294,21 +408,32 @@ class Calibration:
 def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, masks: Masks | None = None,
               nbeta: float | None = None, batch_size: int | None = None, num_chains: int = 4,
               max_steps: int = 4000, rounds: int = 4, tol: float = 0.1, target_error: float = 0.03,
-              full_limit: int = FULL_LIMIT, seed: int = 0, progress: bool = False) -> Calibration:
+              full_limit: int = FULL_LIMIT, rank: int = RANK_LIMIT, seed: int = 0,
+              progress: bool = False) -> Calibration:
     """SGLD settings for the LLC of `model` at its weights on `data`, by the procedure of the module
     docstring: the sweep runs `CHAINS` chains per setting; the chosen config has `num_chains` chains
     and enough draws (at most `max_steps`) for a standard error of about `target_error` of the
     estimate. `batch_size` defaults to all examples up to 4096 (the paired minibatch losses keep
     the minibatch noise small beyond). A model with at most `full_limit` sampled weights is
-    preconditioned by its whole Hessian (`whitening`) rather than per tensor."""
+    preconditioned by its whole Hessian (`whitening`) rather than per tensor, a larger one by its
+    sharpest directions, at most `rank` (`sharp_directions`); full_limit=0 keeps the per-tensor
+    scales alone (what the report's cache holds), and so does rank=0 above `full_limit`."""
     n = effective_sample_size(data)
     nbeta = default_nbeta(n) if nbeta is None else float(nbeta)
     batch_size = min(n, 4096) if batch_size is None else batch_size
     scales = curvature_scales(model, data, nbeta, loss_fn, masks, seed=seed)
     dimension = sampled_dimension(model, masks)
     hessian = sampled_hessian(model, data, nbeta, loss_fn, masks) if dimension <= full_limit else None
-    floor = None if hessian is None else FULL_FLOORS[0]
-    transform = None if hessian is None else whitening(hessian, floor)
+    low_rank = sharp_directions(model, data, nbeta, scales, loss_fn, masks, rank, seed=seed, progress=progress) \
+        if dimension > full_limit > 0 and rank > 0 else None
+
+    def preconditioner(floor: float | None):
+        if hessian is not None:
+            return whitening(hessian, floor)
+        return None if low_rank is None else low_rank.with_floor(floor)
+
+    floor = None if hessian is None and low_rank is None else FULL_FLOORS[0]
+    transform = preconditioner(floor)
     base = SGLDConfig(num_chains=CHAINS, batch_size=batch_size, nbeta=nbeta, seed=seed, paired=True)
     results: dict[tuple[float, float, int, float | None], tuple[pd.DataFrame, bool, bool, float]] = {}
 
@@ -324,10 +449,10 @@ def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, 
         return results[(lr, localization, steps, floor)]
 
     point = (START_LR, START_LOCALIZATION, 1.0)  # (lr, localization, chain-length stretch)
-    for coarser in FULL_FLOORS[1:] if hessian is not None else ():  # a whitened direction that runs away
+    for coarser in FULL_FLOORS[1:] if floor is not None else ():  # a whitened direction that runs away
         if not estimate(*point)[1]:  # (a singular model's near-flat one) is left to the localization
             break
-        floor, transform = coarser, whitening(hessian, coarser)
+        floor, transform = coarser, preconditioner(coarser)
     for round_ in tqdm(range(rounds), desc="LLC calibration", disable=not progress):
         lr, localization, stretch = point
         chains, diverged, flat, error = estimate(*point)
@@ -352,7 +477,8 @@ def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, 
                            "llc_std": c.llc.std(ddof=1), "diverged": d, "flat": f,
                            "chosen": (a, b, s, e) == (lr, localization, steps, floor)}
                           for (a, b, s, e), (c, d, f, _) in results.items()])
-    return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep, hessian, floor)
+    return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep, hessian, floor,
+                       transform if low_rank is not None else None)
 
 
 def rrr_learning_coefficient(M: int, N: int, H: int, r: int) -> float:
@@ -376,3 +502,29 @@ def rrr_learning_coefficient(M: int, N: int, H: int, r: int) -> float:
     if N + H < M + r:
         return (H * N - H * r + M * r) / 2
     return M * N / 2
+
+
+def dln_learning_coefficient(widths: list[int], r: int) -> float:
+    """The learning coefficient of a deep linear network (Aoyagi 2024, "Consideration on the learning
+    efficiency of multiple-layered neural networks with linear units", Neural Networks, main
+    theorem): x -> W_L ... W_1 x with layer widths H_1 (input) ... H_{L+1} (output), no biases, and a
+    true map of rank r <= min H_j. With M_j = H_j - r, S is the set of the l + 1 >= 2 smallest M_j
+    for which max_S M < min_{not S} M, sum_S M >= l max_S M and sum_S M < l min_{not S} M (there is
+    exactly one); with M' = ceil(sum_S M / l) and a = sum_S M - (M' - 1) l,
+        lambda = (-r^2 + r (H_1 + H_{L+1})) / 2 + a (l - a) / (4 l) - l (l - 1) / 4 (sum_S M / l)^2
+                 + 1/2 sum_{i < j in S} M_i M_j.
+    With one hidden layer it is `rrr_learning_coefficient`; with a width equal to r it is
+    r (H_1 + H_{L+1} - r) / 2, half the dimension of the rank-r maps; with one layer, H_1 H_2 / 2."""
+    if len(widths) < 2 or min(widths) < 1 or not 0 <= r <= min(widths):
+        raise ValueError(f"(widths, r)={(list(widths), r)} is invalid: allowed >= 2 widths >= 1 and "
+                         "0 <= r <= min(widths)")
+    M = sorted(h - r for h in widths)
+    for size in range(2, len(M) + 1):
+        chosen, total, l = M[:size], sum(M[:size]), size - 1
+        beyond = M[size] if size < len(M) else math.inf
+        if max(chosen) < beyond and total >= l * max(chosen) and total < l * beyond:
+            a = total - (-(-total // l) - 1) * l  # -(-x // l): ceil(x / l) in integers
+            pairs = (total ** 2 - sum(m * m for m in chosen)) / 2  # sum_{i < j} M_i M_j
+            return ((-r * r + r * (widths[0] + widths[-1])) / 2 + a * (l - a) / (4 * l)
+                    - l * (l - 1) / 4 * (total / l) ** 2 + pairs / 2)
+    raise AssertionError(f"no subset S for widths={widths}, r={r}")  # excluded by the theorem
