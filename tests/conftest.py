@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mechlrmc import cluster
 from mechlrmc.config import preset
 from mechlrmc.runs import Run
 from mechlrmc.train import train
@@ -32,20 +33,24 @@ def reference_run() -> Run:
     return Run(REFERENCE_RUN)
 
 
-RAY_WORDS = ("sweep", "intervention", "ray", "cluster")  # tests that start Ray run one after another
-
-
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), the tests that start Ray
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), the tests marked `ray`
     (a sweep, a cluster, a driver that trains runs through the sweep, a notebook that calls one)
     share one worker, one at a time, so two local Ray instances never compete for the machine; the
     rest spread over both."""
-    import inspect
-
     for item in items:
-        source = inspect.getsource(item.function).lower() if hasattr(item, "function") else ""
-        notebook = getattr(item, "callspec", None) and item.callspec.params.get("path")
-        if isinstance(notebook, Path) and notebook.suffix == ".ipynb":
-            source += notebook.read_text().lower()
-        if item.path.name in ("test_cluster.py", "test_sweep.py") or any(w in source for w in RAY_WORDS):
+        if item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request, monkeypatch):
+    """A test that joins or starts Ray in this process without the `ray` mark fails, naming the mark
+    (so the grouping above stays exact)."""
+    if request.node.get_closest_marker("ray"):
+        return
+
+    def unmarked(*args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray", pytrace=False)
+
+    monkeypatch.setattr(cluster, "connect", unmarked)

@@ -92,6 +92,7 @@ def test_commitment_table_counts_spread_censoring_and_the_sealed_step():
     assert commitment_point(commitment_table(summary[summary["train.branch_step"] == 50], tol=10)) != 100
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_the_commitment_command_branches_through_the_sweep_and_tabulates(parent, tmp_path, capsys):
     """Two branches from each of two kept states, trained by the sweep (Ray), stopped early by a high

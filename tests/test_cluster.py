@@ -31,6 +31,8 @@ from mechlrmc.runs import Run
 from mechlrmc.train import train
 
 RAY = next((str(p) for p in [Path(sys.executable).with_name("ray")] if p.is_file()), shutil.which("ray"))
+pytestmark = pytest.mark.ray  # every test here starts a Ray cluster (the ray_cluster fixture)
+
 CLI = [sys.executable, "-m", "mechlrmc.cli"]
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 MARKER = "MECHLRMC_TEST_CLUSTER"  # in the environment of every process a node of the test starts

@@ -97,6 +97,7 @@ def test_dynamics_summary_reads_the_last_layer_and_the_best_head():
     assert summary.best_head_share_on_map.tolist() == [0.3, 0.8]
 
 
+@pytest.mark.ray
 def test_intervention_driver_trains_one_run_per_scale(tiny_run, tmp_path):
     frame = compare_interventions(tiny_run.config, [1, 8], tiny_run.config.train.steps, tmp_path, progress=False)
     assert list(frame.scale) == [1, 8]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from analyses.weights.freeze import freeze_info, freeze_sweep, freeze_train
@@ -18,6 +19,7 @@ def test_freeze_train_changes_only_the_trained_component(tiny_run, tmp_path):
     assert freeze_info(out)["trainable"] == ["W_pos"]
 
 
+@pytest.mark.ray
 def test_freeze_from_a_checkpoint_and_sweep(tiny_run, tmp_path):
     out = freeze_train(tiny_run, "mlp.1", tmp_path / "mlp", init=10, reference=20, steps=5, progress=False)
     assert torch.equal(out.state_dict(0)["blocks.1.mlp.W_in"], tiny_run.state_dict(10)["blocks.1.mlp.W_in"])

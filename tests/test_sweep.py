@@ -84,6 +84,7 @@ def test_a_directory_with_another_config_is_refused_before_launch(tmp_path):
         sweep(spec, tmp_path / "out", progress=False)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_on_local_ray_equals_plain_runs(tmp_path):
     spec = _spec(tmp_path, preset="tiny", steps=40, grid={"train.lr": [0.001, 0.002]}, seeds=2)
@@ -114,6 +115,7 @@ def test_sweep_on_local_ray_equals_plain_runs(tmp_path):
     assert json.loads((tmp_path / "family" / summary.run[0] / "provenance.json").read_text())["node_id"]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_killed_with_its_process_group_finishes_on_rerun(tmp_path):
     spec = _spec(tmp_path, preset="tiny", steps=400, seeds=2)
@@ -145,6 +147,7 @@ def test_sweep_killed_with_its_process_group_finishes_on_rerun(tmp_path):
             assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the failing trial asks for CUDA, which exists here")
 def test_a_failing_trial_is_reported_while_the_others_finish(tmp_path):
@@ -161,6 +164,7 @@ def test_a_failing_trial_is_reported_while_the_others_finish(tmp_path):
     assert "trial 'train.device=cuda,seed=0' failed" in done.stderr and "1 of 2 trials finished" in done.stdout
 
 
+@pytest.mark.ray
 def test_an_unreachable_address_is_one_line_within_the_timeout(tmp_path, capsys):
     """--address of a port where nothing listens: one line naming the address within --connect-timeout, exit
     code 1, and nothing left behind (no sweep.yaml, no ray.log)."""
@@ -184,6 +188,7 @@ def test_an_unreachable_address_is_one_line_within_the_timeout(tmp_path, capsys)
     assert "--connect-timeout=-1.0 is invalid: allowed a number of seconds > 0" in capsys.readouterr().err
 
 
+@pytest.mark.ray
 def test_a_head_that_accepts_connections_but_never_answers_is_one_line_within_the_timeout(tmp_path, capsys):
     """A port that accepts TCP connections and says nothing (a stopped head): one line within
     --connect-timeout, not after Ray's own fixed wait of about 40 s."""

@@ -273,6 +273,7 @@ def test_a_terminal_keeps_the_redrawn_bar():
     assert interactive(Terminal()) and not interactive(io.StringIO())
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_sweep_is_one_tensorboard_logdir_and_one_wandb_group(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_MODE", raising=False)
