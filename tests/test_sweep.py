@@ -97,13 +97,11 @@ def test_sweep_on_local_ray_equals_plain_runs(tmp_path):
                                     "train.lr=0.002,seed=0", "train.lr=0.002,seed=1"]
     assert (summary.status == "finished").all() and (summary.step == 40).all()
     assert yaml.safe_load((tmp_path / "family" / "sweep.yaml").read_text())["seeds"] == 2
-    for name in summary.run:
+    for name in summary.run:  # the plain runs in this process (no interpreter start-up each)
         trial = tmp_path / "family" / name
-        plain = tmp_path / "plain" / name
-        subprocess.run([*CLI, "train", "--config", str(trial / "config.yaml"), "--out", str(plain), "--quiet"],
-                       check=True, capture_output=True)
-        _same_metrics(trial, plain)
-        assert Run(trial).config == Run(plain).config
+        plain = train(RunConfig.from_yaml(trial / "config.yaml"), tmp_path / "plain" / name, progress=False)
+        _same_metrics(trial, plain.path)
+        assert Run(trial).config == plain.config
     # a second launch finds everything finished and touches nothing
     family = tmp_path / "family"
     stamps = {p: p.stat().st_mtime_ns for p in family.rglob("*") if p.is_file() and p.parent != family}
