@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from analyses.llc.components import component_llc, model_components
 from analyses.llc.estimator import llc_per_step
 from analyses.llc.figures import plot_llc, plot_sgld_traces
-from analyses.llc.sampler import llc_from_traces, sgld_traces
+from analyses.llc.sampler import llc_from_traces
 
 
 def run_component_llc(ctx, components: list[str] | None = None, heads: bool = False,
@@ -43,33 +43,94 @@ def run_component_llc(ctx, components: list[str] | None = None, heads: bool = Fa
     return pd.concat(frames, ignore_index=True)
 
 
-# calibration budgets (`analyses.llc.calibrate.calibrate` options) of the report and of quick runs
-REPORT = {"batch_size": 64, "max_steps": 300, "rounds": 2, "num_chains": 3}
+# the budgets of the report and of quick runs: chains of at most `max_steps` steps (burn-in and as
+# many draws) on minibatches of `batch_size` examples, `num_chains` per checkpoint
+REPORT = {"batch_size": 64, "max_steps": 300, "num_chains": 3}
 
 
-QUICK = {"batch_size": 16, "max_steps": 60, "rounds": 1, "num_chains": 2}
+QUICK = {"batch_size": 16, "max_steps": 60, "num_chains": 2}
 
 
-def run_calibration(ctx, options: dict):
-    """The run's SGLD settings: calibrated once, at its final checkpoint (after the drop the
-    curvature is largest, so the step is safe at every checkpoint), and cached in the run directory
-    with its other measurements (`analyses.base.store`)."""
+WORKERS = 2  # processes for the report's chains (a context's option "workers" overrides it)
+
+
+def _workers(ctx) -> int:
+    """The processes a run's chains use: none of their own in quick mode (their start-up would cost
+    more than the short chains), else the context's option or `WORKERS`."""
+    return 1 if ctx.quick else int(ctx.option("workers", WORKERS))
+
+
+def run_calibration(ctx, options: dict, steps: list[int] | None = None):
+    """The run's SGLD settings, checked once at its final checkpoint (after the drop the curvature
+    is largest, so the step is safe at every checkpoint) and cached in the run directory with its
+    other measurements (`analyses.base.store`): per-tensor scales and the first point of
+    `analyses.llc.calibrate` with its checks. Its chains and those of `steps` (checkpoints whose
+    chains are wanted too) run together over `WORKERS` processes; the calibration's `traces` holds
+    them by step when they were sampled here (the final checkpoint's are the check's own)."""
     from analyses.base.store import cached
-    from analyses.llc.calibrate import Calibration, calibrate
+    from analyses.llc.calibrate import Calibration
 
-    settings = {**options, "batch": len(ctx.batch), "data": asdict(ctx.run.config.data)}
+    settings = {**options, "batch": len(ctx.batch), "data": asdict(ctx.run.config.data), "sampler": "chains"}
     memo = {}
 
     def compute():
         if not memo:
-            # per-tensor preconditioning (full_limit 0): the cache keeps scales, not a whole-model Hessian
-            memo["calibration"] = calibrate(ctx.model(ctx.final), ctx.batch, progress=ctx.progress, full_limit=0,
-                                            **options)
+            memo["calibration"] = checked_point(ctx.model(ctx.final), ctx.batch, options, progress=ctx.progress,
+                                                others={s: ctx.model(s) for s in steps or [] if s != ctx.final},
+                                                workers=_workers(ctx))
         return memo["calibration"]
 
     scales = cached(ctx.run, "llc_calibration", ctx.final, settings, lambda: compute().scales_frame())
     sweep = cached(ctx.run, "llc_sweep", ctx.final, settings, lambda: compute().sweep)
-    return Calibration.from_frames(scales, sweep)
+    calibration = Calibration.from_frames(scales, sweep)
+    calibration.traces = memo["calibration"].traces if memo else {}
+    return calibration
+
+
+def checked_point(model, data, options: dict, others: dict | None = None, progress: bool = False,
+                  workers: int = WORKERS, tol: float = 0.1):
+    """`analyses.llc.calibrate.calibrate` in one pass: per-tensor scales and its first point
+    (step 0.2, localization 0.02 in curvature units, chains of burn-in and as many draws), checked
+    as it checks a point (no divergence, flat traces, stable under half the step and under half the
+    localization), without walking to another: a point that fails is flagged, not moved. The chains
+    of `others` (step -> model, at the same settings) run in the same pool
+    (`analyses.llc.chains.sample_many`); the returned `Calibration` carries every step's traces in
+    `traces` (the model's own under key None)."""
+    from dataclasses import replace
+
+    from analyses.llc.calibrate import (CHAINS, START_LOCALIZATION, START_LR, Calibration, agree, chain_length,
+        curvature_scales, default_nbeta, effective_sample_size, flat_after_burnin)
+    from analyses.llc.chains import sample_many
+    from analyses.llc.data import SGLDConfig, sampled_dimension
+    from analyses.llc.sampler import diverged_chains
+
+    nbeta = default_nbeta(effective_sample_size(data))
+    scales = curvature_scales(model, data, nbeta)
+    steps = chain_length(START_LR, START_LOCALIZATION, options["max_steps"])
+    config = SGLDConfig(num_chains=options["num_chains"], num_burnin=steps, num_draws=steps, lr=START_LR,
+                        localization=START_LOCALIZATION, batch_size=options["batch_size"], nbeta=nbeta, paired=True)
+    points = {"chosen": config, "half_lr": replace(config, num_chains=CHAINS, lr=START_LR / 2),
+              "half_localization": replace(config, num_chains=CHAINS, localization=START_LOCALIZATION / 2)}
+    others = others or {}
+    specs = [{"model": model, "data": data, "config": c, "scales": scales} for c in points.values()]
+    specs += [{"model": m, "data": data, "config": config, "scales": scales} for m in others.values()]
+    frames = sample_many(specs, workers=workers, progress=progress)
+    dimension = sampled_dimension(model)
+    results = {}
+    for (name, point), frame in zip(points.items(), frames):
+        chains = llc_from_traces(frame)
+        diverged = bool(diverged_chains(frame)) or bool((chains.llc.abs() > dimension).any())
+        results[name] = (point, chains, diverged, not diverged and flat_after_burnin(frame, tol))
+    _, chosen, diverged, flat = results["chosen"]
+    stable = not results["half_lr"][2] and agree(chosen, results["half_lr"][1], tol / 2)
+    localization_ok = not results["half_localization"][2] and agree(chosen, results["half_localization"][1], tol / 2)
+    flat = flat and results["half_lr"][3] and results["half_localization"][3]
+    sweep = pd.DataFrame([{"lr": p.lr, "localization": p.localization, "steps": steps, "floor": None,
+                           "llc": c.llc.mean(), "llc_std": c.llc.std(ddof=1), "diverged": d, "flat": f,
+                           "chosen": name == "chosen"} for name, (p, c, d, f) in results.items()])
+    calibration = Calibration(config, scales, dimension, diverged, flat, stable, localization_ok, sweep)
+    calibration.traces = {None: frames[0], **dict(zip(others, frames[len(points):]))}
+    return calibration
 
 
 def chain_settings(ctx, calibration) -> dict:
@@ -77,29 +138,55 @@ def chain_settings(ctx, calibration) -> dict:
     scales (rounded as the cache reads them back), the analysis batch and the task's data."""
     scales = {name: float(f"{k:.6g}") for name, k in calibration.scales.items()}
     return {**asdict(calibration.config), "scales": scales, "batch": len(ctx.batch),
-            "data": asdict(ctx.run.config.data)}
+            "data": asdict(ctx.run.config.data), "sampler": "chains"}
 
 
 def llc_tables(ctx) -> dict[str, pd.DataFrame]:
     """SGLD traces at the key checkpoints (plateau, drop, end; or the asked steps) with the
     run's calibrated settings, each cached in the run directory (`analyses.base.store`) under its
-    checkpoint hash and the settings; the per-step LLC with its diagnostics; the calibration sweep."""
+    checkpoint hash and the settings; the per-step LLC with its diagnostics; the calibration sweep.
+    A first report samples the calibration's checks and every checkpoint together, on both cores."""
     from analyses.base.store import cached
+    from analyses.llc.chains import sample_many
 
     options = QUICK if ctx.quick else REPORT
-    calibration = run_calibration(ctx, options)
-    settings = chain_settings(ctx, calibration)
-    frames = []
     # the key checkpoints (plateau, drop, end) unless steps are asked for: calibrated chains are long
     steps = ctx.steps if ctx.steps_asked is not None else sorted(set(ctx.key.values()))
+    calibration = run_calibration(ctx, options, steps)
+    settings = chain_settings(ctx, calibration)
+    fresh = {ctx.final if step is None else step: frame for step, frame in calibration.traces.items()}
+
+    def sample(step):
+        if step not in fresh:  # a step the calibration's pass did not cover (its cache was already there)
+            spec = {"model": ctx.model(step), "data": ctx.batch, "config": calibration.config,
+                    "scales": calibration.scales}
+            fresh[step] = sample_many([spec], workers=_workers(ctx))[0]
+        return fresh[step]
+
+    frames = []
     for step in tqdm(steps, desc="llc", unit="ckpt", disable=not ctx.progress):
-        traces = cached(ctx.run, "llc_traces", step, settings,
-                        lambda: sgld_traces(ctx.model(step), ctx.batch, calibration.config, scales=calibration.scales))
+        traces = cached(ctx.run, "llc_traces", step, settings, lambda: sample(step))
         frames.append(traces.assign(step=step))
     traces = pd.concat(frames, ignore_index=True)
     sweep = calibration.sweep.assign(calibrated_at=ctx.final)
     return {"llc_traces": traces[["step", *[c for c in traces if c != "step"]]],
             "llc": llc_per_step(traces, calibration.diagnostics()), "llc_calibration": sweep}
+
+
+def checks_note(sweep: pd.DataFrame) -> str:
+    """What the calibration's check measured, in one sentence: the estimate at the chosen point, at
+    half the step and at half the localization, and which check fails (the evidence for a flag)."""
+    rows = {("chosen" if r.chosen else "half the step" if r.lr < sweep.lr.max() else "half the localization"): r
+            for r in sweep.itertuples()}
+    if "chosen" not in rows:
+        return ""
+    chosen = rows["chosen"]
+    parts = [f"{name} {r.llc:.2f} &plusmn; {r.llc_std:.2f}" + ("" if r.flat else " (not flat)")
+             for name, r in rows.items()]
+    verdicts = [f"{name} moves it by {abs(r.llc / chosen.llc - 1):.0%}" for name, r in rows.items()
+                if name != "chosen" and abs(r.llc / chosen.llc - 1) > 0.05]
+    return (f"<p>The check at step {int(sweep.calibrated_at.iloc[0])}: " + ", ".join(parts)
+            + (f"; {', '.join(verdicts)}." if verdicts else ".") + "</p>")
 
 
 def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
@@ -109,19 +196,22 @@ def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     chains = chains.assign(ok=chains.step.map(table.ok))
     moments = {m: s for m, s in ctx.key.items() if s in table.index}
     failing = [int(s) for s in table.index[~table.ok.astype(bool)]]
-    note = (f"<p>SGLD (devinterp) on the {len(ctx.batch)}-example analysis batch at {len(table)} checkpoints "
+    note = (f"<p>SGLD on the {len(ctx.batch)}-example analysis batch at {len(table)} checkpoints "
             f"(the others: <code>mechlrmc analyze llc RUN --steps all</code>; every estimate is cached in "
-            f"the run directory), with settings calibrated once at step {ctx.final} "
+            f"the run directory), with settings checked once at step {ctx.final} "
             f"(<code>analyses.llc.calibrate</code>: n&beta; = n / log n = {config.inverse_temperature:.3g}, "
-            "each tensor preconditioned by its curvature, a walked sweep of step size and localization): "
-            f"{config.num_chains} chains x ({config.num_burnin} burn-in + {config.num_draws} draws), step "
-            f"{config.lr:g} and localization {config.localization:g} in curvature units, batch {config.batch_size}. "
-            "A checkpoint is ok when no chain diverges, its traces are flat after the shaded burn-in, and the "
-            "calibration found the estimate stable under half the step and half the localization; "
+            "each tensor preconditioned by its curvature, the estimate compared with half the step and half "
+            f"the localization): {config.num_chains} chains x ({config.num_burnin} burn-in + {config.num_draws} "
+            f"draws), step {config.lr:g} and localization {config.localization:g} in curvature units, batch "
+            f"{config.batch_size}, the draws corrected by the noise's control variate "
+            "(<code>analyses.llc.chains</code>). A checkpoint is ok when no chain diverges, its traces are flat "
+            "after the shaded burn-in, and the check found the estimate stable under half the step and half the "
+            "localization; "
             + (f"<b>diagnostics fail at steps {failing}</b> (hollow markers)" if failing else "all checkpoints pass")
             + ". Mean LLC across chains: "
             + ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_std[s]:.2f}"
-                        + ("" if table.ok[s] else " (fails)") for m, s in moments.items()) + ".</p>")
+                        + ("" if table.ok[s] else " (fails)") for m, s in moments.items()) + ".</p>"
+            + checks_note(tables["llc_calibration"]))
     return {"note": note, "llc": plot_llc(chains, ctx.run.metrics, ctx.phases.drop_step),
             "sgld_traces": plot_sgld_traces(traces[traces.step.isin(list(moments.values()))]),
             "llc_table": table.reset_index(), "llc_calibration": tables["llc_calibration"]}

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -325,7 +325,7 @@ def relative_standard_error(traces: pd.DataFrame, blocks: int = 8) -> float:
     return float(means.std(ddof=1) / math.sqrt(len(means)) / abs(means.mean())) if len(means) > 1 else math.inf
 
 
-def _agree(a: pd.DataFrame, b: pd.DataFrame, tol: float) -> bool:
+def agree(a: pd.DataFrame, b: pd.DataFrame, tol: float) -> bool:
     """Two estimates (rows per chain) agree within `tol` relative plus one standard error of the difference."""
     ma, mb = a.llc.mean(), b.llc.mean()
     if not (math.isfinite(ma) and math.isfinite(mb)):
@@ -358,6 +358,7 @@ class Calibration:
     hessian: torch.Tensor | None = None
     floor: float | None = None  # of the full or low-rank preconditioner (`whitening`, `LowRankTransform`)
     low_rank: LowRankTransform | None = None
+    traces: dict = field(default_factory=dict, repr=False)  # chains sampled with it, by step (`analyses.llc.adapters`)
 
     @property
     def ok(self) -> bool:
@@ -459,8 +460,8 @@ def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, 
         stable = localization_ok = False
         if not diverged:
             half_lr, half_loc = estimate(lr / 2, localization, stretch), estimate(lr, localization / 2, stretch)
-            stable = not half_lr[1] and _agree(chains, half_lr[0], tol / 2)
-            localization_ok = not half_loc[1] and _agree(chains, half_loc[0], tol / 2)
+            stable = not half_lr[1] and agree(chains, half_lr[0], tol / 2)
+            localization_ok = not half_loc[1] and agree(chains, half_loc[0], tol / 2)
             flat = flat and half_lr[2] and half_loc[2]
         if (not diverged and flat and stable and localization_ok) or round_ == rounds - 1:
             break

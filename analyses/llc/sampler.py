@@ -90,9 +90,14 @@ def excess_loss(traces: pd.DataFrame) -> pd.Series:
 
 def llc_from_traces(traces: pd.DataFrame) -> pd.DataFrame:
     """One row per chain: nbeta (mean loss over the draws - L(w*)), with the mean and std across
-    chains (paired traces: the mean of loss - reference_loss over the draws)."""
+    chains (paired traces: the mean of loss - reference_loss over the draws; traces with a
+    `noise_term`, `analyses.llc.chains`: minus b times its mean, the noise's control variate)."""
+    from analyses.llc.chains import control_coefficient
+
     init_loss, nbeta = float(traces.init_loss.iloc[0]), float(traces.nbeta.iloc[0])
-    drawn = traces[~traces.burnin].assign(excess=excess_loss(traces[~traces.burnin])).groupby("chain")
+    b = control_coefficient(traces)
+    drawn = traces[~traces.burnin]
+    drawn = drawn.assign(excess=excess_loss(drawn) - (b / nbeta * drawn.noise_term if b else 0.0)).groupby("chain")
     chains = pd.Index(sorted(traces.chain.unique()), name="chain")  # one that diverged in its burn-in: inf
     excess, loss = (drawn[c].mean().reindex(chains, fill_value=math.inf) for c in ("excess", "loss"))
     frame = pd.DataFrame({"chain": chains, "llc": nbeta * excess.to_numpy(), "sampled_loss": loss.to_numpy(),

@@ -7,8 +7,8 @@ applies to the run with `tables(ctx)` and `figures(ctx, tables)`, and lays them 
 error in place and the others are still written; `Report.errors` lists the failures.
 
 With `workers=2` (the default where two cores are free) the sections in `PARALLEL` (the SGLD
-sampler and the patching sweeps) are computed in a second process while this one computes the
-rest. Expensive per-checkpoint measurements (the LLC) are cached in the run directory
+sampler, whose chains run in two processes of their own, and the attribution sweeps) are computed
+each in a process of its own while this one computes the rest. Expensive per-checkpoint measurements (the LLC) are cached in the run directory
 (`analyses.base.store`), so a second report reuses them.
 
 `quick=True` shrinks batches, step counts and samplers for tests and smoke checks.
@@ -28,7 +28,7 @@ from analyses.base.registry import Analysis, applicable
 from analyses.report.page import Report, Result, Section, assemble, run_section
 from mechlrmc.runs import Run
 
-PARALLEL = ("llc", "attribution")  # computed in the second process when workers > 1
+PARALLEL = ("llc", "attribution")  # each computed in a process of its own when workers > 1
 
 
 def section(analysis: Analysis) -> Section:
@@ -39,14 +39,15 @@ def section(analysis: Analysis) -> Section:
 
 def _worker(run_path: str, keys: list[str], quick: bool, device: str, threads: int, family, interventions
             ) -> dict[str, Result]:
-    """Compute the sections `keys` in this (second) process."""
+    """Compute the sections `keys` in this (spawned) process."""
     import torch
 
     from analyses.base.registry import get
 
     if threads:
         torch.set_num_threads(threads)
-    ctx = Context(Run(run_path), QUICK if quick else FULL, device, False, family=family, interventions=interventions)
+    ctx = Context(Run(run_path), QUICK if quick else FULL, device, False, family=family, interventions=interventions,
+                  options={"workers": 2})
     return {key: run_section(section(get(key)), ctx) for key in keys}
 
 
@@ -67,19 +68,20 @@ def build_report(
 
     family = Path(family) if family is not None else find_family(run)
     interventions = Path(interventions) if interventions else None
-    ctx = Context(run, QUICK if quick else FULL, device, progress, family=family, interventions=interventions)
-    sections = [section(a) for a in applicable(ctx)]
     workers = default_workers() if workers is None else workers
+    ctx = Context(run, QUICK if quick else FULL, device, progress, family=family, interventions=interventions,
+                  options={"workers": workers})  # the processes a section's own pool may use (the LLC's chains)
+    sections = [section(a) for a in applicable(ctx)]
     remote = [s.key for s in sections if s.key in PARALLEL] if workers > 1 else []
     local = [s for s in sections if s.key not in remote]
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) if remote else nullcontext() as pool:
+    with ProcessPoolExecutor(len(remote), mp_context=get_context("spawn")) if remote else nullcontext() as pool:
         if remote:
             import torch
 
-            future = pool.submit(_worker, str(run.path), remote, quick, device, torch.get_num_threads(), family,
-                                 interventions)
+            futures = [pool.submit(_worker, str(run.path), [key], quick, device, torch.get_num_threads(), family,
+                                   interventions) for key in remote]
         results = {s.key: run_section(s, ctx) for s in _progress(local, progress)}
-        if remote:
+        for future in futures if remote else []:
             results.update(future.result())
     intro = (f"Run directory <code>{html.escape(str(run.path))}</code>{' (quick mode)' if quick else ''}. "
              "Each section names the finding it reproduces (docs/FINDINGS.md).")
