@@ -1,25 +1,32 @@
 # The two commands of the README. Both create the virtual environment they need.
-#   make demo   train the cpu preset for DEMO_STEPS (or reuse the run in RUN), then write its HTML report
+#   make demo   train the cpu preset for DEMO_STEPS on DEMO_THREADS threads (or reuse the run in RUN), then
+#               write its HTML report
 #   make test   run the test suite, on TEST_WORKERS processes (pytest-xdist; the tests that start Ray share one)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 RUN ?= runs/cpu
 DEMO_STEPS ?= 7000
+DEMO_THREADS ?= 2
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test
 
-$(BIN)/.installed: pyproject.toml
+# the project and its runtime dependencies (the demo); the dev extra on top (the tests)
+$(BIN)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.base
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: $(BIN)/.installed
-	$(BIN)/mechlrmc train --preset cpu --steps $(DEMO_STEPS) --out $(RUN) --resume
+demo: $(BIN)/.base
+	$(BIN)/mechlrmc train --preset cpu --steps $(DEMO_STEPS) --out $(RUN) --resume --set train.threads=$(DEMO_THREADS)
 	$(BIN)/mechlrmc report $(RUN) -o $(RUN)/report.html
 	@echo "report: $(RUN)/report.html"
 

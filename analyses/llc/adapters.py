@@ -54,6 +54,12 @@ QUICK = {"batch_size": 16, "max_steps": 60, "num_chains": 2}
 WORKERS = 2  # processes for the report's chains (a context's option "workers" overrides it)
 
 
+def _own_model(ctx, step: int):
+    """A copy of the model at `step` that only the sampler touches: the report computes this section
+    in a thread beside others, whose hooks on the context's shared models must not reach the chains."""
+    return ctx.run.load_model(step, device=ctx.device)
+
+
 def _workers(ctx) -> int:
     """The processes a run's chains use: none of their own in quick mode (their start-up would cost
     more than the short chains), else the context's option or `WORKERS`."""
@@ -75,8 +81,8 @@ def run_calibration(ctx, options: dict, steps: list[int] | None = None):
 
     def compute():
         if not memo:
-            memo["calibration"] = checked_point(ctx.model(ctx.final), ctx.batch, options, progress=ctx.progress,
-                                                others={s: ctx.model(s) for s in steps or [] if s != ctx.final},
+            memo["calibration"] = checked_point(_own_model(ctx, ctx.final), ctx.batch, options, progress=ctx.progress,
+                                                others={s: _own_model(ctx, s) for s in steps or [] if s != ctx.final},
                                                 workers=_workers(ctx))
         return memo["calibration"]
 
@@ -158,7 +164,7 @@ def llc_tables(ctx) -> dict[str, pd.DataFrame]:
 
     def sample(step):
         if step not in fresh:  # a step the calibration's pass did not cover (its cache was already there)
-            spec = {"model": ctx.model(step), "data": ctx.batch, "config": calibration.config,
+            spec = {"model": _own_model(ctx, step), "data": ctx.batch, "config": calibration.config,
                     "scales": calibration.scales}
             fresh[step] = sample_many([spec], workers=_workers(ctx))[0]
         return fresh[step]
@@ -185,8 +191,17 @@ def checks_note(sweep: pd.DataFrame) -> str:
              for name, r in rows.items()]
     verdicts = [f"{name} moves it by {abs(r.llc / chosen.llc - 1):.0%}" for name, r in rows.items()
                 if name != "chosen" and abs(r.llc / chosen.llc - 1) > 0.05]
+    half_step, half_loc = rows.get("half the step"), rows.get("half the localization")
+    unrelaxed = (half_step is not None and half_loc is not None and verdicts
+                 and half_step.llc < chosen.llc < half_loc.llc)
+    why = (" Lower at half the step and higher at half the localization is the mark of chains that have "
+           "not relaxed: a direction held only by the localization relaxes in about 2 / (step x localization) "
+           f"= {2 / (chosen.lr * chosen.localization):.0f} steps against a {int(chosen.steps)}-step burn-in, so "
+           "these estimates measure a transient (see the traces); settling it takes chains of thousands of "
+           "steps per checkpoint (<code>analyses.llc.chains.fast_traces</code> with a target error; docs/llc.md)."
+           if unrelaxed else "")
     return (f"<p>The check at step {int(sweep.calibrated_at.iloc[0])}: " + ", ".join(parts)
-            + (f"; {', '.join(verdicts)}." if verdicts else ".") + "</p>")
+            + (f"; {', '.join(verdicts)}." if verdicts else ".") + why + "</p>")
 
 
 def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:

@@ -16,8 +16,9 @@ none of which changes what is sampled (the tempered posterior localised at w*, `
   tracks the slow wandering of the loss, so the estimate is read as mean(excess) - b mean(noise term),
   b fitted across blocks of draws (`estimate`): the same mean with less variance;
 - **chains spread over processes and stopped by their traces**: chains advance in rounds over
-  `workers` processes until the standard error reaches `target_error` of the estimate, and the burn-in
-  is read off the traces (MSER: the cut that minimises the standard error of what is left).
+  `workers` lanes (this process and spawned ones) until the standard error reaches `target_error`
+  of the estimate, and the burn-in is read off the traces (MSER: the cut that minimises the
+  standard error of what is left).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from analyses.llc.coordinates import Reparametrized
 from analyses.llc.data import Data, Masks, SGLDConfig, data_size, full_loss, is_batch, is_indexable, mse_loss
 
-BLOCKS = 8  # blocks of draws per chain for the standard error and the control variate's coefficient
+BLOCKS = 4  # the fewest blocks of draws per chain, each twice the autocorrelation time, for a trusted error
 
 
 @dataclass
@@ -139,20 +140,44 @@ def mser_burnin(excess: np.ndarray, batch: int = 5) -> int:
     return int(np.argmin(scores)) * batch
 
 
-def _blocks(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list]:
-    """The draws (rows not marked burn-in) of each chain cut into `BLOCKS` blocks: the block means of
-    the excess nbeta (loss - reference_loss) and of the noise term, and each block's chain."""
+def autocorrelation_time(series: list[np.ndarray], window: float = 5.0) -> float:
+    """The integrated autocorrelation time of equally long traces (their autocorrelations averaged),
+    summed up to Sokal's window: the first lag M with M >= `window` times the sum so far. At least 1."""
+    n = min((len(x) for x in series), default=0)
+    if n < 4:
+        return 1.0
+    curves = []
+    for x in series:
+        x = x[:n] - x[:n].mean()
+        spectrum = np.fft.rfft(x, 2 * n)
+        curve = np.fft.irfft(spectrum * np.conj(spectrum))[:n]
+        if curve[0] > 0:
+            curves.append(curve / curve[0])
+    if not curves:
+        return 1.0
+    taus = 2 * np.cumsum(np.mean(curves, 0)) - 1
+    inside = np.arange(n) >= window * taus
+    return float(max(1.0, taus[np.argmax(inside)] if inside.any() else taus[-1]))
+
+
+def _blocks(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list, float, int]:
+    """The draws (rows not marked burn-in) of each chain cut into blocks of twice the excess loss's
+    autocorrelation time (at least 2 per chain): the block means of the excess nbeta (loss -
+    reference_loss) and of the noise term, each block's chain, the time and the block length."""
     nbeta = float(frame.nbeta.iloc[0])
+    parts = [(chain, nbeta * (part.loss.to_numpy() - part.reference_loss.to_numpy()), part.noise_term.to_numpy())
+             for chain, part in frame[~frame.burnin].groupby("chain")]
+    parts = [p for p in parts if len(p[1]) >= 2]
+    tau = autocorrelation_time([x for _, x, _ in parts])
+    shortest = min((len(x) for _, x, _ in parts), default=0)
+    length = max(1, min(math.ceil(2 * tau), shortest // 2))
     excess, noise, owners = [], [], []
-    for chain, part in frame[~frame.burnin].groupby("chain"):
-        size = len(part) // BLOCKS
-        if size == 0:
-            continue
-        x = nbeta * (part.loss.to_numpy() - part.reference_loss.to_numpy())[:size * BLOCKS]
-        excess += list(x.reshape(BLOCKS, size).mean(1))
-        noise += list(part.noise_term.to_numpy()[:size * BLOCKS].reshape(BLOCKS, size).mean(1))
-        owners += [chain] * BLOCKS
-    return np.array(excess), np.array(noise), owners
+    for chain, x, z in parts:
+        count = len(x) // length
+        excess += list(x[:count * length].reshape(count, length).mean(1))
+        noise += list(z[:count * length].reshape(count, length).mean(1))
+        owners += [chain] * count
+    return np.array(excess), np.array(noise), owners, tau, length
 
 
 def control_coefficient(frame: pd.DataFrame) -> float:
@@ -160,27 +185,32 @@ def control_coefficient(frame: pd.DataFrame) -> float:
     the noise term's (0 where the traces have no noise term or too few blocks)."""
     if "noise_term" not in frame or not np.isfinite(frame.loss).all():
         return 0.0
-    excess, noise, _ = _blocks(frame)
+    excess, noise, *_ = _blocks(frame)
     return float(np.cov(excess, noise)[0, 1] / noise.var(ddof=1)) if len(noise) > 2 and noise.var() > 0 else 0.0
 
 
 def estimate(frame: pd.DataFrame, control: bool = True) -> dict:
     """The LLC from chains' traces (`traces`): the draws of each chain (after its marked burn-in) in
-    `BLOCKS` blocks; nbeta times the mean excess loss (paired with L(w*) on the same minibatch) minus
-    b times the mean noise term (`control_coefficient`, when `control`), and its standard error from
-    the scatter of the corrected block means. Returns `llc`, `se`, `b`, `burnin` (mean over chains),
-    `draws` (all chains) and `chains` (each chain's corrected mean)."""
+    blocks of twice their autocorrelation time; nbeta times the mean excess loss (paired with L(w*)
+    on the same minibatch) minus b times the mean noise term (`control_coefficient`, when
+    `control`), and its standard error from the scatter of the corrected block means. Returns `llc`,
+    `se`, `b`, `tau` (steps), `trusted` (at least `BLOCKS` blocks per chain: the error is then an
+    error, not a guess), `burnin` (mean over chains), `draws` (all chains) and `chains` (each chain's
+    corrected mean)."""
     if not np.isfinite(frame.loss).all():
-        return {"llc": math.inf, "se": math.inf, "b": 0.0, "burnin": 0.0, "draws": 0, "chains": [math.inf]}
-    excess, noise, owners = _blocks(frame)
+        return {"llc": math.inf, "se": math.inf, "b": 0.0, "tau": math.nan, "trusted": False, "burnin": 0.0,
+                "draws": 0, "chains": [math.inf]}
+    excess, noise, owners, tau, length = _blocks(frame)
     burnin = float(frame[frame.burnin].groupby("chain").size().reindex(frame.chain.unique(), fill_value=0).mean())
-    if len(excess) < 2:
-        return {"llc": math.nan, "se": math.inf, "b": 0.0, "burnin": burnin, "draws": 0, "chains": []}
+    if len(excess) < 3:
+        return {"llc": math.nan, "se": math.inf, "b": 0.0, "tau": tau, "trusted": False, "burnin": burnin,
+                "draws": 0, "chains": []}
     b = control_coefficient(frame) if control else 0.0
     corrected = excess - b * noise
+    per_chain = pd.Series(corrected).groupby(owners)
     return {"llc": float(corrected.mean()), "se": float(corrected.std(ddof=1 + bool(b)) / math.sqrt(len(corrected))),
-            "b": b, "burnin": burnin, "draws": int((~frame.burnin).sum()),
-            "chains": pd.Series(corrected).groupby(owners).mean().tolist()}
+            "b": b, "tau": tau, "trusted": bool(per_chain.size().min() >= BLOCKS and length >= 2 * tau),
+            "burnin": burnin, "draws": int((~frame.burnin).sum()), "chains": per_chain.mean().tolist()}
 
 
 def traces(chains: list[Chain], init_loss: float, nbeta: float, burnin: int | None = None) -> pd.DataFrame:
@@ -206,7 +236,7 @@ def _prepared(model: torch.nn.Module, data: Data, config: SGLDConfig, loss_fn: C
 
 
 def sample_many(estimates: list[dict], workers: int = 1, progress: bool = False) -> list[pd.DataFrame]:
-    """The traces of several estimates' chains, all run together over `workers` processes: each
+    """The traces of several estimates' chains, all run together over `workers` lanes: each
     estimate a dict of `fast_traces` arguments (`model`, `data`, `config`, and optionally `loss_fn`,
     `scales`, `transform`, `masks`), each chain num_burnin + num_draws steps. One pool for all of them
     keeps both cores busy to the end (the report's checkpoints and its calibration's checks). Each
@@ -236,10 +266,11 @@ def fast_traces(model: torch.nn.Module, data: Data, config: SGLDConfig, loss_fn:
     `analyses.llc.sampler.sgld_traces`), framed like its traces plus a `noise_term` column.
 
     Without `target_error` each chain runs num_burnin + num_draws steps. With it, chains advance
-    `round_steps` at a time (at least twice) until `estimate` gives a standard error below
-    `target_error` of the estimate, or `max_steps` (default ten times num_burnin + num_draws).
-    Chains run in `workers` spawned processes (one thread each) where the model, data and loss
-    function can be sent there, else in this process."""
+    `round_steps` at a time (at least twice) until `estimate` gives a trusted standard error (at
+    least `BLOCKS` blocks of twice the autocorrelation time per chain) below `target_error` of the
+    estimate, or `max_steps` (default ten times num_burnin + num_draws).
+    Chains run over `workers` lanes, this process and workers - 1 spawned ones (one thread each),
+    where the model, data and loss function can be sent there, else in this process alone."""
     from tqdm.auto import tqdm
 
     config = config.validate()
@@ -263,7 +294,8 @@ def fast_traces(model: torch.nn.Module, data: Data, config: SGLDConfig, loss_fn:
             if target_error is None:
                 break
             result = estimate(traces(chains, init_loss, nbeta))  # burn-in: each chain's MSER cut
-            if not math.isfinite(result["llc"]) or result["se"] <= target_error * abs(result["llc"]):
+            if not math.isfinite(result["llc"]) or (result["trusted"]
+                                                    and result["se"] <= target_error * abs(result["llc"])):
                 break
     finally:
         bar.close()
@@ -283,8 +315,12 @@ def _advance_remote(job: tuple[tuple, dict]) -> Chain:
 
 
 def _executor(workers: int) -> ProcessPoolExecutor | None:
-    """`workers` spawned processes (None: run in this process)."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    """The spawned processes beside this one for `workers` lanes (None for one lane: this process)."""
+    if workers <= 1:
+        return None
+    executor = ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"))
+    executor.lanes = workers - 1
+    return executor
 
 
 def _sendable(job) -> bool:
@@ -299,17 +335,49 @@ def _sendable(job) -> bool:
 
 
 def _run_jobs(jobs: list[tuple[tuple, dict]], pool: ProcessPoolExecutor | int | None, bar=None) -> list[Chain]:
-    """`advance` on every job, in `pool` (an executor, or a number of workers for one made here)
-    where the jobs can be sent there, else in this process."""
+    """`advance` on every job over lanes that each take the next job when free: this process (a
+    thread: torch releases the GIL) and the processes of `pool` (an executor, or a number of lanes
+    for one made here), or this process alone where the jobs cannot be sent."""
+    import threading
+
     own = isinstance(pool, int)
     executor = _executor(pool) if own else pool
     try:
-        remote = executor is not None and _sendable(jobs[0])
-        results = []
-        for chain in executor.map(_advance_remote, jobs) if remote else map(_advance_job, jobs):
-            results.append(chain)
-            if bar is not None:
-                bar.update(1)
+        if executor is None or not _sendable(jobs[0]):
+            results = []
+            for job in jobs:
+                results.append(_advance_job(job))
+                if bar is not None:
+                    bar.update(1)
+            return results
+        results, errors, lock, order = [None] * len(jobs), [], threading.Lock(), iter(range(len(jobs)))
+
+        def lane(remote: bool):
+            while not errors:
+                with lock:
+                    i = next(order, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = executor.submit(_advance_remote, jobs[i]).result() if remote else _advance_job(jobs[i])
+                except BaseException as error:  # noqa: BLE001 - raised again in the caller
+                    errors.append(error)
+                if bar is not None:
+                    bar.update(1)
+
+        lanes = [threading.Thread(target=lane, args=(True,)) for _ in range(executor.lanes)]
+        lanes.append(threading.Thread(target=lane, args=(False,)))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # this process's lane gets one core, as each spawned one does
+        try:
+            for thread in lanes:
+                thread.start()
+            for thread in lanes:
+                thread.join()
+        finally:
+            torch.set_num_threads(threads)
+        if errors:
+            raise errors[0]
         return results
     finally:
         if own and executor is not None:

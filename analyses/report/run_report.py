@@ -6,9 +6,9 @@ applies to the run with `tables(ctx)` and `figures(ctx, tables)`, and lays them 
 `analyses.report.page.assemble`: ONE file that opens offline. A section whose analysis fails shows the
 error in place and the others are still written; `Report.errors` lists the failures.
 
-With `workers=2` (the default where two cores are free) the sections in `PARALLEL` (the SGLD
-sampler, whose chains run in two processes of their own, and the attribution sweeps) are computed
-each in a process of its own while this one computes the rest. Expensive per-checkpoint measurements (the LLC) are cached in the run directory
+With `workers=2` (the default where two cores are free) the attribution sweeps (`PARALLEL`) are
+computed in a process of their own and the LLC (`THREADED`) in a thread of this one, its chains
+spread over this process and a spawned one, while this process computes the rest. Expensive per-checkpoint measurements (the LLC) are cached in the run directory
 (`analyses.base.store`), so a second report reuses them.
 
 `quick=True` shrinks batches, step counts and samplers for tests and smoke checks.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import html
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +28,12 @@ from analyses.base.registry import Analysis, applicable
 from analyses.report.page import Report, Result, Section, assemble, run_section
 from mechlrmc.runs import Run
 
-PARALLEL = ("llc", "attribution")  # each computed in a process of its own when workers > 1
+PARALLEL = ("attribution",)  # each computed in a process of its own when workers > 1
+
+
+# computed in a thread of this process when workers > 1: the LLC's chains run in lanes of their own
+# (this process and spawned ones, `analyses.llc.chains`), so its thread mostly waits on them
+THREADED = ("llc",)
 
 
 def section(analysis: Analysis) -> Section:
@@ -73,16 +78,25 @@ def build_report(
                   options={"workers": workers})  # the processes a section's own pool may use (the LLC's chains)
     sections = [section(a) for a in applicable(ctx)]
     remote = [s.key for s in sections if s.key in PARALLEL] if workers > 1 else []
-    local = [s for s in sections if s.key not in remote]
-    with ProcessPoolExecutor(len(remote), mp_context=get_context("spawn")) if remote else nullcontext() as pool:
-        if remote:
-            import torch
+    threaded = [s for s in sections if s.key in THREADED] if workers > 1 else []
+    local = [s for s in sections if s.key not in remote and s not in threaded]
+    import torch
 
-            futures = [pool.submit(_worker, str(run.path), [key], quick, device, torch.get_num_threads(), family,
-                                   interventions) for key in remote]
-        results = {s.key: run_section(s, ctx) for s in _progress(local, progress)}
-        for future in futures if remote else []:
-            results.update(future.result())
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)  # one core per lane: this process, the attribution's, the LLC's chains
+    try:
+        with ProcessPoolExecutor(len(remote), mp_context=get_context("spawn")) if remote else nullcontext() as pool, \
+                ThreadPoolExecutor(len(threaded)) if threaded else nullcontext() as beside_pool:
+            futures = [pool.submit(_worker, str(run.path), [key], quick, device, 1, family, interventions)
+                       for key in remote]
+            beside = {s.key: beside_pool.submit(run_section, s, ctx) for s in threaded}
+            results = {s.key: run_section(s, ctx) for s in _progress(local, progress)}
+            for future in futures:
+                results.update(future.result())
+            results.update({key: future.result() for key, future in beside.items()})
+    finally:
+        torch.set_num_threads(threads)
     intro = (f"Run directory <code>{html.escape(str(run.path))}</code>{' (quick mode)' if quick else ''}. "
              "Each section names the finding it reproduces (docs/FINDINGS.md).")
     return assemble(f"mechlrmc report: {run.path.name}", intro, sections, ctx, progress=False, results=results)
