@@ -55,9 +55,10 @@ WORKERS = 2  # processes for the report's chains (a context's option "workers" o
 
 
 def _own_model(ctx, step: int):
-    """A copy of the model at `step` that only the sampler touches: the report computes this section
-    in a thread beside others, whose hooks on the context's shared models must not reach the chains."""
-    return ctx.run.load_model(step, device=ctx.device)
+    """The model at `step` for the sampler: a copy of its own where the report computes this section
+    in a thread beside others (whose hooks on the context's shared models must not reach the chains),
+    else the context's (loaded once)."""
+    return ctx.run.load_model(step, device=ctx.device) if _workers(ctx) > 1 else ctx.model(step)
 
 
 def _workers(ctx) -> int:
