@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,31 @@ REFERENCE_RUN = ROOT / "checkpoints" / "cpu"
 REFERENCE_ISA = "AVX512"
 
 torch.set_num_threads(1)  # the test models are tiny; one thread is fastest and deterministic
+
+
+def execute_notebook(path: Path, env: dict[str, str]):
+    """Runs every cell of the notebook at `path` with the python3 kernel of this interpreter, the
+    kernel started with `env` added to this process's environment; returns the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, kernel_name="python3", timeout=600,
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+    return nb
+
+
+def notebook_errors(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Early warnings of the drop: milestones and leads on planted trajectories, the family count, the
-top Hessian eigenvalue and the component norms on cases with a known answer."""
+"""Early warnings of the drop: milestones and leads (in steps and in plateau lengths) on planted
+trajectories, the family count, the top Hessian eigenvalue and the component norms on cases with a
+known answer."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def test_a_ramp_before_the_drop_leads_it_by_the_planted_steps():
     assert marks.loc["ramp", "step_50"] == 150 and marks.loc["ramp", "lead_50"] == 100
     assert marks.loc["late", "step_10"] == 260 and marks.loc["late", "lead_10"] == -10
     assert marks.loc["ramp", "change"] == pytest.approx(1.0)
+
+
+def test_the_lead_in_plateau_units_is_the_planted_fraction_of_the_plateau():
+    """Two runs whose plateaus differ in length (100 to 300, 0 to 400): a measure that covers half its
+    change halfway through each plateau leads by 100 and 200 steps, and by 0.5 plateau in both."""
+    short = np.clip((STEPS - 150) / 100, 0, 1)  # half its change at step 200, midway from 100 to 300
+    marks = milestones(_trajectory(ramp=short), drop_step=300, plateau_start=100).set_index("measure")
+    assert marks.loc["ramp", "step_50"] == 200 and marks.loc["ramp", "lead_50"] == 100
+    assert marks.loc["ramp", "lead_50_plateau"] == pytest.approx(0.5)
+    assert marks.loc["ramp", "lead_10_plateau"] == pytest.approx(140 / 200)  # 10 % at step 160
+    per_run = pd.concat([marks.reset_index().assign(run="short"),
+                         milestones(_trajectory(ramp=short), drop_step=400, plateau_start=0).assign(run="long")],
+                        ignore_index=True)
+    assert per_run.lead_50.tolist() == [100, 200] and per_run.lead_50_plateau.tolist() == pytest.approx([0.5, 0.5])
+    row = early_warning_table(per_run).set_index("measure").loc["ramp"]
+    assert row.lead_50_plateau_median == pytest.approx(0.5) and row.lead_50_plateau_max == pytest.approx(0.5)
+    assert row.lead_10_plateau_min == pytest.approx(240 / 400) and row.lead_10_plateau_max == pytest.approx(0.7)
+    assert row.lead_50_median == 150  # the steps' columns stay
+    unknown = milestones(_trajectory(ramp=short), drop_step=300).set_index("measure")  # no plateau start
+    assert unknown.loc["ramp", "lead_50"] == 100 and np.isnan(unknown.loc["ramp", "lead_50_plateau"])
 
 
 def test_a_measure_that_wanders_and_comes_back_has_not_moved_yet():

@@ -328,9 +328,14 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     from analyses.base.registry import ANALYSES, get
     from analyses.report.run_report import build_report
 
+    from conftest import execute_notebook, notebook_errors
+
     torch.set_num_threads(1)
-    out = tmp_path / "mingpt8"
-    ex.train(out, steps=180, length=8, eval_every=10)
+    # notebooks/06_your_own_loop trains and records this run (ex.train(out, steps=180, length=8,
+    # eval_every=10) in a fresh temporary folder): run it, then report on the run it recorded
+    nb = execute_notebook(ROOT / "notebooks" / "06_your_own_loop.ipynb", {"TMPDIR": str(tmp_path)})
+    assert notebook_errors(nb) == []
+    (out,) = tmp_path.glob("*/mingpt8")
     report = build_report(Run(out), quick=True, workers=1, progress=False)
     assert report.errors == {}
     ctx = report.context

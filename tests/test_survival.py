@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from analyses.family.figures import plot_scaling, plot_survival
-from analyses.family.survival import drop_survival, k_of_n, logrank, median_drop, scaling_exponent
+from analyses.family.survival import (drop_survival, k_of_n, logrank, median_drop, power_law_check, scaling_exponent,
+                                      scaling_exponents)
 
 NAN = math.nan
 
@@ -126,8 +127,6 @@ def test_plots_draw_one_group_per_setting():
 
 
 def test_power_law_check_accepts_a_planted_power_law_and_rejects_a_step():
-    from analyses.family.survival import power_law_check
-
     rng = np.random.default_rng(3)
     lengths = np.repeat([8, 12, 16, 24], 8)
     power = pd.DataFrame({"L": lengths, "drop_step": 10 * lengths ** 1.5 * np.exp(rng.normal(0, 0.1, len(lengths))),
@@ -137,3 +136,134 @@ def test_power_law_check_accepts_a_planted_power_law_and_rejects_a_step():
     jump = power.assign(drop_step=steps)
     check = power_law_check(jump, "L").iloc[0]
     assert check.p_value < 1e-3 and check.dof == 2 and abs(np.log(check.worst_median_ratio)) > 0.3
+
+
+def _two_variable_family(seed: int = 0, runs: int = 6, limit: float = 200.0, noise: str = "lognormal") -> pd.DataFrame:
+    """Drop steps with median 30 L^0.5 d^-0.3 over L in 4..32 and d in 16..64, `runs` per setting,
+    times log-normal noise (sd 0.2 in log) or Weibull noise (shape 5); those above `limit`
+    censored there."""
+    rng = np.random.default_rng(seed)
+    grid = pd.MultiIndex.from_product([[4, 8, 16, 32], [16, 32, 64]], names=["data.length", "model.d_model"])
+    family = grid.repeat(runs).to_frame(index=False)
+    spread = (rng.lognormal(0, 0.2, len(family)) if noise == "lognormal"
+              else (rng.exponential(size=len(family)) / math.log(2)) ** 0.2)
+    t = 30 * family["data.length"] ** 0.5 * family["model.d_model"] ** -0.3 * spread
+    return family.assign(drop_step=np.where(t < limit, t, NAN), final_step=limit)
+
+
+@pytest.mark.parametrize("model", ["weibull", "lognormal"])
+def test_joint_fit_recovers_both_planted_exponents_under_censoring(model):
+    family = _two_variable_family(seed=1, limit=50.0, noise=model)  # seeds 0-7: 30 of 32 intervals cover the truth
+    fits = scaling_exponents(family, ["data.length", "model.d_model"], model).set_index("variable")
+    assert fits.censored.iloc[0] > 5 and (fits.fit == "ok").all()
+    for variable, planted in (("data.length", 0.5), ("model.d_model", -0.3)):
+        assert fits.ci_low[variable] < planted < fits.ci_high[variable]
+    assert fits.ci_high["model.d_model"] < 0 < fits.ci_low["data.length"]
+    fig = plot_scaling(family, ["data.length", "model.d_model"], fits.reset_index())
+    assert len([t for t in fig.data if t.mode == "lines"]) == 3  # the joint law at each width
+    assert f"data.length^{fits.exponent['data.length']:.2f}" in fig.layout.title.text
+    assert f"model.d_model^{fits.exponent['model.d_model']:.2f}" in fig.layout.title.text
+    one = scaling_exponent(family[family["model.d_model"] == 32], "data.length", model).iloc[0]
+    assert one.fit == "ok" and one.ci_low < 0.5 < one.ci_high  # the one-variable API, with its fit column
+
+
+def _no_png(monkeypatch):
+    """The figures' PNGs are not exported (kaleido starts a browser: seconds); the HTML is written."""
+    import plotly.graph_objects as go
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no PNG in the tests")
+
+    monkeypatch.setattr(go.Figure, "write_image", refuse)
+
+
+def test_scaling_command_with_two_levels_says_the_check_needs_three(tmp_path, capsys, monkeypatch):
+    from mechlrmc.cli import main
+
+    _no_png(monkeypatch)
+    family = _two_variable_family(runs=3)
+    family = family[family["data.length"].isin([4, 8]) & (family["model.d_model"] == 32)]
+    (tmp_path / "fam").mkdir()
+    family.to_csv(tmp_path / "fam" / "family_summary.csv", index=False)  # a shipped table, no runs
+    out = tmp_path / "out"
+    assert main(["analyze", "scaling", str(tmp_path / "fam"), "--by", "data.length", "-o", str(out),
+                 "--power-reps", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("power-law check for data.length: needs three levels, the family has 2") == 1
+    assert {"scaling.csv", "median_drop.csv", "logrank.csv", "power_law.csv"} <= {p.name for p in out.iterdir()}
+    assert len(pd.read_csv(out / "scaling.csv")) == 2
+    assert pd.read_csv(out / "power_law.csv").p_value.isna().all()
+
+
+def test_a_penalised_or_unconverged_fit_is_named_in_the_row(monkeypatch):
+    """The fallback and lifelines' warnings reach the `fit` column. Runs that drop almost together
+    make the unpenalised fit fail only now and then (it depends on the optimiser's path), so the
+    failure is planted in the fitter: unpenalised it does not converge; another warns."""
+    import warnings
+
+    import lifelines
+    from lifelines.exceptions import ConvergenceError, ConvergenceWarning
+
+    class Stiff(lifelines.WeibullAFTFitter):
+        def fit(self, *args, **kwargs):
+            if not self.penalizer:
+                raise ConvergenceError("the Weibull shape runs off")
+            return super().fit(*args, **kwargs)
+
+    class Warned(lifelines.LogNormalAFTFitter):
+        def fit(self, *args, **kwargs):
+            warnings.warn("Newton-Raphson did not converge", ConvergenceWarning)
+            return super().fit(*args, **kwargs)
+
+    monkeypatch.setattr(lifelines, "WeibullAFTFitter", Stiff)
+    monkeypatch.setattr(lifelines, "LogNormalAFTFitter", Warned)
+    family = _power_law_family()
+    penalised = scaling_exponent(family, "length", "weibull").iloc[0]
+    assert penalised.fit == "penalised (0.001)" and penalised.ci_low < 1.5 < penalised.ci_high
+    assert scaling_exponent(family, "length", "lognormal").fit.iloc[0] == "not converged"
+    check = power_law_check(family, "length", "lognormal").iloc[0]
+    assert check.fit == "power law: not converged; free levels: not converged"
+
+
+def test_a_setting_where_no_run_drops_is_flagged_and_fitted_censored(tmp_path, capsys, monkeypatch):
+    from mechlrmc.cli import main
+
+    _no_png(monkeypatch)
+    family = _two_variable_family(runs=3)
+    never = (family["data.length"] == 32) & (family["model.d_model"] == 16)
+    family.loc[never, "drop_step"] = NAN  # censored at the limit, 200
+    medians = median_drop(family, ["data.length", "model.d_model"])
+    assert medians.none_dropped.tolist() == [False] * 9 + [True, False, False]
+    (tmp_path / "fam").mkdir()
+    family.to_csv(tmp_path / "fam" / "family_summary.csv", index=False)
+    assert main(["analyze", "scaling", str(tmp_path / "fam"), "--by", "data.length", "model.d_model",
+                 "-o", str(tmp_path / "out"), "--power-reps", "20"]) == 0
+    assert "no run dropped at data.length=32, model.d_model=16" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "out" / "median_drop.csv").none_dropped.sum() == 1
+    fits = pd.read_csv(tmp_path / "out" / "scaling.csv")  # both models fitted, the three runs censored
+    assert len(fits) == 4 and (fits.censored == 3).all() and (fits.n == 36).all() and (fits.fit == "ok").all()
+
+
+def test_fast_likelihood_ratio_is_lifelines_and_the_power_simulation_separates_law_from_break():
+    from analyses.family.scaling_power import _designs, max_loglik, power_law_power
+    from analyses.family.survival import power_law_checks, run_durations
+
+    family = _two_variable_family(limit=40.0)
+    variables = ["data.length", "model.d_model"]
+    runs = run_durations(family)
+    y, dropped = np.log(runs.duration.to_numpy())[None], runs.dropped.to_numpy()[None]
+    for model in ("weibull", "lognormal"):
+        checks = power_law_checks(family, variables, model).set_index("variable")
+        for variable in variables:
+            power, free = _designs(runs, variables, variable)
+            statistic = 2 * (max_loglik(y, dropped, free, model) - max_loglik(y, dropped, power, model))[0]
+            assert statistic == pytest.approx(checks.lr_statistic[variable], rel=1e-3, abs=1e-4)
+
+    design = pd.DataFrame({"L": np.repeat([4, 8, 16, 32], 12)})  # 6 per level: 7-11 %, chi-squared is optimistic
+    law = pd.DataFrame({"variable": ["L"], "model": ["lognormal"], "exponent": [0.5], "prefactor": [30.0],
+                        "sigma": [0.2]})
+    true = power_law_power(design, "L", law, limit=250, reps=400, seed=1)
+    broken = power_law_power(design, "L", law, limit=250, bump=1.3, reps=400, seed=1)
+    assert true["change"] == "none" and 0.01 < true["rejected"] < 0.1  # alpha = 0.05, loosely
+    assert broken["change"] == "median x1.3 at L=16" and broken["rejected"] > 0.6
+    assert 0 < true["censored"] < 0.1

@@ -190,13 +190,14 @@ ANALYSES: list[Analysis] = [
            "every checkpoint.", "plateau.adapters", requires=("generation",), steps="all"),
     _entry("learning_times", "Learning times of the outputs", "P4",
            "Each output position's score (a token task: greedy accuracy; LRMC: 1 - masked MSE / copy-and-zero) "
-           "across the checkpoints, fitted with a logistic curve: its onset and width, positions that do not fit "
-           "named as such. Does the model learn all outputs at once, or in order?", "plateau.adapters",
+           "across the checkpoints: the two checkpoints that bracket its change, and a logistic curve's onset and "
+           "width where checkpoints lie inside the rise; positions that do not fit named as such. Does the model "
+           "learn all outputs at once, or in order?", "plateau.adapters",
            requires=("position_scores",), steps="all"),
     _entry("early_warning", "Early warnings of the drop", "P3",
            "Every trajectory measure (attention progress per head, collapse, repetition, weight and gradient norms "
            "per component, the top Hessian eigenvalue, the essential dynamics) against the drop: the step at which "
-           "it has covered 10 % and 50 % of its change, and its lead over the drop.", "plateau.adapters",
+           "it has covered 10 % and 50 % of its change, and its lead over the drop, in steps and in plateau lengths.", "plateau.adapters",
            steps="all", options=(Option("--hessian", "also the top Hessian eigenvalue at every checkpoint (slow; "
                                         "default no; the family report has it)", str, choices=("yes", "no")),)),
     _entry("interventions", "Attention intervention", "P5, finding 11",

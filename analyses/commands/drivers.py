@@ -4,14 +4,21 @@
         the component-wise training sweep (finding 10): OUT/freeze/<set>/ runs, freeze.csv, freeze.html
     mechlrmc analyze intervention --scales 0.5 1 2 4 [--preset cpu] [--train-steps N] [-o OUT]
         one run per attention scale c (P5): intervention.csv/.html (plateau length against c)
-    mechlrmc analyze commitment RUN [RUN ...] --at 50 100 150 [--branches 6] [--limit N] [--tol T] [-o OUT]
+    mechlrmc analyze commitment RUN [RUN ...] --at 0 10 25 50 [--branches 8] [--between-sd X | --family F] [-o OUT]
         branches of each run from its kept states (`analyses.family.commitment`), trained as a sweep
-        in OUT/<run name>/; OUT/commitment.csv (per run and branching step), commitment_branches.csv,
-        commitment.html
-    mechlrmc analyze scaling FAMILY --by data.length [-o OUT]
-        the plateau's scaling law over a numeric grid variable of a family (`analyses.family.survival`):
-        family_summary.csv, survival.csv, median_drop.csv, logrank.csv, scaling.csv (Weibull and
-        log-normal AFT exponents), power_law.csv (does a power law fit), scaling.html/.png, survival.html/.png
+        in OUT/<run name>/; OUT/commitment.csv (per run and branching step, with the run's verdict:
+        sealed between steps a and b / by a (upper bound) / not by b), commitment_branches.csv,
+        commitment.html; `--branches-csv FILE` redoes the tables from a commitment_branches.csv
+    mechlrmc analyze scaling FAMILY --by data.length [model.d_model ...] [--power-reps N] [-o OUT]
+        the plateau's scaling law over numeric grid variables of a family (`analyses.family.survival`),
+        their exponents fitted jointly: family_summary.csv, survival.csv, median_drop.csv, logrank.csv,
+        scaling.csv (Weibull and log-normal AFT exponents), power_law.csv (does a power law fit),
+        power_law_power.csv (what that check could have seen: `analyses.family.scaling_power`),
+        scaling.html/.png, survival.html/.png
+    mechlrmc analyze variance FAMILY --factors train.seed train.data_seed [--reps N] [-o OUT]
+        init or data: the variance of the log drop step of a crossed family split between the factors
+        and their residual (`analyses.family.variance`, statsmodels MixedLM): variance.csv,
+        family_summary.csv, variance.html/.png (the drop steps in the grid, the shares)
     mechlrmc freeze-train RUN --components attn --out DIR [--init init|S] [--reference S]
 OUT defaults to out/<run name> (out/intervention for the intervention driver).
 """
@@ -87,35 +94,71 @@ def _commitment(args: argparse.Namespace) -> int:
 
     from analyses.family import commitment as cm
     from analyses.family.figures import plot_commitment
+    from mechlrmc.errors import OptionError, UsageError
+
+    if bool(args.branches_csv) == bool(args.runs) or bool(args.runs) != bool(args.at):
+        raise UsageError("analyze commitment: allowed RUN [RUN ...] --at S1 S2 ... (train the branches) "
+                         "or --branches-csv FILE (re-analyse a commitment_branches.csv)")
+    for flag, value in (("--between-sd", args.between_sd), ("--tol", args.tol)):
+        if value is not None and not 0 < value < float("inf"):
+            raise OptionError(f"{flag} {value} is invalid: allowed a number of steps > 0")
+    between_sd = args.between_sd
+    if args.family:
+        between_sd = cm.between_seed_sd(_family_summary(Path(args.family)))
+    out = Path(args.out or "out/commitment")
+    if args.branches_csv:
+        if between_sd is None and args.tol is None:
+            raise UsageError("--branches-csv without --between-sd or --family needs --tol T (the absolute criterion)")
+        branches, tol = pd.read_csv(args.branches_csv), args.tol
+    else:
+        branches, tol = _train_branches(args, out)
+    table = cm.commitment_tables(branches, between_sd, tol)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "commitment.csv", index=False)
+    if not args.branches_csv:
+        branches.to_csv(out / "commitment_branches.csv", index=False)
+    _save(plot_commitment(branches, table), out / "commitment.html")
+    print(table.drop(columns=["criterion", "verdict"]).to_string(index=False))
+    print(f"criterion: {table.criterion.iloc[0]}")
+    for name, part in table.groupby("run", sort=False):
+        print(f"{name}: {part.verdict.iloc[0]}")
+    return 0
+
+
+def _family_summary(path: Path):
+    """--family: a family_summary.csv, a folder holding one, or a sweep directory (summarised)."""
+    import pandas as pd
+
+    from analyses.family.summary import summary_table
+
+    return summary_table(path) if path.is_dir() else pd.read_csv(path)
+
+
+def _train_branches(args: argparse.Namespace, out: Path):
+    """Each run's branches (`--at`, `--branches`) trained as a sweep in OUT/<run name>/: one row per
+    branch with its parent's name, seed and drop step; and each parent's absolute tolerance."""
+    import pandas as pd
+
+    from analyses.family import commitment as cm
     from analyses.plateau.phases import detect_phases
     from mechlrmc.runs import Run
     from mechlrmc.sweep import sweep
     from mechlrmc.trials import SweepSpec
 
     runs = [Run(r) for r in args.runs]
-    specs = [SweepSpec.from_dict(cm.branch_spec(r, args.at, args.branches, args.limit, args.stop_below))
+    count = cm.BRANCHES if args.branches is None else args.branches
+    specs = [SweepSpec.from_dict(cm.branch_spec(r, args.at, count, args.limit, args.stop_below))
              for r in runs]  # every bad option before anything trains
-    out = Path(args.out or "out/commitment")
-    tables, branches = [], []
+    branches, tols = [], {}
     for run, spec in zip(runs, specs):
         folder = out / run.path.name
         sweep(spec, folder, address=args.address, progress=not args.quiet)
-        summary = cm.branch_summary(folder)
         phases = detect_phases(run).iloc[0]
-        tol = args.tol or cm.default_tolerance(run)
-        table = cm.commitment_table(summary, phases.drop_step if phases.dropped else float("nan"), tol)
-        ident = {"run": run.path.name, "seed": run.config.train.seed}
-        tables.append(table.assign(**ident)[[*ident, *table.columns]])
-        branches.append(summary.assign(parent=run.path.name))
-    table, branch_rows = pd.concat(tables, ignore_index=True), pd.concat(branches, ignore_index=True)
-    table.to_csv(out / "commitment.csv", index=False)
-    branch_rows.to_csv(out / "commitment_branches.csv", index=False)
-    _save(plot_commitment(branch_rows, table), out / "commitment.html")
-    print(table.drop(columns=["tolerance"]).to_string(index=False))
-    for name, part in table.groupby("run", sort=False):
-        point = cm.commitment_point(part)
-        print(f"{name}: fate sealed from step {point:g}" if point == point else f"{name}: never sealed")
-    return 0
+        branches.append(cm.branch_summary(folder).assign(
+            parent=run.path.name, parent_seed=run.config.train.seed,
+            parent_drop_step=phases.drop_step if phases.dropped else float("nan")))
+        tols[run.path.name] = args.tol or cm.default_tolerance(run)
+    return pd.concat(branches, ignore_index=True), tols
 
 
 def _scaling(args: argparse.Namespace) -> int:
@@ -123,31 +166,37 @@ def _scaling(args: argparse.Namespace) -> int:
 
     from analyses.family import survival
     from analyses.family.figures import plot_scaling, plot_survival
-    from analyses.family.summary import family_summary
+    from analyses.family.scaling_power import power_law_power_table
     from mechlrmc.errors import OptionError
 
-    summary = family_summary(args.family)
-    if args.by not in summary:
-        raise OptionError(f"--by {args.by!r} is not a varied key of {args.family}: allowed "
+    family = Path(args.family)
+    summary = _family_summary(family)  # a shipped family table without its runs is re-analysable
+    missing = [v for v in args.by if v not in summary]
+    if missing:
+        raise OptionError(f"--by {missing} not varied keys of {args.family}: allowed "
                           f"{[c for c in summary.columns if '.' in c]}")
-    out = Path(args.out or f"out/{Path(args.family).name}")
+    if args.power_reps < 1:
+        raise OptionError(f"--power-reps {args.power_reps} is invalid: allowed an integer >= 1")
+    out = Path(args.out or f"out/{family.name}")
     out.mkdir(parents=True, exist_ok=True)
     fits, checks = [], []
     for model in survival.MODELS:  # a model that does not converge on these drop times is named and left out
         try:
-            fits.append(survival.scaling_exponent(summary, args.by, model))
-            checks.append(survival.power_law_check(summary, args.by, model))
+            fits.append(survival.scaling_exponents(summary, args.by, model))
         except ValueError as e:
             print(f"{model}: {e}")
+            continue
+        checks.append(survival.power_law_checks(summary, args.by, model))
     if not fits:
         raise OptionError(f"no AFT model converges on the drop times of {args.family}")
-    fits = pd.concat(fits, ignore_index=True)
+    fits, checks = pd.concat(fits, ignore_index=True), pd.concat(checks, ignore_index=True)
     tables = {"family_summary": summary, "survival": survival.drop_survival(summary, args.by),
               "median_drop": survival.median_drop(summary, args.by), "logrank": survival.logrank(summary, args.by),
-              "scaling": fits, "power_law": pd.concat(checks, ignore_index=True)}
+              "scaling": fits, "power_law": checks,
+              "power_law_power": power_law_power_table(summary, args.by, fits, reps=args.power_reps)}
     for name, frame in tables.items():
         frame.to_csv(out / f"{name}.csv", index=False)
-    best = fits.sort_values("aic").iloc[0]
+    best = fits[fits.model == fits.sort_values("aic").model.iloc[0]]
     figures = {"scaling": plot_scaling(summary, args.by, best), "survival": plot_survival(tables["survival"])}
     for name, fig in figures.items():
         _save(fig, out / f"{name}.html")
@@ -156,9 +205,43 @@ def _scaling(args: argparse.Namespace) -> int:
         except Exception as e:  # kaleido (a headless browser) missing or failing: the HTML is written
             print(f"{name}.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     print(survival.k_of_n(summary))
-    print(tables["median_drop"].drop(columns="setting").to_string(index=False))
+    medians = tables["median_drop"]
+    print(medians.drop(columns="setting").to_string(index=False))
+    for setting in medians.setting[medians.none_dropped]:
+        print(f"no run dropped at {setting}: its runs enter the fits censored at their last step")
     print(fits.to_string(index=False))
-    print(tables["power_law"].to_string(index=False))
+    for note in dict.fromkeys(checks.note[checks.note != ""]):
+        print(note)
+    for table in (checks.dropna(subset=["p_value"]).drop(columns="note"), tables["power_law_power"]):
+        if len(table):
+            print(table.to_string(index=False))
+    return 0
+
+
+def _variance(args: argparse.Namespace) -> int:
+    from analyses.family.figures import plot_drop_variance
+    from analyses.family.summary import summary_table
+    from analyses.family.variance import drop_variance, variance_verdict
+    from mechlrmc.errors import OptionError
+
+    if args.reps < 20:
+        raise OptionError(f"--reps {args.reps} is invalid: allowed an integer >= 20 (bootstrap families per interval)")
+    summary = summary_table(args.family)
+    out = Path(args.out or f"out/{Path(args.family).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"fitting {len(summary)} runs, then {args.reps} bootstrap families ...")
+    table = drop_variance(summary, args.factors, reps=args.reps)
+    summary.to_csv(out / "family_summary.csv", index=False)
+    table.to_csv(out / "variance.csv", index=False)
+    if len(args.factors) == 2:
+        fig = plot_drop_variance(summary, args.factors, table)
+        _save(fig, out / "variance.html")
+        try:
+            fig.write_image(out / "variance.png", width=1000, height=460, scale=1.5)
+        except Exception as e:  # kaleido (a headless browser) missing or failing: the HTML is written
+            print(f"variance.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    print(table.drop(columns=["model"]).to_string(index=False))
+    print(variance_verdict(table))
     return 0
 
 
@@ -190,13 +273,22 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.set_defaults(func=_intervention)
 
     p = analyze.add_parser("commitment", help="when is a run's drop step sealed? branches that differ only in data")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="runs trained with train.keep_states")
-    p.add_argument("--at", nargs="+", type=int, required=True, help="branching steps (kept states of each run)")
-    p.add_argument("--branches", type=int, default=6, help="branches per step (data seeds 1..K; default 6)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="runs trained with train.keep_states")
+    p.add_argument("--at", nargs="+", type=int, help="branching steps (kept states of each run; 0 too)")
+    p.add_argument("--branches", type=int, help="branches per step (data seeds 1..K; default 8)")
     p.add_argument("--limit", type=int, help="last step of a branch that has not dropped (default: the run's steps)")
     p.add_argument("--stop-below", type=float, help="phase metric at which a branch has dropped and stops "
                                                     "(default: half-way between plateau and end, log scale)")
-    p.add_argument("--tol", type=float, help="spread (sd of drop steps) of a sealed fate (default: 2 eval intervals)")
+    p.add_argument("--branches-csv", metavar="FILE", help="re-analyse a commitment_branches.csv instead of training "
+                                                          "(no RUN, no --at)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--between-sd", type=float, metavar="STEPS",
+                       help="sd of the drop step between init seeds: sealed where the branches' sd is at most "
+                            "a quarter of it (upper end of its bootstrap interval)")
+    scale.add_argument("--family", metavar="PATH", help="family_summary.csv (or its folder) of init seeds x data "
+                                                        "seeds: between-sd = sd of the init seeds' mean drop steps")
+    p.add_argument("--tol", type=float, help="without --between-sd/--family: the absolute criterion, spread "
+                                             "(sd of drop steps) <= T (default: 2 eval intervals of the run)")
     p.add_argument("-o", "--out", help="output folder (default out/commitment)")
     p.add_argument("--address", help="Ray cluster address for the branches (default: $RAY_ADDRESS, else a private "
                                      "local instance)")
@@ -204,10 +296,21 @@ def register(top: argparse._SubParsersAction, analyze: argparse._SubParsersActio
     p.set_defaults(func=_commitment)
 
     p = analyze.add_parser("scaling", help="the plateau's scaling law over a grid variable of a family (survival)")
-    p.add_argument("family", help="a sweep directory (or a folder of runs)")
-    p.add_argument("--by", required=True, help="the numeric grid key, e.g. data.length")
+    p.add_argument("family", help="a sweep directory, a folder of runs, or a folder with only a family_summary.csv")
+    p.add_argument("--by", nargs="+", required=True, help="the numeric grid key(s), e.g. data.length model.d_model "
+                                                          "(two or more: their exponents fitted jointly)")
     p.add_argument("-o", "--out", help="output folder (default out/<family name>)")
+    p.add_argument("--power-reps", type=int, default=1000, help="planted families per case of power_law_power.csv "
+                                                                  "(default 1000)")
     p.set_defaults(func=_scaling)
+
+    p = analyze.add_parser("variance", help="init or data: the drop step's variance split between the factors "
+                                            "of a crossed family")
+    p.add_argument("family", help="a sweep directory, or a folder with its family_summary.csv")
+    p.add_argument("--factors", nargs="+", required=True, help="varied keys, e.g. train.seed train.data_seed")
+    p.add_argument("--reps", type=int, default=300, help="bootstrap families behind each interval (default 300)")
+    p.add_argument("-o", "--out", help="output folder (default out/<family name>)")
+    p.set_defaults(func=_variance)
 
     p = top.add_parser("freeze-train", help="train only some components, the rest fixed at a checkpoint")
     p.add_argument("run")

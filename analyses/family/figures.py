@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, qualitative
 from plotly.subplots import make_subplots
 
+from analyses.family.commitment import commitment_bracket
 from analyses.family.summary import RunsLike, family_runs, family_summary, setting_label, varied_keys
 from analyses.family.survival import run_durations, k_of_n
 
@@ -130,41 +131,55 @@ def plot_survival(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def plot_scaling(summary: pd.DataFrame, variable: str, fit: pd.DataFrame | pd.Series) -> go.Figure:
-    """Drop step against `variable` on log-log axes: a filled marker per run that dropped, an open
-    one at the censoring step (its last step) per run that did not, and the fitted median
-    power law of `scaling_exponent` with its exponent and 95 % CI."""
-    fit = fit.iloc[0] if isinstance(fit, pd.DataFrame) else fit
+def plot_scaling(summary: pd.DataFrame, variables: str | list[str], fit: pd.DataFrame | pd.Series) -> go.Figure:
+    """Drop step against the first of `variables` on log-log axes: a filled marker per run that
+    dropped, an open one at the censoring step (its last step) per run that did not, and the fitted
+    median power law of `scaling_exponents` (`fit`: one model's rows, one per variable) with its
+    exponents and 95 % CIs. With several variables, one colour per setting of the others, each with
+    the joint power law at that setting."""
+    variables = [variables] if isinstance(variables, str) else list(variables)
+    fit = (fit.to_frame().T if isinstance(fit, pd.Series) else fit).set_index("variable").loc[variables]
     runs = run_durations(summary)
+    x, others = variables[0], variables[1:]
+    exponent, prefactor = fit.exponent.astype(float), float(fit.prefactor.iloc[0])
+    grid = np.geomspace(runs[x].min(), runs[x].max(), 50)
     fig = go.Figure()
-    for dropped, name, symbol, color in ((True, "dropped (at its drop step)", "circle", qualitative.D3[0]),
-                                         (False, "censored (no drop by its last step)", "circle-open",
-                                          qualitative.D3[3])):
-        part = runs[runs.dropped == dropped]
-        if len(part):
-            fig.add_scatter(x=part[variable], y=part.duration, mode="markers", name=f"{name}: {len(part)} runs",
-                            marker=dict(symbol=symbol, size=8 if dropped else 11, opacity=0.7 if dropped else 1,
-                                        color=color, line=dict(width=2, color=color)))
-    grid = np.geomspace(runs[variable].min(), runs[variable].max(), 50)
-    label = (f"{fit.model} AFT median: {fit.prefactor:.3g} · {variable}^{fit.exponent:.2f} "
-             f"(95% CI {fit.ci_low:.2f} to {fit.ci_high:.2f})")
-    fig.add_scatter(x=grid, y=fit.prefactor * grid ** fit.exponent, mode="lines", name=label,
-                    line=dict(color=qualitative.D3[1], width=2.5))
-    fig.update_layout(title=f"Plateau length ~ {variable}^{fit.exponent:.2f} "
-                            f"[{fit.ci_low:.2f}, {fit.ci_high:.2f}] ({k_of_n(summary)})",
-                      xaxis=dict(title=variable, type="log", tickvals=log_ticks(runs[variable])),
+    for i, (values, part) in enumerate(runs.groupby(others, sort=True) if others else [((), runs)]):
+        setting = ", ".join(f"{k}={v:g}" for k, v in zip(others, values))
+        prefix = f"{setting}: " if others else ""
+        colors = (qualitative.D3[i % 10],) * 3 if others else (qualitative.D3[0], qualitative.D3[3], qualitative.D3[1])
+        for dropped, name, symbol, color in ((True, "dropped (at its drop step)", "circle", colors[0]),
+                                             (False, "censored (no drop by its last step)", "circle-open", colors[1])):
+            rows = part[part.dropped == dropped]
+            if len(rows):
+                fig.add_scatter(x=rows[x], y=rows.duration, mode="markers", name=f"{prefix}{name}: {len(rows)} runs",
+                                legendgroup=setting, marker=dict(symbol=symbol, size=8 if dropped else 11,
+                                                                 opacity=0.7 if dropped else 1, color=color,
+                                                                 line=dict(width=2, color=color)))
+        at = prefactor * math.prod(v ** exponent[k] for k, v in zip(others, values))
+        label = (f"{prefix}{fit.model.iloc[0]} AFT median: {at:.3g} · {x}^{exponent[x]:.2f} "
+                 f"(95% CI {fit.ci_low[x]:.2f} to {fit.ci_high[x]:.2f})")
+        fig.add_scatter(x=grid, y=at * grid ** exponent[x], mode="lines", name=label, legendgroup=setting,
+                        line=dict(color=colors[2], width=2.5))
+    law = " · ".join(f"{v}^{exponent[v]:.2f} [{fit.ci_low[v]:.2f}, {fit.ci_high[v]:.2f}]" for v in variables)
+    fig.update_layout(title=f"Plateau length ~ {law} ({k_of_n(summary)})",
+                      xaxis=dict(title=x, type="log", tickvals=log_ticks(runs[x])),
                       yaxis=dict(title="drop step", type="log", tickvals=log_ticks(runs.duration)),
                       template="plotly_white", legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"))
     return fig
 
 
 def plot_commitment(branches: pd.DataFrame, table: pd.DataFrame) -> go.Figure:
-    """The commitment point (`analyses.family.commitment`): every branch's drop step against the step
-    it branched from (filled: dropped; open: censored at its last step), the median per branching
-    step, the parent run's own drop (dotted) and where the branches start (the diagonal); one
-    colour per parent run, the first sealed branching step marked."""
+    """Where a run's fate is sealed (`analyses.family.commitment`): every branch's drop step against
+    the step it branched from (filled: dropped; open: censored at its last step), the median per
+    branching step with the spread (sd) as error bars, the parent run's own drop (dotted) and where
+    the branches start (the diagonal); one colour per parent run. Each run's verdict
+    (`commitment_bracket`, the text of commitment.csv's `verdict`) is drawn as its bracket: a band
+    between the last unsealed and the first sealed branching step, or a line at the step an upper
+    bound or a "not sealed" names; the title repeats it with the criterion."""
     fig = go.Figure()
     parents = table.run.unique() if "run" in table else [None]
+    verdicts = []
     for i, parent in enumerate(parents):
         color = qualitative.D3[i % len(qualitative.D3)]
         rows = branches if parent is None else branches[branches.parent == parent]
@@ -181,23 +196,36 @@ def plot_commitment(branches: pd.DataFrame, table: pd.DataFrame) -> go.Figure:
                                 marker=dict(symbol=symbol, size=8, color=color, line=dict(width=1.5, color=color)),
                                 customdata=part[["train.data_seed"]],
                                 hovertemplate="from step %{x:.0f}, data seed %{customdata[0]}: %{y}<extra></extra>")
-        fig.add_scatter(x=steps.branch_step, y=steps.median_drop, mode="lines", legendgroup=name,
+        fig.add_scatter(x=steps.branch_step, y=steps.median_drop, mode="lines+markers", legendgroup=name,
                         name=f"{name}: median (spread = sd)", line=dict(color=color, width=2),
-                        error_y=dict(type="data", array=steps.spread, visible=True, color=rgba(color, 0.6)))
+                        marker=dict(symbol="line-ew", size=14, line=dict(width=2, color=color)),
+                        error_y=dict(type="data", array=steps.spread, visible=True, color=rgba(color, 0.6)),
+                        customdata=steps[["ratio", "ratio_low", "ratio_high"]],
+                        hovertemplate="from step %{x:.0f}: median %{y}, sd / between-seed sd %{customdata[0]:.2f} "
+                                      "[%{customdata[1]:.2f}, %{customdata[2]:.2f}]<extra></extra>")
         drop = steps.run_drop_step.iloc[0]
         if np.isfinite(drop):
             fig.add_hline(y=drop, line=dict(color=color, dash="dot", width=1.5),
                           annotation_text=f"{name}'s own drop", annotation_position="top left")
-        sealed = steps[steps.sealed]
-        if len(sealed):
-            fig.add_vline(x=sealed.branch_step.iloc[0], line=dict(color=color, dash="dash", width=1),
-                          annotation_text=f"sealed (sd <= {steps.tolerance.iloc[0]:g})", annotation_position="bottom right")
+        bracket = commitment_bracket(steps)
+        verdict = steps.verdict.iloc[0]
+        verdicts.append(f"{name}: {verdict}")
+        label = dict(text=f"{name}: {verdict}", yshift=18 * i, font=dict(color=color))
+        if bracket["kind"] == "between":
+            fig.add_vrect(x0=bracket["low"], x1=bracket["high"], fillcolor=rgba(color, 0.12), line_width=0,
+                          annotation=label, annotation_position="bottom left")
+        else:
+            fig.add_vline(x=bracket["high"] if bracket["kind"] == "upper bound" else bracket["low"],
+                          line=dict(color=color, dash="dash", width=1), annotation=label,
+                          annotation_position="bottom right")
     low, high = branches["train.branch_step"].min(), branches["train.branch_step"].max()
     fig.add_scatter(x=[low, high], y=[low, high], mode="lines", name="branch start (y = x)",
                     line=dict(color="#999", dash="dash", width=1))
-    fig.update_layout(title="The commitment point: drop steps of branches that differ only in their data",
+    fig.update_layout(title=dict(text="When the fate is sealed: drop steps of branches that differ only in their data"
+                                      f"<br><sup>{'; '.join(verdicts)}<br>criterion: {table.criterion.iloc[0]}</sup>"),
                       xaxis_title="branching step (same weights and Adam state)", yaxis_title="drop step",
-                      template="plotly_white", legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"))
+                      template="plotly_white", margin=dict(t=110),
+                      legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"))
     return fig
 
 
@@ -215,3 +243,27 @@ def log_ticks(values: pd.Series) -> list[float]:
     decades = range(math.floor(math.log10(distinct[0])), math.ceil(math.log10(distinct[-1])) + 1)
     ticks = [m * 10.0 ** d for d in decades for m in (1, 2, 5)]
     return [t for t in ticks if distinct[0] / 2 <= t <= distinct[-1] * 2]
+
+
+def plot_drop_variance(summary: pd.DataFrame, factors: list[str], table: pd.DataFrame) -> go.Figure:
+    """A crossed family's drop steps in its grid (left: rows the first factor's levels, columns the
+    second's) and each factor's share of the variance of log drop step with its interval (right)."""
+    from analyses.family.variance import drop_grid
+
+    grid = drop_grid(summary, factors)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.58, 0.42], horizontal_spacing=0.14,
+                        subplot_titles=("drop step", "share of the variance of log drop step"))
+    fig.add_trace(go.Heatmap(z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=[str(i) for i in grid.index],
+                             colorscale="Viridis", text=grid.to_numpy(), texttemplate="%{text:.0f}",
+                             colorbar=dict(title="step", x=0.5), hovertemplate=f"{factors[0]}=%{{y}}<br>"
+                             f"{factors[1]}=%{{x}}<br>drop at %{{z:.0f}}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Bar(x=table.factor, y=table.share, marker_color=qualitative.Plotly[:len(table)],
+                         error_y=dict(type="data", symmetric=False, array=table.ci_high - table.share,
+                                      arrayminus=table.share - table.ci_low),
+                         hovertemplate="%{x}: %{y:.0%}<extra></extra>", showlegend=False), row=1, col=2)
+    fig.update_xaxes(title_text=factors[1], type="category", row=1, col=1)
+    fig.update_yaxes(title_text=factors[0], type="category", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%", row=1, col=2)
+    fig.update_layout(title=f"Init or data: {len(summary)} runs, {table.model.iloc[0]}", height=460, width=1000,
+                      template="plotly_white")
+    return fig

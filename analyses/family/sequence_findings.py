@@ -45,9 +45,11 @@ SEQUENCE_CRITERIA = {
                                                      f"final <= {COLLAPSE_GONE:g}"),
     "P3": ("attention progress precedes the drop", f"attention on the optimal map covers {PROGRESS_SHARE:.0%} of "
                                                    "its total change before the drop step (value: the lead in steps)"),
-    "P4": ("a partial solution: output 1 is learned first", "output 1's logistic onset (analyses.learning_times: "
-                                                           "greedy accuracy of each output across the checkpoints) "
-                                                           "precedes the median onset of the outputs"),
+    "P4": ("a partial solution: output 1 is learned first", "output 1 is learned before the median of the other "
+                                                           "outputs (analyses.learning_times: greedy accuracy of each "
+                                                           "output across the checkpoints; its logistic onset where "
+                                                           "the checkpoints resolve it, else its whole bracket of two "
+                                                           "checkpoints before that median)"),
     "P5": ("the intervention moves the drop", "per seed: the run with c > 1 drops earlier than the run with "
                                               "c < 1 (a run that never dropped counts as dropping after its end)"),
 }
@@ -94,10 +96,22 @@ def sequence_run_findings(run: Run, learning: bool = True) -> list[dict]:
         from analyses.plateau.learning_times import LEARNING_BATCH, learning_order, learning_times
 
         order = learning_order(learning_times(run, batch_size=LEARNING_BATCH, progress=False))
-        add("P4", f"output 1 onset {order['first_onset']:.0f}, median {order['onset_median']:.0f} "
-                  f"({order['fitted']} of {order['positions']} fitted)", order["first_precedes_median"],
-            order["first_onset"])
+        add("P4", learning_order_value(order), order["first_precedes_median"], order["first_learned_at"])
     return out
+
+
+def learning_order_value(order: dict) -> str:
+    """P4's value from a run's `learning_order`: output 1's onset, or its bracket where the
+    checkpoints do not resolve an onset, against the others' median."""
+    if order["first_fit"] == "ok":
+        first = f"output 1 onset {order['first_onset']:.0f}"
+    elif order["first_fit"] == "between checkpoints":
+        first = f"output 1 between steps {order['first_bracket_low']:.0f} and {order['first_bracket_high']:.0f}"
+    else:
+        first = f"output 1 {order['first_fit']}"
+    between = f", {order['between_checkpoints']} between checkpoints" if order["between_checkpoints"] else ""
+    return (f"{first}, others' median {order['others_median']:.0f} "
+            f"({order['fitted']} of {order['positions']} with an onset{between})")
 
 
 INTERVENTION_KEY = "train.attn_intervention_scale"

@@ -48,6 +48,21 @@ def family_runs(source: RunsLike) -> list[Run]:
     return [r if isinstance(r, Run) else Run(r) for r in source]
 
 
+def summary_table(folder: str | Path) -> pd.DataFrame:
+    """The `family_summary` of a sweep directory; of a folder that keeps only its `family_summary.csv`
+    (a shipped family under analyses/families/, whose runs are not in the repository), that table.
+    `train.seed` is a column either way (a copy of `seed`)."""
+    path = Path(folder)
+    has_runs = path.is_dir() and any((p / "config.yaml").is_file() for p in path.iterdir())
+    if not has_runs and (path / "family_summary.csv").is_file():
+        summary = pd.read_csv(path / "family_summary.csv")
+    else:
+        summary = family_summary(path)
+    if "seed" in summary and "train.seed" not in summary:
+        summary["train.seed"] = summary["seed"]
+    return summary
+
+
 def _flat_config(config) -> dict:
     """A RunConfig as one dict of dotted keys (`train.lr`)."""
     return {f"{s}.{k}": v for s, d in config.to_dict().items() for k, v in d.items()}

@@ -12,10 +12,12 @@ carry no information and are left out.
   step, with its 95 % confidence band, per setting.
 - `median_drop(summary, by)`: the median time to the drop and its 95 % CI per setting.
 - `logrank(summary, by)`: do the settings' drop times differ (multivariate and pairwise log-rank)?
-- `scaling_exponent(summary, variable)`: the exponent a in  drop time ~ variable^a  (a Weibull or
-  log-normal accelerated-failure-time fit on log(variable), censored runs as censored).
-- `power_law_check(summary, variable)`: does a power law fit, against one free level per setting
-  (a likelihood-ratio test)?
+- `scaling_exponents(summary, variables)`: the exponents of  drop time ~ x1^a1 * x2^a2 ...  fitted
+  jointly (a Weibull or log-normal accelerated-failure-time fit on log(x1), log(x2), ..., censored
+  runs as censored), with how the fit was obtained; `scaling_exponent(summary, variable)` for one.
+- `power_law_checks(summary, variables)`: does the power law fit, against one free level per value
+  of each variable in turn (a likelihood-ratio test)? `power_law_check(summary, variable)` for one.
+  What the check could have seen on a family of this size is `analyses.family.scaling_power`.
 - `k_of_n(summary)`: "k of N dropped, m censored".
 - the figures, `plot_survival(table)` and `plot_scaling(summary, variable, fit)`, are in `analyses.family.figures`.
 
@@ -114,9 +116,10 @@ def median_drop(summary: pd.DataFrame, by: str | list[str] | None = None) -> pd.
     which at most half the runs are still on the plateau.
 
     One row per setting: `setting`, the `by` columns, `n`, `dropped`, `censored`, `median_step`,
-    its 95 % CI `ci_low`, `ci_high` (where the confidence band crosses 0.5), and `median_reached`.
-    When fewer than half the runs dropped before the censoring the median is not reached:
-    `median_step` is inf (it lies beyond the last step seen), and so is an unbounded `ci_high`."""
+    its 95 % CI `ci_low`, `ci_high` (where the confidence band crosses 0.5), `median_reached` and
+    `none_dropped` (not one run of the setting dropped: all it says is that the plateau outlasts
+    the last step). When fewer than half the runs dropped before the censoring the median is not
+    reached: `median_step` is inf (it lies beyond the last step seen), and so is an unbounded `ci_high`."""
     from lifelines.utils import median_survival_times
 
     rows = []
@@ -129,7 +132,7 @@ def median_drop(summary: pd.DataFrame, by: str | list[str] | None = None) -> pd.
         rows.append({"setting": setting, **values, "n": len(runs), "dropped": int(runs.dropped.sum()),
                      "censored": int((~runs.dropped).sum()), "median_step": float(median),
                      "ci_low": float(ci.iloc[0, 0]), "ci_high": float(ci.iloc[0, 1]),
-                     "median_reached": math.isfinite(median)})
+                     "median_reached": math.isfinite(median), "none_dropped": not runs.dropped.any()})
     return pd.DataFrame(rows)
 
 
@@ -160,103 +163,201 @@ def logrank(summary: pd.DataFrame, by: str | list[str]) -> pd.DataFrame:
 
 # ----- scaling ---------------------------------------------------------------------------------
 
-def scaling_exponent(summary: pd.DataFrame, variable: str, model: str = "weibull") -> pd.DataFrame:
-    """The plateau's scaling exponent a in  drop time ~ `variable`^a: an accelerated-failure-time
-    fit (lifelines' Weibull or log-normal AFT) of the drop step on log(`variable`), in which a run
-    that did not drop is censored at its final step. The coefficient on log(variable) is a.
+# lifelines class and the parameter whose log is linear in the covariates, per model
+FITTERS = {"weibull": ("WeibullAFTFitter", "lambda_"), "lognormal": ("LogNormalAFTFitter", "mu_")}
+PENALIZER = 1e-3  # tried when an unpenalised fit does not converge (runs that drop almost together: a Weibull shape -> inf)
 
-    One row: `variable`, `model`, `exponent`, its 95 % CI `ci_low`, `ci_high`, `p_value` (of a = 0:
-    no dependence), `n`, `censored`, `prefactor` (the fitted median drop step at variable = 1, so
-    the median is prefactor * variable^a) and `aic` (compare the two models on it). Standard errors
-    are the robust (sandwich) ones: the noise law of plateau lengths is an assumption, and the
-    model-based interval is too narrow when it is wrong."""
-    from lifelines import LogNormalAFTFitter, WeibullAFTFitter
 
-    fitters = {"weibull": (WeibullAFTFitter, "lambda_"), "lognormal": (LogNormalAFTFitter, "mu_")}
-    if model not in fitters:
+def _fitter_class(model: str):
+    import lifelines
+
+    if model not in FITTERS:
         raise ValueError(f"model={model!r}: allowed {list(MODELS)}")
-    if variable not in summary.columns:
-        raise ValueError(f"variable {variable!r} is not a column of the summary: allowed {list(summary.columns)}")
+    return getattr(lifelines, FITTERS[model][0])
+
+
+def _covariate(variable: str) -> str:
+    return f"log_{variable}"
+
+
+def _log_design(summary: pd.DataFrame, variables: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The placed runs and their covariates log(variable), one column `log_<variable>` each, with
+    every reason a power law in `variables` cannot be fitted named as a ValueError."""
+    if not variables or len(set(variables)) < len(variables):
+        raise ValueError(f"variables={variables}: allowed one or more distinct columns of the summary")
     runs = run_durations(summary)
-    values = pd.to_numeric(runs[variable], errors="coerce")
-    if values.isna().any() or (values <= 0).any():
-        raise ValueError(f"{variable} must be positive for a power law: got {sorted(set(runs[variable]))}")
-    if values.nunique() < 2:
-        raise ValueError(f"{variable} has {values.nunique()} distinct value(s) {sorted(set(values))}: "
-                         f"a scaling exponent needs at least two")
+    logs = {}
+    for variable in variables:
+        if variable not in summary.columns:
+            raise ValueError(f"variable {variable!r} is not a column of the summary: allowed {list(summary.columns)}")
+        values = pd.to_numeric(runs[variable], errors="coerce")
+        if values.isna().any() or (values <= 0).any():
+            raise ValueError(f"{variable} must be positive for a power law: got {sorted(set(runs[variable]))}")
+        if values.nunique() < 2:
+            raise ValueError(f"{variable} has {values.nunique()} distinct value(s) {sorted(set(values))}: "
+                             f"a scaling exponent needs at least two")
+        logs[_covariate(variable)] = np.log(values.to_numpy(float))
+    logs = pd.DataFrame(logs)
+    if np.linalg.matrix_rank(np.column_stack([np.ones(len(runs)), logs])) <= len(variables):
+        raise ValueError(f"{variables} vary together in this family (one is a power of the others): "
+                         f"their exponents cannot be told apart")
     if not runs.dropped.any():
         raise ValueError("no run dropped: every run is censored, the drop time cannot be fitted")
     if (runs.duration <= 0).any():
         raise ValueError("a drop or final step is <= 0: AFT fits need positive times")
-    covariate = f"log_{variable}"
-    scale = float(runs.duration.median())  # durations in units of their median: the fit converges (the slope is unchanged)
-    data = pd.DataFrame({"duration": runs.duration / scale, "dropped": runs.dropped, covariate: np.log(values)})
-    fitter_class, location = fitters[model]  # the parameter whose log is linear in the covariates
-    fitter = _fit(fitter_class, data, robust=True)
-    row = fitter.summary.loc[(location, covariate)]
-    prefactor = scale * float(fitter.predict_median(pd.DataFrame({covariate: [0.0]})).iloc[0])
-    return pd.DataFrame([{
-        "variable": variable, "model": model, "exponent": float(row["coef"]),
-        "ci_low": float(row["coef lower 95%"]), "ci_high": float(row["coef upper 95%"]),
-        "p_value": float(row["p"]), "n": len(runs), "censored": int((~runs.dropped).sum()),
-        "prefactor": prefactor, "aic": float(fitter.AIC_),
-    }])
+    return runs, logs
 
 
-PENALIZER = 1e-3  # tried when an unpenalised fit does not converge (runs that drop almost together: a Weibull shape -> inf)
+def _fit_data(runs: pd.DataFrame, covariates: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """The lifelines frame (duration in units of the median duration, so that the fit converges;
+    slopes are unchanged) and that unit."""
+    scale = float(runs.duration.median())
+    data = pd.DataFrame({"duration": runs.duration.to_numpy(float) / scale, "dropped": runs.dropped.to_numpy()})
+    return pd.concat([data, covariates.reset_index(drop=True)], axis=1), scale
+
+
+def scaling_exponents(summary: pd.DataFrame, variables: str | list[str], model: str = "weibull") -> pd.DataFrame:
+    """The plateau's scaling exponents: drop time ~ prefactor * x1^a1 * x2^a2 ... for the columns
+    `variables`, fitted jointly: one accelerated-failure-time fit (lifelines' Weibull or log-normal
+    AFT) of the drop step on log(x1), log(x2), ..., in which a run that did not drop is censored at
+    its final step (a setting where no run drops stays in the fit, censored). The coefficient on
+    log(xj) is aj: the exponent of xj at fixed values of the others.
+
+    One row per variable: `variable`, `model`, `exponent`, its 95 % CI `ci_low`, `ci_high`,
+    `p_value` (of aj = 0: no dependence), `n`, `censored`, `prefactor` (the fitted median drop step
+    at every variable = 1), `sigma` (the spread of log drop times: the log-normal's sd, the
+    Weibull's 1/shape), `aic` (compare the two models on it; shared by the rows of one fit) and
+    `fit`: "ok", or what is wrong with it (`_fit`): "penalised (0.001)" where the unpenalised fit
+    did not converge and the fallback was used, "not converged" where lifelines warned about the
+    fit it returned or its standard errors are not finite (its intervals are not to be trusted),
+    "not identified by the drops" where the runs that dropped do not fix every exponent (a setting
+    where no run dropped at the end of a variable's two levels: the exponent is only bounded).
+    Standard errors are the robust (sandwich) ones: the noise law of plateau lengths is an
+    assumption, and the model-based interval is too narrow when it is wrong."""
+    variables = _by_list(variables)
+    fitter_class = _fitter_class(model)
+    runs, logs = _log_design(summary, variables)
+    data, scale = _fit_data(runs, logs)
+    fitter, fit = _fit(fitter_class, data, robust=True)
+    fit = _identified(fit, logs, runs.dropped.to_numpy())
+    location = FITTERS[model][1]
+    prefactor = scale * float(fitter.predict_median(pd.DataFrame(0.0, index=[0], columns=logs.columns)).iloc[0])
+    shape = float(fitter.params_[("sigma_" if model == "lognormal" else "rho_", "Intercept")])  # log sigma, log shape
+    sigma = math.exp(shape if model == "lognormal" else -shape)
+    rows = []
+    for variable in variables:
+        row = fitter.summary.loc[(location, _covariate(variable))]
+        rows.append({"variable": variable, "model": model, "exponent": float(row["coef"]),
+                     "ci_low": float(row["coef lower 95%"]), "ci_high": float(row["coef upper 95%"]),
+                     "p_value": float(row["p"]), "n": len(runs), "censored": int((~runs.dropped).sum()),
+                     "prefactor": prefactor, "sigma": sigma, "aic": float(fitter.AIC_), "fit": fit})
+    return pd.DataFrame(rows)
+
+
+def scaling_exponent(summary: pd.DataFrame, variable: str, model: str = "weibull") -> pd.DataFrame:
+    """The plateau's scaling exponent a in  drop time ~ `variable`^a: `scaling_exponents` with one
+    variable (its one row: exponent, CI, p_value, n, censored, prefactor, sigma, aic, fit)."""
+    return scaling_exponents(summary, [variable], model)
 
 
 def _fit(fitter_class, data: pd.DataFrame, **kwargs):
-    """An AFT fit of `data` (duration, dropped, covariates); where it does not converge, the same
-    fit with a small L2 penalizer on the coefficients (`PENALIZER`); a one-line ValueError after that."""
+    """An AFT fit of `data` (duration, dropped, covariates) and how it was obtained: "ok"; where
+    the fit does not converge, the same fit with a small L2 penalizer on the coefficients
+    (`PENALIZER`), "penalised (0.001)"; "not converged" added where lifelines warned about the fit
+    it returned (ConvergenceWarning, a Hessian it could not invert, negative variances) or its
+    standard errors are not finite; a one-line ValueError when neither fit converges. Other
+    warnings pass through."""
     import warnings
 
-    from lifelines.exceptions import ConvergenceError, ConvergenceWarning
+    from lifelines.exceptions import ApproximationWarning, ConvergenceError, ConvergenceWarning, StatisticalWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for penalizer in (0.0, PENALIZER):
+    doubtful = (ConvergenceWarning, ApproximationWarning, StatisticalWarning)
+    for penalizer in (0.0, PENALIZER):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
-                return fitter_class(penalizer=penalizer).fit(data, "duration", "dropped", **kwargs)
+                fitter = fitter_class(penalizer=penalizer).fit(data, "duration", "dropped", **kwargs)
             except ConvergenceError:
                 continue
+        for w in caught:
+            if not issubclass(w.category, doubtful):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        doubts = any(issubclass(w.category, doubtful) for w in caught) or not np.isfinite(fitter.standard_errors_).all()
+        return fitter, _flags(f"penalised ({penalizer:g})" if penalizer else "", "not converged" if doubts else "")
     raise ValueError(f"the {fitter_class.__name__} fit does not converge on these drop times (even with "
                      f"penalizer {PENALIZER}): try the other model")
 
 
-def power_law_check(summary: pd.DataFrame, variable: str, model: str = "lognormal") -> pd.DataFrame:
-    """Does a power law fit? A likelihood-ratio test of the AFT fit on log(`variable`) (one slope:
-    the power law) against the same model with one free level per value of `variable` (any shape),
-    censored runs as censored. One row: `loglik_power`, `loglik_free`, `lr_statistic`, `dof`
-    (values - 2), `p_value` (small: the power law is rejected) and the largest ratio between a
-    setting's Kaplan-Meier median and the power law's fitted median, `worst_median_ratio`."""
-    from lifelines import LogNormalAFTFitter, WeibullAFTFitter
+def _flags(*flags: str) -> str:
+    """A fit's label: "ok", or what is wrong with it, comma-separated."""
+    return ", ".join(f for f in flags if f and f != "ok") or "ok"
+
+
+def _identified(fit: str, covariates: pd.DataFrame, dropped: np.ndarray) -> str:
+    """`fit`, with "not identified by the drops" where the runs that dropped do not span the
+    covariates: the likelihood then rises without end as a setting with no drop moves away."""
+    spanned = np.column_stack([np.ones(int(dropped.sum())), covariates.to_numpy(float)[dropped]])
+    return _flags(fit, "not identified by the drops" if np.linalg.matrix_rank(spanned) <= covariates.shape[1] else "")
+
+
+def _fit_label(power: str, free: str) -> str:
+    return "ok" if power == free == "ok" else f"power law: {power}; free levels: {free}"
+
+
+def power_law_checks(summary: pd.DataFrame, variables: str | list[str], model: str = "lognormal") -> pd.DataFrame:
+    """Does a power law fit? For each of `variables`, a likelihood-ratio test of the joint AFT fit
+    on log(x1), log(x2), ... (`scaling_exponents`: one slope per variable, the power law) against
+    the same model with one free level per value of that variable (any shape), the other variables
+    still log-linear; censored runs as censored.
+
+    One row per variable: `variable`, `model`, `levels`, `loglik_power`, `loglik_free`,
+    `lr_statistic`, `dof` (levels - 2), `p_value` (small: the power law is rejected), the largest
+    ratio between a setting's Kaplan-Meier median and the power law's fitted median over the
+    settings of all `variables`, `worst_median_ratio`, `fit` ("ok", else how each of the two fits
+    was obtained, as in `scaling_exponents`) and `note`. A power law with two parameters fits any
+    two levels: a variable with fewer than three gets NaN statistics and the note saying so."""
     from scipy.stats import chi2
 
-    fitter_class = {"weibull": WeibullAFTFitter, "lognormal": LogNormalAFTFitter}[model]
-    runs = run_durations(summary)
-    values = pd.to_numeric(runs[variable])
-    levels = sorted(values.unique())
-    if len(levels) < 3:
-        raise ValueError(f"{variable} has {len(levels)} distinct values: a power law with two parameters fits "
-                         f"any two; the check needs at least three")
-    scale = float(runs.duration.median())  # in units of the median, as `scaling_exponent` fits
-    base = pd.DataFrame({"duration": runs.duration.to_numpy() / scale, "dropped": runs.dropped.to_numpy()})
-    power = _fit(fitter_class, base.assign(log_x=np.log(values.to_numpy())))
-    free = base.copy()
-    for level in levels[1:]:
-        free[f"is_{level:g}"] = (values.to_numpy() == level).astype(float)
-    free_fit = _fit(fitter_class, free)
-    statistic = max(0.0, 2 * (free_fit.log_likelihood_ - power.log_likelihood_))
-    dof = len(levels) - 2
-    medians = median_drop(summary, variable)
-    fitted = scale * power.predict_median(pd.DataFrame({"log_x": np.log(medians[variable].astype(float))})).to_numpy()
-    ratio = medians.median_step.to_numpy(float) / fitted
+    variables = _by_list(variables)
+    fitter_class = _fitter_class(model)
+    runs, logs = _log_design(summary, variables)
+    data, scale = _fit_data(runs, logs)
+    power, power_fit = _fit(fitter_class, data)
+    power_fit = _identified(power_fit, logs, runs.dropped.to_numpy())
+    medians = median_drop(summary, variables)
+    settings = pd.DataFrame({_covariate(v): np.log(medians[v].astype(float)) for v in variables})
+    ratio = medians.median_step.to_numpy(float) / (scale * power.predict_median(settings).to_numpy())
     ratio = ratio[np.isfinite(ratio)]
     worst = float(ratio[np.argmax(np.abs(np.log(ratio)))]) if len(ratio) else math.nan
-    return pd.DataFrame([{"variable": variable, "model": model, "loglik_power": float(power.log_likelihood_),
-                          "loglik_free": float(free_fit.log_likelihood_), "lr_statistic": statistic, "dof": dof,
-                          "p_value": float(chi2.sf(statistic, dof)), "worst_median_ratio": worst}])
+    rows = []
+    for variable in variables:
+        values = np.exp(logs[_covariate(variable)].to_numpy())
+        levels = np.unique(values)
+        row = {"variable": variable, "model": model, "levels": len(levels),
+               "loglik_power": float(power.log_likelihood_), "loglik_free": math.nan, "lr_statistic": math.nan,
+               "dof": len(levels) - 2, "p_value": math.nan, "worst_median_ratio": worst, "fit": power_fit, "note": ""}
+        if len(levels) < 3:
+            rows.append({**row, "note": f"power-law check for {variable}: needs three levels, the family has "
+                                        f"{len(levels)}"})
+            continue
+        free = data.drop(columns=_covariate(variable))
+        for level in levels[1:]:
+            free[f"is_{variable}={level:g}"] = (values == level).astype(float)
+        try:
+            free_fit, free_label = _fit(fitter_class, free)
+            free_label = _identified(free_label, free.drop(columns=["duration", "dropped"]), runs.dropped.to_numpy())
+        except ValueError as e:
+            rows.append({**row, "note": f"power-law check for {variable}: the free-level fit failed ({e})"})
+            continue
+        statistic = max(0.0, 2 * (free_fit.log_likelihood_ - power.log_likelihood_))
+        rows.append({**row, "loglik_free": float(free_fit.log_likelihood_), "lr_statistic": statistic,
+                     "p_value": float(chi2.sf(statistic, len(levels) - 2)), "fit": _fit_label(power_fit, free_label)})
+    return pd.DataFrame(rows)
+
+
+def power_law_check(summary: pd.DataFrame, variable: str, model: str = "lognormal") -> pd.DataFrame:
+    """Does a power law in `variable` fit? `power_law_checks` with one variable (its one row)."""
+    return power_law_checks(summary, [variable], model)
 
 
 def k_of_n(summary: pd.DataFrame) -> str:

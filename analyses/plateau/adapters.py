@@ -91,19 +91,23 @@ def early_warning_tables(ctx) -> dict[str, pd.DataFrame]:
 
 def early_warning_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     marks = tables["milestones"]
-    shown = marks[["measure", "start_step", "start_value", "final_value", "step_10", "lead_10", "step_50", "lead_50"]]
-    drop = marks.drop_step.iloc[0]
+    shown = marks[["measure", "start_step", "start_value", "final_value", "step_10", "lead_10", "lead_10_plateau",
+                   "step_50", "lead_50", "lead_50_plateau"]]
+    drop, start = marks.drop_step.iloc[0], marks.plateau_start.iloc[0]
+    plateau = ("" if math.isnan(start) else
+               f" In plateau units (lead_10_plateau, lead_50_plateau): the lead as a fraction of the plateau's "
+               f"{drop - start:.0f} steps from its start at step {start:.0f} (0.5: halfway through the plateau).")
     note = ("<p>No drop was detected: leads are undefined.</p>" if math.isnan(drop) else
             f"<p>Drop at step {int(drop)}. Lead: steps before the drop at which a measure has covered 10 % (50 %) "
-            "of its change from the plateau's level to the end, for good (positive: before the drop).</p>")
+            f"of its change from the plateau's level to the end, for good (positive: before the drop).{plateau}</p>")
     return {"note": note, "drop_aligned": drop_aligned_figure(tables),
             "milestones_table": shown.sort_values("lead_10", ascending=False)}
 
 
 
 def learning_times_tables(ctx) -> dict[str, pd.DataFrame]:
-    """Each output position's score at every checkpoint, its logistic fit, and the order of the onsets
-    (a sequence run's scores, the greedy accuracy per position, from the context's generations)."""
+    """Each output position's score at every checkpoint, its learning time (onset or bracket), and their
+    order (a sequence run's scores, the greedy accuracy per position, from the context's generations)."""
     from analyses.plateau.learning_times import LEARNING_BATCH, fit_learning_times, learning_order, position_scores
 
     if ctx.task.generates:
@@ -116,15 +120,33 @@ def learning_times_tables(ctx) -> dict[str, pd.DataFrame]:
     return {"position_scores": scores, "learning_times": times, "learning_order": pd.DataFrame([learning_order(times)])}
 
 
+def learning_order_text(order) -> str:
+    """The report's sentence on a run's `learning_order`: how many positions the checkpoints place
+    by an onset and how many by a bracket only, the spread, and where position 1 falls."""
+    between = (f"; {order.between_checkpoints} learned between two checkpoints (placed at the bracket's midpoint: "
+               "no onset or width is resolved)" if order.between_checkpoints else "")
+    narrow = (f"; {order.width_below_spacing} rise faster than the checkpoint spacing (width not resolved)"
+              if order.width_below_spacing else "")
+    if order.first_fit == "ok":
+        first = f"position 1 (onset at step {order.first_onset:.0f})"
+    elif order.first_fit == "between checkpoints":
+        first = f"position 1 (learned between steps {order.first_bracket_low:.0f} and {order.first_bracket_high:.0f})"
+    else:
+        first = f"position 1 ({order.first_fit})"
+    verdict = ("no other position is placed" if math.isnan(order.others_median) else
+               f"{first} {'precedes' if order.first_precedes_median else 'does not precede'} the median of the others "
+               f"(step {order.others_median:.0f})")
+    return (f"{order.fitted} of {order.positions} positions with a resolved onset{between}{narrow}. Learned from step "
+            f"{order.learned_min:.0f} to {order.learned_max:.0f} (median {order.learned_median:.0f}, interquartile range "
+            f"{order.learned_iqr:.0f} steps); {verdict}.")
+
+
 def learning_times_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
     from analyses.plateau.figures import plot_learning_times
 
     order = tables["learning_order"].iloc[0]
-    note = (f"<p>{order.fitted} of {order.positions} positions fitted. Onsets from step {order.onset_min:.0f} to "
-            f"{order.onset_max:.0f} (median {order.onset_median:.0f}, interquartile range {order.onset_iqr:.0f} steps); "
-            f"position 1 {'precedes' if order.first_precedes_median else 'does not precede'} the median onset"
-            f"{f' (step {order.first_onset:.0f})' if not math.isnan(order.first_onset) else ''}.</p>"
-            if order.fitted else "<p>No position's score fits a logistic rise.</p>")
+    note = ("<p>No position's score rises once across the checkpoints.</p>" if not order.fitted + order.between_checkpoints
+            else f"<p>{learning_order_text(order)}</p>")
     return {"note": note, "learning_times": plot_learning_times(tables["learning_times"], tables["position_scores"],
                                                                 ctx.phases.drop_step),
             "learning_times_table": tables["learning_times"]}

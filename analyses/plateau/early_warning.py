@@ -11,7 +11,11 @@ which the measure has covered 10 % and 50 % of its total change, and its lead ov
 - **Covered a fraction f** at the first checkpoint from which the measure stays at least f of the
   way for the rest of the run (a measure that wanders and comes back has not moved yet). The
   trajectory is smoothed by a running median of 3 checkpoints first.
-- **Lead** = drop step - that step (positive: before the drop).
+- **Lead** = drop step - that step (positive: before the drop); also in plateau units, as a
+  fraction of the plateau's length, lead / (drop step - `plateau_start`) (`lead_10_plateau`,
+  `lead_50_plateau`): a measure that covers half its change halfway through the plateau leads by
+  0.5, one that covers it at the plateau's start by 1, so that runs and tasks whose plateaus differ
+  in length compare. `plateau_start` is `detect_phases`' (analyses.plateau.phases).
 
 The measures, per checkpoint on the run's analysis batch (`warning_measures`):
 - attention progress per head (the share of attention on the task's optimal map);
@@ -25,8 +29,8 @@ The measures, per checkpoint on the run's analysis batch (`warning_measures`):
 - any further per-step table of (step, measure, value), e.g. the LLC, added by the caller.
 
 `early_warning_table` states for a family, per measure, in how many runs it moves before the drop
-and by how many steps (median and range). `plot_drop_aligned` draws every measure, normalised to
-its plateau-to-end change, against steps from each run's drop.
+and by how many steps and plateau lengths (median and range). `plot_drop_aligned` draws every
+measure, normalised to its plateau-to-end change, against steps from each run's drop.
 """
 
 from __future__ import annotations
@@ -161,8 +165,12 @@ def essential_dynamics(run: Run, steps: Iterable[int], batch, n_components: int 
 def milestones(trajectory: pd.DataFrame, drop_step: float, plateau_start: float = math.nan,
                fractions: tuple[float, ...] = FRACTIONS) -> pd.DataFrame:
     """Per measure of one run's (step, measure, value) table: its plateau level and final value,
-    the step at which each fraction of that change is covered (`step_10`, `step_50`) and its lead
-    over `drop_step` (`lead_10`, `lead_50`; NaN without a drop)."""
+    the step at which each fraction of that change is covered (`step_10`, `step_50`), its lead
+    over `drop_step` (`lead_10`, `lead_50`; NaN without a drop) and that lead as a fraction of the
+    plateau's length `drop_step - plateau_start` (`lead_10_plateau`, `lead_50_plateau`; NaN without
+    a plateau start or a drop)."""
+    length = drop_step - plateau_start
+    length = length if length > 0 else math.nan  # no plateau start, no drop or no plateau: no plateau units
     rows = []
     for measure, part in trajectory.groupby("measure", sort=False):
         part = part.sort_values("step")
@@ -179,7 +187,7 @@ def milestones(trajectory: pd.DataFrame, drop_step: float, plateau_start: float 
         for f in fractions:
             tag = f"{round(f * 100)}"
             if end == begin or not np.isfinite(end - begin):
-                row[f"step_{tag}"] = row[f"lead_{tag}"] = math.nan
+                row[f"step_{tag}"] = row[f"lead_{tag}"] = row[f"lead_{tag}_plateau"] = math.nan
                 continue
             progress = (values[start:] - begin) / (end - begin)
             below = np.flatnonzero(progress < f)
@@ -187,14 +195,16 @@ def milestones(trajectory: pd.DataFrame, drop_step: float, plateau_start: float 
             step = float(steps[start + first]) if first < len(progress) else math.nan
             row[f"step_{tag}"] = step
             row[f"lead_{tag}"] = drop_step - step if not math.isnan(drop_step) else math.nan
+            row[f"lead_{tag}_plateau"] = row[f"lead_{tag}"] / length
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def early_warning_table(per_run: pd.DataFrame) -> pd.DataFrame:
     """Per measure of the runs' `milestones` (with a `run` column): in how many runs it has covered
-    10 % (50 %) of its change before the drop, the lead in steps (median, min and max) and each
-    run's lead (`lead_10 seed=0`, ...)."""
+    10 % (50 %) of its change before the drop, the lead in steps (median, min and max), the lead in
+    plateau lengths (`lead_10_plateau_median`, ..., where the runs' milestones have it) and each run's
+    lead in steps (`lead_10 seed=0`, ...)."""
     rows = []
     for measure, part in per_run.groupby("measure", sort=False):
         row = {"measure": measure, "runs": int(part.lead_10.notna().sum())}
@@ -204,6 +214,10 @@ def early_warning_table(per_run: pd.DataFrame) -> pd.DataFrame:
             row[f"lead_{tag}_median"] = float(lead.median()) if len(lead) else math.nan
             row[f"lead_{tag}_min"] = float(lead.min()) if len(lead) else math.nan
             row[f"lead_{tag}_max"] = float(lead.max()) if len(lead) else math.nan
+            if f"lead_{tag}_plateau" in part:
+                share = part[f"lead_{tag}_plateau"].dropna()
+                for stat in ("median", "min", "max"):
+                    row[f"lead_{tag}_plateau_{stat}"] = float(getattr(share, stat)()) if len(share) else math.nan
         if "run" in part:  # each run's own lead
             row.update({f"lead_{tag} {r.run}": getattr(r, f"lead_{tag}") for tag in ("10", "50")
                         for r in part.itertuples()})
@@ -273,8 +287,8 @@ def run_milestones(run: Run, trajectory: pd.DataFrame) -> pd.DataFrame:
     from analyses.plateau.phases import detect_phases
 
     phases = detect_phases(run).iloc[0]
-    drop = float(phases.drop_step) if phases.dropped else math.nan
-    return milestones(trajectory, drop, float(phases.plateau_start)).assign(run=run.path.name, drop_step=drop)
+    drop, start = float(phases.drop_step) if phases.dropped else math.nan, float(phases.plateau_start)
+    return milestones(trajectory, drop, start).assign(run=run.path.name, drop_step=drop, plateau_start=start)
 
 
 def family_early_warning(runs: list[Run], extra: dict[str, pd.DataFrame] | None = None, hessian: bool = True,

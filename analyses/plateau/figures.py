@@ -220,19 +220,32 @@ def plot_lm_dynamics(frame: pd.DataFrame) -> go.Figure:
 
 def plot_learning_times(times: pd.DataFrame, scores: pd.DataFrame | None = None, drop_step: float | None = None
                         ) -> go.Figure:
-    """Each output position's onset (marker) and its 10 %-90 % rise (bar), fitted positions only,
-    unfit ones listed in the title; with `scores`, each position's score against the step beneath."""
+    """Each output position's onset (marker) and its 10 %-90 % rise (bar) where the checkpoints
+    resolve them (a rise shorter than the checkpoint spacing: no bar, its width is not measured); a
+    position learned between two checkpoints as its bracket (open marker at the midpoint, bar to
+    the two checkpoints); unfit ones listed in the title; with `scores`, each position's score
+    against the step beneath."""
     ok = times[times.fit == "ok"]
-    unfit = times[times.fit != "ok"]
+    between = times[times.fit == "between checkpoints"]
+    unfit = times[~times.fit.isin(["ok", "between checkpoints"])]
     rows = 2 if scores is not None else 1
     fig = make_subplots(rows=rows, cols=1, vertical_spacing=0.12,
-                        subplot_titles=["onset and 10-90 % rise of each position"]
+                        subplot_titles=["onset and 10-90 % rise of each position (open: bracket between checkpoints)"]
                         + (["score of each position against the step"] if scores is not None else []))
-    half = ok.width * math.log(9)  # half of the 10 %-90 % rise
+    half = (ok.width * math.log(9)).where(~ok.width_below_spacing.astype(bool), 0.0)  # half of the 10 %-90 % rise
     fig.add_scatter(x=ok.onset, y=ok.position, mode="markers", name="onset", marker=dict(size=8, color="#1f77b4"),
                     error_x=dict(type="data", array=half, color="#1f77b4", thickness=1.5),
-                    hovertext=[f"position {p}: onset {o:.0f}, width {w:.1f}, R² {r:.3f}"
-                               for p, o, w, r in zip(ok.position, ok.onset, ok.width, ok.r2)], row=1, col=1)
+                    hovertext=[f"position {r.position}: onset {r.onset:.0f}, R² {r.r2:.3f}, "
+                               + (f"rise shorter than the checkpoint spacing ({r.spacing:.0f} steps): width not resolved"
+                                  if r.width_below_spacing else f"width {r.width:.1f}") for r in ok.itertuples()],
+                    row=1, col=1)
+    if len(between):
+        fig.add_scatter(x=between.learned_at, y=between.position, mode="markers", name="between checkpoints",
+                        marker=dict(size=8, color="#ff7f0e", symbol="circle-open"),
+                        error_x=dict(type="data", array=between.spacing / 2, color="#ff7f0e", thickness=1.5),
+                        hovertext=[f"position {r.position}: learned between steps {r.bracket_low:.0f} and "
+                                   f"{r.bracket_high:.0f} (no checkpoint inside the rise)" for r in between.itertuples()],
+                        row=1, col=1)
     if drop_step is not None and not pd.isna(drop_step):
         fig.add_vline(x=drop_step, line=dict(color="gray", dash="dot"), annotation_text="drop", row=1, col=1)
     fig.update_yaxes(title_text="output position", autorange="reversed", row=1, col=1)
@@ -246,6 +259,7 @@ def plot_learning_times(times: pd.DataFrame, scores: pd.DataFrame | None = None,
                             line=dict(color=colour, width=1.5), showlegend=False, row=2, col=1)
         fig.update_yaxes(title_text="score", row=2, col=1)
         fig.update_xaxes(title_text="step", row=2, col=1)
-    note = f"; unfit: {', '.join(f'{p} ({f})' for p, f in zip(unfit.position, unfit.fit))}" if len(unfit) else ""
+    note = f"; {len(between)} between checkpoints" if len(between) else ""
+    note += f"; unfit: {', '.join(f'{p} ({f})' for p, f in zip(unfit.position, unfit.fit))}" if len(unfit) else ""
     return fig.update_layout(template="plotly_white", height=380 * rows, showlegend=False,
                              title=f"Learning times: {len(ok)} of {len(times)} positions fitted{note}")

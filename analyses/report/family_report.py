@@ -116,7 +116,8 @@ def _early_warning(ctx: FamilyContext) -> list[Part]:
 
     tables = ctx.early_warning
     return ["<p>Per measure: in how many runs it has covered 10 % (50 %) of its change from the plateau's level "
-            "to the end before the drop, and the lead in steps (median, min, max; positive: before the drop)."
+            "to the end before the drop, and the lead in steps and in plateau lengths (lead / (drop step - plateau start): "
+            "0.5 is halfway through the plateau; median, min, max; positive: before the drop)."
             + (" Quick mode: no Hessian." if ctx.quick else "") + "</p>",
             tables["early_warning"], drop_aligned_figure(tables)]
 
