@@ -45,6 +45,18 @@ def notebook_errors(nb) -> list:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
 
 
+@pytest.fixture
+def no_png(monkeypatch):
+    """The commands' figures are written as HTML only: kaleido's PNG export starts a browser (seconds),
+    and the commands already fall back to the HTML where it fails."""
+    import plotly.graph_objects as go
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no PNG in the tests")
+
+    monkeypatch.setattr(go.Figure, "write_image", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Run:
     """A 40-step run of the `tiny` preset (checkpoints 0, 10, 20, 40): real files, seconds to make."""

@@ -360,7 +360,7 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     assert last["window"] > last["input"]
 
 
-def test_the_scaling_command_fits_a_planted_law_on_a_family(tmp_path, capsys):
+def test_the_scaling_command_fits_a_planted_law_on_a_family(tmp_path, capsys, no_png):
     """Recorded loops whose plateau lasts 4 x eval_every^1.5 steps (varied key train.eval_every): the
     command's exponent comes back near 1.5, with its interval, tables and figures written."""
     model = torch.nn.Linear(2, 1)

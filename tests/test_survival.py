@@ -167,20 +167,9 @@ def test_joint_fit_recovers_both_planted_exponents_under_censoring(model):
     assert one.fit == "ok" and one.ci_low < 0.5 < one.ci_high  # the one-variable API, with its fit column
 
 
-def _no_png(monkeypatch):
-    """The figures' PNGs are not exported (kaleido starts a browser: seconds); the HTML is written."""
-    import plotly.graph_objects as go
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("no PNG in the tests")
-
-    monkeypatch.setattr(go.Figure, "write_image", refuse)
-
-
-def test_scaling_command_with_two_levels_says_the_check_needs_three(tmp_path, capsys, monkeypatch):
+def test_scaling_command_with_two_levels_says_the_check_needs_three(tmp_path, capsys, no_png):
     from mechlrmc.cli import main
 
-    _no_png(monkeypatch)
     family = _two_variable_family(runs=3)
     family = family[family["data.length"].isin([4, 8]) & (family["model.d_model"] == 32)]
     (tmp_path / "fam").mkdir()
@@ -225,10 +214,9 @@ def test_a_penalised_or_unconverged_fit_is_named_in_the_row(monkeypatch):
     assert check.fit == "power law: not converged; free levels: not converged"
 
 
-def test_a_setting_where_no_run_drops_is_flagged_and_fitted_censored(tmp_path, capsys, monkeypatch):
+def test_a_setting_where_no_run_drops_is_flagged_and_fitted_censored(tmp_path, capsys, no_png):
     from mechlrmc.cli import main
 
-    _no_png(monkeypatch)
     family = _two_variable_family(runs=3)
     never = (family["data.length"] == 32) & (family["model.d_model"] == 16)
     family.loc[never, "drop_step"] = NAN  # censored at the limit, 200

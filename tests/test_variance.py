@@ -53,7 +53,7 @@ def test_a_run_that_did_not_drop_is_refused_by_name():
         drop_variance(_crossed(0.3, 0.0), ["train.seed", "data.length"])
 
 
-def test_analyze_variance_on_a_shipped_summary(tmp_path, capsys):
+def test_analyze_variance_on_a_shipped_summary(tmp_path, capsys, no_png):
     from mechlrmc.cli import main
 
     family = tmp_path / "family"
