@@ -186,7 +186,9 @@ def plot_commitment(branches: pd.DataFrame, table: pd.DataFrame) -> go.Figure:
         steps = table if parent is None else table[table.run == parent]
         name = parent or "branches"
         dropped = rows.drop_step.notna()
-        jitter = (rows["train.data_seed"] - rows["train.data_seed"].mean()) * 0.6
+        # each branch of a step a little apart, by its data seed's rank there (seeds need not be 1..K)
+        order = rows.groupby("train.branch_step")["train.data_seed"]
+        jitter = (order.rank() - (order.transform("size") + 1) / 2) * 0.6
         for ok, symbol, label in ((True, "circle", "dropped"), (False, "circle-open", "censored")):
             part = rows[dropped == ok]
             if len(part):

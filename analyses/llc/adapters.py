@@ -44,11 +44,12 @@ def run_component_llc(ctx, components: list[str] | None = None, heads: bool = Fa
 
 
 # the budgets of the report and of quick runs: chains of at most `max_steps` steps (burn-in and as
-# many draws) on minibatches of `batch_size` examples, `num_chains` per checkpoint
-REPORT = {"batch_size": 64, "max_steps": 300, "num_chains": 3}
+# many draws) on minibatches of `batch_size` examples, `num_chains` per checkpoint; the curvature
+# scales from `curvature` = (Hutchinson probes, power iterations, examples) Hessian-vector products
+REPORT = {"batch_size": 64, "max_steps": 300, "num_chains": 3, "curvature": (8, 20, 128)}
 
 
-QUICK = {"batch_size": 16, "max_steps": 60, "num_chains": 2}
+QUICK = {"batch_size": 16, "max_steps": 60, "num_chains": 2, "curvature": (4, 8, 32)}
 
 
 WORKERS = 2  # processes for the report's chains (a context's option "workers" overrides it)
@@ -112,7 +113,8 @@ def checked_point(model, data, options: dict, others: dict | None = None, progre
     from analyses.llc.sampler import diverged_chains
 
     nbeta = default_nbeta(effective_sample_size(data))
-    scales = curvature_scales(model, data, nbeta)
+    probes, iterations, examples = options["curvature"]
+    scales = curvature_scales(model, data, nbeta, probes=probes, iterations=iterations, examples=examples)
     steps = chain_length(START_LR, START_LOCALIZATION, options["max_steps"])
     config = SGLDConfig(num_chains=options["num_chains"], num_burnin=steps, num_draws=steps, lr=START_LR,
                         localization=START_LOCALIZATION, batch_size=options["batch_size"], nbeta=nbeta, paired=True)
