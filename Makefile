@@ -13,16 +13,17 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test
 
-# the project and its runtime dependencies (the demo); the dev extra on top (the tests)
+# the project and its runtime dependencies (the demo); the dev extra on top (the tests). --no-compile:
+# Python compiles a module when it is first imported, so only what runs is compiled, not all of torch and ray
 $(BIN)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-compile "$(TORCH)"
+	$(BIN)/python -m pip install -q --no-compile -e .
 	touch $@
 
 $(BIN)/.installed: $(BIN)/.base
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	touch $@
 
 demo: $(BIN)/.base
