@@ -162,7 +162,7 @@ def plot_scaling(summary: pd.DataFrame, variables: str | list[str], fit: pd.Data
         fig.add_scatter(x=grid, y=at * grid ** exponent[x], mode="lines", name=label, legendgroup=setting,
                         line=dict(color=colors[2], width=2.5))
     law = " · ".join(f"{v}^{exponent[v]:.2f} [{fit.ci_low[v]:.2f}, {fit.ci_high[v]:.2f}]" for v in variables)
-    fig.update_layout(title=f"Plateau length ~ {law} ({k_of_n(summary)})",
+    fig.update_layout(title=f"Plateau length ~ {law}<br><sup>{k_of_n(summary)}</sup>",
                       xaxis=dict(title=x, type="log", tickvals=log_ticks(runs[x])),
                       yaxis=dict(title="drop step", type="log", tickvals=log_ticks(runs.duration)),
                       template="plotly_white", legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"))
