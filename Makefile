@@ -1,15 +1,14 @@
 # The two commands of the README. Both create the virtual environment they need.
 #   make demo   train the cpu preset for DEMO_STEPS on DEMO_THREADS threads (or reuse the run in RUN), then
 #               write its HTML report
-#   make test   run the test suite, on TEST_WORKERS processes (pytest-xdist; the tests that start Ray share one;
-#               three on two cores: the Ray tests wait on start-ups and subprocesses)
+#   make test   run the test suite, on TEST_WORKERS processes (pytest-xdist; the tests that start Ray share one)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 RUN ?= runs/cpu
 DEMO_STEPS ?= 7000
 DEMO_THREADS ?= 2
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test
@@ -28,7 +27,6 @@ $(BIN)/.base: pyproject.toml
 
 $(BIN)/.installed: $(BIN)/.base
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
-	$(BIN)/python -c "import analyses.report.run_report, mechlrmc.cli, ray.tune, transformers, lightning, lifelines, statsmodels.api, cvxpy, devinterp, nbclient, hypothesis"
 	touch $@
 
 demo: $(BIN)/.base
