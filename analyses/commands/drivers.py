@@ -36,6 +36,15 @@ def _save(fig, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _save_with_png(fig, path: Path, width: int, height: int) -> None:
+    """The figure as HTML at `path` and, where kaleido (a headless browser) works, as a PNG beside it."""
+    _save(fig, path)
+    try:
+        fig.write_image(path.with_suffix(".png"), width=width, height=height, scale=1.5)
+    except Exception as e:  # kaleido missing or failing: the HTML is written
+        print(f"{path.with_suffix('.png').name} not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
 def _freeze(args: argparse.Namespace) -> int:
     from analyses.weights.figures import plot_freeze
     from analyses.weights.freeze import DEFAULT_STEPS, freeze_sweep
@@ -199,11 +208,7 @@ def _scaling(args: argparse.Namespace) -> int:
     best = fits[fits.model == fits.sort_values("aic").model.iloc[0]]
     figures = {"scaling": plot_scaling(summary, args.by, best), "survival": plot_survival(tables["survival"])}
     for name, fig in figures.items():
-        _save(fig, out / f"{name}.html")
-        try:
-            fig.write_image(out / f"{name}.png", width=900, height=520, scale=1.5)
-        except Exception as e:  # kaleido (a headless browser) missing or failing: the HTML is written
-            print(f"{name}.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        _save_with_png(fig, out / f"{name}.html", width=900, height=520)
     print(survival.k_of_n(summary))
     medians = tables["median_drop"]
     print(medians.drop(columns="setting").to_string(index=False))
@@ -220,13 +225,12 @@ def _scaling(args: argparse.Namespace) -> int:
 
 def _variance(args: argparse.Namespace) -> int:
     from analyses.family.figures import plot_drop_variance
-    from analyses.family.summary import summary_table
     from analyses.family.variance import drop_variance, variance_verdict
     from mechlrmc.errors import OptionError
 
     if args.reps < 20:
         raise OptionError(f"--reps {args.reps} is invalid: allowed an integer >= 20 (bootstrap families per interval)")
-    summary = summary_table(args.family)
+    summary = _family_summary(Path(args.family))
     out = Path(args.out or f"out/{Path(args.family).name}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"fitting {len(summary)} runs, then {args.reps} bootstrap families ...")
@@ -234,12 +238,7 @@ def _variance(args: argparse.Namespace) -> int:
     summary.to_csv(out / "family_summary.csv", index=False)
     table.to_csv(out / "variance.csv", index=False)
     if len(args.factors) == 2:
-        fig = plot_drop_variance(summary, args.factors, table)
-        _save(fig, out / "variance.html")
-        try:
-            fig.write_image(out / "variance.png", width=1000, height=460, scale=1.5)
-        except Exception as e:  # kaleido (a headless browser) missing or failing: the HTML is written
-            print(f"variance.png not written ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        _save_with_png(plot_drop_variance(summary, args.factors, table), out / "variance.html", width=1000, height=460)
     print(table.drop(columns=["model"]).to_string(index=False))
     print(variance_verdict(table))
     return 0
