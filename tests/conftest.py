@@ -18,6 +18,10 @@ REFERENCE_RUN = ROOT / "checkpoints" / "cpu"
 REFERENCE_ISA = "AVX512"
 
 torch.set_num_threads(1)  # the test models are tiny; one thread is fastest and deterministic
+# and every process the tests start (notebook kernels, command-line children, spawned pools, Ray's workers) on
+# one thread too: `make test` runs two workers on two cores, and a child of two threads beside a busy worker
+# waits at each kernel's barrier for the core it does not get (notebook 02: 97 s instead of 12)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def execute_notebook(path: Path, env: dict[str, str]):
