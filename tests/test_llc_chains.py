@@ -98,3 +98,38 @@ def test_two_processes_give_the_chains_of_one():
     there = sample_many([{"model": model, "data": data, "config": config}], workers=2)[0]
     pd.testing.assert_frame_equal(here, there)
     assert len(fixed_minibatches(data, 50)) == 4 and here.burnin.sum() == 2 * 20
+
+
+FACTORY = """
+import torch
+
+
+class Model(torch.nn.Module):
+    def __init__(self, d_in):
+        super().__init__()
+        self.linear = torch.nn.Linear(d_in, 1)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+def build(d_in=3):
+    return Model(d_in)
+"""
+
+
+def test_a_model_from_a_factory_file_is_sampled_in_the_second_process_too(tmp_path):
+    """A recorded run's model comes from its factory's file, loaded by path under a module name that
+    a spawned process cannot import: its chains still run there (the class travels by value), and
+    give the chains of one process."""
+    from mechlrmc.factory import import_object
+
+    (tmp_path / "user_model.py").write_text(FACTORY)
+    model = import_object(f"{tmp_path / 'user_model.py'}:build")()
+    reference, data = _regression(d_in=3, n=200)
+    model.load_state_dict({"linear.weight": reference.weight.detach(), "linear.bias": reference.bias.detach()})
+    config = SGLDConfig(num_chains=2, num_burnin=20, num_draws=20, lr=0.05, localization=0.01, batch_size=50,
+                        nbeta=50.0, paired=True)
+    here = sample_many([{"model": model, "data": data, "config": config}], workers=1)[0]
+    there = sample_many([{"model": model, "data": data, "config": config}], workers=2)[0]
+    pd.testing.assert_frame_equal(here, there)

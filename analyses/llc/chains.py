@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
@@ -309,9 +310,11 @@ def _advance_job(job: tuple[tuple, dict]) -> Chain:
     return advance(*args, **options)
 
 
-def _advance_remote(job: tuple[tuple, dict]) -> Chain:
+def _advance_remote(payload: bytes) -> Chain:
+    import pickle
+
     torch.set_num_threads(1)  # a worker's one core
-    return _advance_job(job)
+    return _advance_job(pickle.loads(payload))
 
 
 def _executor(workers: int) -> ProcessPoolExecutor | None:
@@ -323,15 +326,25 @@ def _executor(workers: int) -> ProcessPoolExecutor | None:
     return executor
 
 
-def _sendable(job) -> bool:
-    """Whether `job` can go to another process (a loss function defined in a notebook cell cannot)."""
-    import pickle
+def _payload(job: tuple[tuple, dict]) -> bytes | None:
+    """`job` pickled for a spawned process, or None where it cannot go. The classes and functions of
+    modules that process could not import by name (a model factory's file loaded by its path,
+    `mechlrmc.factory.import_object`; a notebook's `__main__`) travel by value (cloudpickle): a
+    recorded run's model is rebuilt there from its pickled class, not looked up."""
+    from importlib.machinery import PathFinder
 
+    import cloudpickle
+
+    (_, model, *_), options = job
+    names = {type(m).__module__ for m in model.modules()} | {getattr(options.get("loss_fn"), "__module__", None)}
+    for name in sorted(n for n in names if n and n != "__main__" and n in sys.modules):
+        top = name.partition(".")[0]  # looked for where the spawned process looks: on sys.path, not in sys.modules
+        if top not in sys.builtin_module_names and PathFinder.find_spec(top) is None:
+            cloudpickle.register_pickle_by_value(sys.modules[name])
     try:
-        pickle.dumps(job)
+        return cloudpickle.dumps(job)
     except Exception:  # noqa: BLE001 - whatever does not pickle is sampled in this process
-        return False
-    return True
+        return None
 
 
 def _run_jobs(jobs: list[tuple[tuple, dict]], pool: ProcessPoolExecutor | int | None, bar=None) -> list[Chain]:
@@ -343,7 +356,8 @@ def _run_jobs(jobs: list[tuple[tuple, dict]], pool: ProcessPoolExecutor | int | 
     own = isinstance(pool, int)
     executor = _executor(pool) if own else pool
     try:
-        if executor is None or not _sendable(jobs[0]):
+        payloads = [_payload(job) for job in jobs] if executor is not None else []
+        if executor is None or None in payloads:
             results = []
             for job in jobs:
                 results.append(_advance_job(job))
@@ -359,7 +373,7 @@ def _run_jobs(jobs: list[tuple[tuple, dict]], pool: ProcessPoolExecutor | int | 
                 if i is None:
                     return
                 try:
-                    results[i] = executor.submit(_advance_remote, jobs[i]).result() if remote else _advance_job(jobs[i])
+                    results[i] = executor.submit(_advance_remote, payloads[i]).result() if remote else _advance_job(jobs[i])
                 except BaseException as error:  # noqa: BLE001 - raised again in the caller
                     errors.append(error)
                 if bar is not None:
