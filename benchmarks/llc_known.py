@@ -11,7 +11,7 @@
 - A deep linear network (no biases) fitted to a noisy low-rank map: the empirical reduced-rank
   least-squares map, factored across the layers at the most singular true parameter (the
   redundant hidden units' weights zero), whose learning coefficient is Aoyagi's
-  (`analyses.llc.calibrate.dln_learning_coefficient`).
+  (`analyses.llc.known.dln_learning_coefficient`).
 The last line ends with the calibrated estimates' worst ratio to the truth, e.g. `0.97x`. On
 2026-12-06 (benchmarks/RESULTS.md) the regression hit (1.03) and the network missed (1.74).
 """
@@ -88,7 +88,7 @@ def main() -> None:
                         choices=["linear", "per-tensor", "network"], help="which rows to run")
     args = parser.parse_args()
 
-    from analyses.llc.calibrate import dln_learning_coefficient
+    from analyses.llc.known import dln_learning_coefficient
     from analyses.llc.estimator import local_learning_coefficient
 
     torch.set_num_threads(1)

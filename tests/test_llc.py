@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from analyses.base.walk import across_checkpoints
-from analyses.llc.calibrate import (Calibration, calibrate, dln_learning_coefficient, flat_after_burnin,
-    rrr_learning_coefficient)
+from analyses.llc.calibrate import Calibration, calibrate, flat_after_burnin
 from analyses.llc.components import component_llc, component_masks
 from analyses.llc.data import SGLDConfig
 from analyses.llc.estimator import llc_per_step, local_learning_coefficient
 from analyses.llc.figures import plot_llc
+from analyses.llc.known import dln_learning_coefficient, rrr_learning_coefficient
 from analyses.llc.sampler import llc_from_traces, sgld_traces
 from mechlrmc.errors import OptionError
 

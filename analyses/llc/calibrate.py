@@ -55,8 +55,8 @@ The estimate LLC = nbeta (E[L(w)] - L(w*)) is only as good as the sampler's sett
 Minibatches are all examples up to 4096 and their losses are paired with L(w*) on the same
 minibatch (`SGLDConfig.paired`). For a regular model in these coordinates the step's bias is about
 +lr / 4 and the localization's about -gamma, so the starting point is within ~2 % of d / 2. Known
-answers for the tests: d / 2 for a regular model, `rrr_learning_coefficient` for reduced-rank
-regression; `dln_learning_coefficient` for deep linear networks, which the default call misses at
+answers for the tests: d / 2 for a regular model, and the learning coefficients of reduced-rank
+regression and deep linear networks (`analyses.llc.known`); the default call misses the latter at
 10^5 weights (benchmarks/llc_known.py, benchmarks/RESULTS.md).
 """
 
@@ -480,52 +480,3 @@ def calibrate(model: torch.nn.Module, data: Data, loss_fn: Callable = mse_loss, 
                           for (a, b, s, e), (c, d, f, _) in results.items()])
     return Calibration(chosen, scales, dimension, diverged, flat, stable, localization_ok, sweep, hessian, floor,
                        transform if low_rank is not None else None)
-
-
-def rrr_learning_coefficient(M: int, N: int, H: int, r: int) -> float:
-    """The learning coefficient of reduced-rank regression (Aoyagi & Watanabe 2005, "Stochastic
-    complexities of reduced rank regression in Bayesian estimation", Neural Networks 18, Main Theorem):
-    the model x -> B A x with A of shape [H, M] and B [N, H] (M inputs, N outputs, H hidden units)
-    and a true map of rank r <= H:
-    - if N + r <= M + H, M + r <= N + H and H + r <= M + N:
-      lambda = (2 (H + r)(M + N) - (M - N)^2 - (H + r)^2) / 8, plus 1/8 if M + N + H + r is odd;
-    - else if M + H < N + r: lambda = (H M - H r + N r) / 2;
-    - else if N + H < M + r: lambda = (H N - H r + M r) / 2;
-    - else (M + N < H + r): lambda = M N / 2.
-    At H = r it is r (M + N - r) / 2, half the dimension of the rank-r matrices (the regular case)."""
-    if not (0 <= r <= H and min(M, N, H) >= 1):
-        raise ValueError(f"(M, N, H, r)={(M, N, H, r)} is invalid: allowed M, N, H >= 1 and 0 <= r <= H")
-    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
-        value = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
-        return (value + ((M + N + H + r) % 2)) / 8
-    if M + H < N + r:
-        return (H * M - H * r + N * r) / 2
-    if N + H < M + r:
-        return (H * N - H * r + M * r) / 2
-    return M * N / 2
-
-
-def dln_learning_coefficient(widths: list[int], r: int) -> float:
-    """The learning coefficient of a deep linear network (Aoyagi 2024, "Consideration on the learning
-    efficiency of multiple-layered neural networks with linear units", Neural Networks, main
-    theorem): x -> W_L ... W_1 x with layer widths H_1 (input) ... H_{L+1} (output), no biases, and a
-    true map of rank r <= min H_j. With M_j = H_j - r, S is the set of the l + 1 >= 2 smallest M_j
-    for which max_S M < min_{not S} M, sum_S M >= l max_S M and sum_S M < l min_{not S} M (there is
-    exactly one); with M' = ceil(sum_S M / l) and a = sum_S M - (M' - 1) l,
-        lambda = (-r^2 + r (H_1 + H_{L+1})) / 2 + a (l - a) / (4 l) - l (l - 1) / 4 (sum_S M / l)^2
-                 + 1/2 sum_{i < j in S} M_i M_j.
-    With one hidden layer it is `rrr_learning_coefficient`; with a width equal to r it is
-    r (H_1 + H_{L+1} - r) / 2, half the dimension of the rank-r maps; with one layer, H_1 H_2 / 2."""
-    if len(widths) < 2 or min(widths) < 1 or not 0 <= r <= min(widths):
-        raise ValueError(f"(widths, r)={(list(widths), r)} is invalid: allowed >= 2 widths >= 1 and "
-                         "0 <= r <= min(widths)")
-    M = sorted(h - r for h in widths)
-    for size in range(2, len(M) + 1):
-        chosen, total, l = M[:size], sum(M[:size]), size - 1
-        beyond = M[size] if size < len(M) else math.inf
-        if max(chosen) < beyond and total >= l * max(chosen) and total < l * beyond:
-            a = total - (-(-total // l) - 1) * l  # -(-x // l): ceil(x / l) in integers
-            pairs = (total ** 2 - sum(m * m for m in chosen)) / 2  # sum_{i < j} M_i M_j
-            return ((-r * r + r * (widths[0] + widths[-1])) / 2 + a * (l - a) / (4 * l)
-                    - l * (l - 1) / 4 * (total / l) ** 2 + pairs / 2)
-    raise AssertionError(f"no subset S for widths={widths}, r={r}")  # excluded by the theorem
