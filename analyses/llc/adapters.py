@@ -59,7 +59,9 @@ def _own_model(ctx, step: int):
     """The model at `step` for the sampler: a copy of its own where the report computes this section
     in a thread beside others (whose hooks on the context's shared models must not reach the chains),
     else the context's (loaded once)."""
-    return ctx.run.load_model(step, device=ctx.device) if _workers(ctx) > 1 else ctx.model(step)
+    beside_others = int(ctx.option("workers", WORKERS)) > 1  # the report's lanes, quick or not (`_workers` is
+    # the chains' processes, one in quick mode, while the section still runs in a thread beside the others)
+    return ctx.run.load_model(step, device=ctx.device) if beside_others else ctx.model(step)
 
 
 def _workers(ctx) -> int:
