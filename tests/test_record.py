@@ -319,8 +319,8 @@ def test_the_lightning_callback_records_a_run(tmp_path):
 @pytest.mark.slow
 def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_and_collapse(tmp_path):
     """The worked example's minGPT (linear attention, the plateau paper's MWS step) at 8 inputs, seed 0,
-    batch 128 and step size 2e-4, 180 steps (on this project's machine: plateau from ~20, greedy outputs repeating at ~0.7 against
-    the truth's 0.06, drop at ~135). Every entry its task allows applies through the anatomy its sites
+    batch 128 and step size 2e-4, 180 steps (on this project's machine: plateau from ~20, greedy
+    outputs repeating at ~0.7 against the truth's 0.06, drop at ~135). Every entry its task allows applies through the anatomy its sites
     name; the solving head is over half on the optimal map at the end and not on the plateau; patching
     at the drop recovers the answer through that head's z at the output positions; a probe of the
     window sum at the last layer beats one of a single input."""
@@ -331,16 +331,13 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
 
     torch.set_num_threads(1)
     # notebooks/06_your_own_loop trains and records this run (ex.train(out, steps=180, length=8, batch=128,
-    # lr=2e-4, eval_every=10) in a fresh temporary folder): run it, then report on the run it recorded, as
-    # `mechlrmc report` writes it
+    # lr=2e-4, eval_every=10) in a fresh temporary folder): run it, then report on the run it recorded
     nb = execute_notebook(ROOT / "notebooks" / "06_your_own_loop.ipynb", {"TMPDIR": str(tmp_path)})
     assert notebook_errors(nb) == []
     (out,) = tmp_path.glob("*/mingpt8")
     report = build_report(Run(out), quick=True, workers=1, progress=False)
     assert report.errors == {}
-    report.write(tmp_path / "report.html")
-    page = (tmp_path / "report.html").read_text()
-    assert "the user's own" in page and "ln_f" in page and "Plateau dynamics" in page
+    assert "the user's own" in report.html and "ln_f" in report.html and "Plateau dynamics" in report.html
     ctx = report.context
     sections = set(re.findall(r'<section id="([^"]+)" data-status="ok">', report.html))
     assert sections == {a.name for a in ANALYSES if a.needs is None and set(a.requires) <= ctx.task.supports}

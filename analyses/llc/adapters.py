@@ -59,15 +59,18 @@ def _own_model(ctx, step: int):
     """The model at `step` for the sampler: a copy of its own where the report computes this section
     in a thread beside others (whose hooks on the context's shared models must not reach the chains),
     else the context's (loaded once)."""
-    beside_others = int(ctx.option("workers", WORKERS)) > 1  # the report's lanes, quick or not (`_workers` is
-    # the chains' processes, one in quick mode, while the section still runs in a thread beside the others)
-    return ctx.run.load_model(step, device=ctx.device) if beside_others else ctx.model(step)
+    return ctx.run.load_model(step, device=ctx.device) if _lanes(ctx) > 1 else ctx.model(step)
+
+
+def _lanes(ctx) -> int:
+    """The report's lanes: above one, this section runs in a thread beside the others (quick or not)."""
+    return int(ctx.option("workers", WORKERS))
 
 
 def _workers(ctx) -> int:
     """The processes a run's chains use: none of their own in quick mode (their start-up would cost
-    more than the short chains), else the context's option or `WORKERS`."""
-    return 1 if ctx.quick else int(ctx.option("workers", WORKERS))
+    more than the short chains), else the report's lanes."""
+    return 1 if ctx.quick else _lanes(ctx)
 
 
 def run_calibration(ctx, options: dict, steps: list[int] | None = None):
