@@ -324,7 +324,7 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     name; the solving head is over half on the optimal map at the end and not on the plateau; patching
     at the drop recovers the answer through that head's z at the output positions; a probe of the
     window sum at the last layer beats one of a single input."""
-    from analyses.base.registry import ANALYSES, get
+    from analyses.base.registry import ANALYSES
     from analyses.report.run_report import build_report
 
     from conftest import execute_notebook, notebook_errors
@@ -341,21 +341,22 @@ def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_an
     ctx = report.context
     sections = set(re.findall(r'<section id="([^"]+)" data-status="ok">', report.html))
     assert sections == {a.name for a in ANALYSES if a.needs is None and set(a.requires) <= ctx.task.supports}
-    phases = get("phases").compute(ctx)["phases"].iloc[0]
+    tables = report.tables  # what the sections showed, by section key and table name
+    phases = tables["phases"]["phases"].iloc[0]
     assert phases.dropped and 60 < phases.drop_step < 180 and phases.plateau_start < phases.drop_step
     assert phases.plateau_max_rep > 3 * phases.rep_true  # repetition above the truth's on the plateau (P1)
-    dynamics = get("plateau_dynamics").compute(ctx)
+    dynamics = tables["plateau_dynamics"]
     final = dynamics["collapse"][dynamics["collapse"].layer == "final"].set_index("step").cos_scored
     plateau = final[(final.index >= phases.plateau_start) & (final.index < phases.drop_step)]
     assert plateau.max() > 0.5 and final.iloc[-1] < 0.1  # collapse at the site ln_f on the plateau, gone after (P2)
     taxonomy = ctx.taxonomy
     head = taxonomy[taxonomy.step == ctx.final].sort_values("share_on_map").iloc[-1]
     assert head.share_on_map > 0.5 > taxonomy[taxonomy.step == ctx.key["plateau"]].share_on_map.max()
-    patching = get("sequence_patching").compute(ctx)["sequence_patching"]
+    patching = tables["sequence_patching"]["sequence_patching"]
     z = patching[(patching.step == ctx.key["drop"]) & (patching.site == "z") & (patching.method == "exact")
                  & (patching.layer == head.layer) & (patching["head"] == head["head"]) & (patching.pos >= 8)]
     assert z.recovery.sum() > 0.5  # the solving head's z at the output positions carries the answer
-    probes = get("probes").compute(ctx)["probes"]
+    probes = tables["probes"]["probes"]
     last = probes[(probes.step == ctx.final) & (probes.layer == probes.layer.max())].set_index("target").r2
     assert last["window"] > last["input"]
 

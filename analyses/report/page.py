@@ -41,7 +41,16 @@ class Section:
     title: str
     finding: str  # the finding it reproduces (docs/FINDINGS.md)
     caption: str  # one line: what it shows
-    build: Callable[[object], list[Part]]  # the shared context -> the parts to show
+    build: Callable[[object], list[Part] | Drawn]  # the shared context -> the parts to show (with their tables)
+
+
+@dataclass
+class Drawn:
+    """What a section's builder may return instead of its bare parts: the parts and the tables they
+    were drawn from (kept in `Report.tables`)."""
+
+    parts: list[Part]
+    tables: dict[str, pd.DataFrame]
 
 
 @dataclass
@@ -50,6 +59,7 @@ class Report:
     errors: dict[str, str] = field(default_factory=dict)  # section key -> error message
     seconds: dict[str, float] = field(default_factory=dict)
     context: object = None  # the sections' shared context (its cached tables)
+    tables: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)  # section key -> its tables, by name
 
     def write(self, path: str | Path) -> Path:
         """The HTML written to `path` (parents created), atomically: a reader sees the old file or
@@ -82,12 +92,13 @@ def _section_html(section: Section, content: str, status: str, seconds: float) -
 
 @dataclass
 class Result:
-    """What one section's builder gave: its parts, or the error line and traceback; and its time."""
+    """What one section's builder gave: its parts (and tables), or the error line and traceback; and its time."""
 
     parts: list[Part] | None
     error: str | None = None
     trace: str = ""
     seconds: float = 0.0
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def run_section(section: Section, ctx) -> Result:
@@ -97,7 +108,8 @@ def run_section(section: Section, ctx) -> Result:
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            result = Result(list(section.build(ctx)))
+            built = section.build(ctx)
+            result = Result(built.parts, tables=built.tables) if isinstance(built, Drawn) else Result(list(built))
     except Exception as e:
         result = Result(None, f"{type(e).__name__}: {e}", traceback.format_exc(limit=-3))
     result.seconds = time.perf_counter() - start
@@ -116,6 +128,7 @@ def assemble(title: str, intro: str, sections: Iterable[Section], ctx, progress:
     for section in tqdm(sections, desc="report", unit="section", disable=not progress):
         result = (results or {}).get(section.key) or run_section(section, ctx)
         report.seconds[section.key] = result.seconds
+        report.tables[section.key] = result.tables
         if result.error is None:
             rendered = []
             for part in result.parts:

@@ -4,7 +4,8 @@
 batch, models and head taxonomy, each computed once), computes every registered analysis that
 applies to the run with `tables(ctx)` and `figures(ctx, tables)`, and lays them out with
 `analyses.report.page.assemble`: ONE file that opens offline. A section whose analysis fails shows the
-error in place and the others are still written; `Report.errors` lists the failures.
+error in place and the others are still written; `Report.errors` lists the failures and
+`Report.tables` holds every section's tables by name (a notebook reads them without computing again).
 
 With `workers=2` (the default where two cores are free) the attribution sweeps (`PARALLEL`) are
 computed in a process of their own and the LLC (`THREADED`) in a thread of this one, its chains
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from analyses.base.context import FULL, QUICK, Context
 from analyses.base.registry import Analysis, applicable
-from analyses.report.page import Report, Result, Section, assemble, run_section
+from analyses.report.page import Drawn, Report, Result, Section, assemble, run_section
 from mechlrmc.runs import Run
 
 PARALLEL = ("attribution",)  # each computed in a process of its own when workers > 1
@@ -37,9 +38,12 @@ THREADED = ("llc",)
 
 
 def section(analysis: Analysis) -> Section:
-    """The report section of a registered analysis: its figures, in order."""
-    return Section(analysis.name, analysis.title, analysis.finding, analysis.caption,
-                   lambda ctx: list(analysis.draw(ctx, analysis.compute(ctx)).values()))
+    """The report section of a registered analysis: its figures, in order, and the tables they show."""
+    def build(ctx) -> Drawn:
+        tables = analysis.compute(ctx)
+        return Drawn(list(analysis.draw(ctx, tables).values()), tables)
+
+    return Section(analysis.name, analysis.title, analysis.finding, analysis.caption, build)
 
 
 def _worker(run_path: str, keys: list[str], quick: bool, device: str, threads: int, family, interventions
