@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--linear", type=int, nargs=2, default=[1000, 100], help="d_in, d_out of the regression")
     parser.add_argument("--widths", type=int, nargs="+", default=[150, 200, 200, 150], help="the network's widths")
     parser.add_argument("--rank", type=int, default=10, help="the network's true rank")
+    parser.add_argument("--n", type=int, default=500, help="the network's examples")
     parser.add_argument("--cases", nargs="+", default=["linear", "per-tensor", "network"],
                         choices=["linear", "per-tensor", "network"], help="which rows to run")
     args = parser.parse_args()
@@ -95,12 +96,12 @@ def main() -> None:
     d_in, d_out = (max(2, round(w * args.scale)) for w in args.linear)
     widths = [max(args.rank, round(w * args.scale)) for w in args.widths]
     linear = regression(d_in, d_out, n=d_in + 100, mean=3.0)
-    network = deep_linear(widths, args.rank, n=500)
+    network = deep_linear(widths, args.rank, n=args.n)
     cases = [  # (case, label, model and data, truth, options, counted in the last line)
         ("linear", f"nn.Linear({d_in}, {d_out}), inputs of mean 3", linear, (d_in + 1) * d_out / 2, {}, True),
         ("per-tensor", "  the same, per-tensor scales only (full_limit=0, rank=0; rounds=1, max_steps=1000)", linear, (d_in + 1) * d_out / 2,
          {"full_limit": 0, "rank": 0, "rounds": 1, "max_steps": 1000}, False),
-        ("network", f"deep linear {'-'.join(map(str, widths))}, rank {args.rank}", network,
+        ("network", f"deep linear {'-'.join(map(str, widths))}, rank {args.rank}, n {args.n}", network,
          dln_learning_coefficient(widths, args.rank), {}, True),
     ]
     print(f"torch={torch.__version__}, 1 thread; the default call (calibrated) unless noted")
