@@ -58,7 +58,7 @@ def deep_linear(widths: list[int], r: int, n: int, seed: int = 0):
     U = torch.linalg.qr(torch.randn(outputs, r, generator=g))[0]
     V = torch.linalg.qr(torch.randn(inputs, r, generator=g))[0]
     x = orthogonal_inputs(n, inputs, g)
-    y = x @ (U * torch.linspace(1, 2, r)) @ V.T + 0.5 * torch.randn(n, outputs, generator=g)
+    y = x @ (V * torch.linspace(1, 2, r)) @ U.T + 0.5 * torch.randn(n, outputs, generator=g)  # [n, outputs]
     fitted = torch.linalg.lstsq(x.double(), y.double()).solution  # [inputs, outputs]
     # reduced-rank regression: the fitted values' top r directions in output space
     directions = torch.linalg.svd(x.double() @ fitted, full_matrices=False).Vh[:r]  # [r, outputs]
