@@ -14,9 +14,10 @@
   (`analyses.llc.known.dln_learning_coefficient`). That coefficient is the n -> infinity one: the
   data must be large enough that the tempered posterior is narrow next to the true map. With the
   loss averaged over the outputs and inputs of unit variance, its precision per entry of the
-  end-to-end map is nbeta * 2 / outputs (`--n`, `--widths`); at 1 (the first default, 150 outputs
-  and n = 500) the estimate was 1.74 times the truth, at 58 and above within about 10 % on small
-  networks (benchmarks/RESULTS.md, 2026-12-07).
+  end-to-end map is nbeta * 2 / outputs (`--n`, `--widths`). At 1 (the default before 2026-12-07:
+  150-200-200-150, rank 10, n = 500) the estimate was 1.74 times the truth; at 58 and above small
+  networks come within about 10 %, and the default, 300-200-200-5 with rank 3 and n = 1000
+  (precision 58, 101,000 weights), gave 0.87 (benchmarks/RESULTS.md, 2026-12-07).
 The last line ends with the calibrated estimates' worst ratio to the truth, e.g. `0.97x`.
 """
 
@@ -86,9 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="every width times this")
     parser.add_argument("--linear", type=int, nargs=2, default=[1000, 100], help="d_in, d_out of the regression")
-    parser.add_argument("--widths", type=int, nargs="+", default=[150, 200, 200, 150], help="the network's widths")
-    parser.add_argument("--rank", type=int, default=10, help="the network's true rank")
-    parser.add_argument("--n", type=int, default=500, help="the network's examples")
+    parser.add_argument("--widths", type=int, nargs="+", default=[300, 200, 200, 5], help="the network's widths")
+    parser.add_argument("--rank", type=int, default=3, help="the network's true rank")
+    parser.add_argument("--n", type=int, default=1000, help="the network's examples")
     parser.add_argument("--seed", type=int, default=0, help="the network's data seed")
     parser.add_argument("--cases", nargs="+", default=["linear", "per-tensor", "network"],
                         choices=["linear", "per-tensor", "network"], help="which rows to run")
