@@ -107,8 +107,8 @@ def main() -> None:
         ("linear", f"nn.Linear({d_in}, {d_out}), inputs of mean 3", linear, (d_in + 1) * d_out / 2, {}, True),
         ("per-tensor", "  the same, per-tensor scales only (full_limit=0, rank=0; rounds=1, max_steps=1000)", linear, (d_in + 1) * d_out / 2,
          {"full_limit": 0, "rank": 0, "rounds": 1, "max_steps": 1000}, False),
-        ("network", f"deep linear {'-'.join(map(str, widths))}, rank {args.rank}, n {args.n}, seed {args.seed}", network,
-         dln_learning_coefficient(widths, args.rank), {}, True),
+        ("network", f"deep linear {'-'.join(map(str, widths))}, rank {args.rank}, n {args.n}, seed {args.seed}",
+         network, dln_learning_coefficient(widths, args.rank), {}, True),
     ]
     print(f"torch={torch.__version__}, 1 thread; the default call (calibrated) unless noted")
     print("| model | weights | true | estimate +- std | ratio | ok | failing checks | seconds |")

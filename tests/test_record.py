@@ -320,10 +320,10 @@ def test_the_lightning_callback_records_a_run(tmp_path):
 def test_the_report_of_a_recorded_foreign_model_shows_plateau_drop_repetition_and_collapse(tmp_path):
     """The worked example's minGPT (linear attention, the plateau paper's MWS step) at 8 inputs, seed 0,
     batch 128 and step size 2e-4, 180 steps (on this project's machine: plateau from ~20, greedy
-    outputs repeating at ~0.7 against the truth's 0.06, drop at ~135). Every entry its task allows applies through the anatomy its sites
-    name; the solving head is over half on the optimal map at the end and not on the plateau; patching
-    at the drop recovers the answer through that head's z at the output positions; a probe of the
-    window sum at the last layer beats one of a single input."""
+    outputs repeating at ~0.7 against the truth's 0.06, drop at ~135). Every entry its task allows
+    applies through the anatomy its sites name; the solving head is over half on the optimal map at
+    the end and not on the plateau; patching at the drop recovers the answer through that head's z at
+    the output positions; a probe of the window sum at the last layer beats one of a single input."""
     from analyses.base.registry import ANALYSES
     from analyses.report.run_report import build_report
 
