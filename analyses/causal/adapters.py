@@ -38,11 +38,13 @@ def patching_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
 
 
 def attribution_tables(ctx) -> dict[str, pd.DataFrame]:
-    """Attribution, both integrated gradients and exact patching at the key checkpoints, clean X against -X."""
+    """Attribution, both integrated gradients and exact patching at the key checkpoints, clean X against -X
+    (the path estimators for the masked recovery only: the one the section compares and draws)."""
     from analyses.causal.integrated_gradients import DEFAULT_STEPS
 
     batch = ctx.batch[: ctx.budget.patch_batch]
-    frames = [compare_with_patching(ctx.subject(step), batch, ctx.run.config.data, steps=DEFAULT_STEPS, anatomy=ctx.anatomy)
+    frames = [compare_with_patching(ctx.subject(step), batch, ctx.run.config.data, steps=DEFAULT_STEPS,
+                                    anatomy=ctx.anatomy, metrics=("recovery_mask",))
               .assign(step=step, moment=moment) for moment, step in ctx.key.items()]
     frame = pd.concat(frames, ignore_index=True)
     agreement = attribution_agreement(frame[frame.metric == "recovery_mask"])

@@ -22,10 +22,12 @@ FAILS_PEARSON = 0.5  # ... and fails below this
 
 def compare_with_patching(model: torch.nn.Module, batch: Batch, data_cfg: DataConfig, corruption: str = "negate",
                           sites: dict[str, tuple[str, ...]] | None = None, seed: int = 0,
-                          steps: int | None = None, anatomy: Anatomy | None = None) -> pd.DataFrame:
+                          steps: int | None = None, anatomy: Anatomy | None = None,
+                          metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Exact (batched) patching and attribution side by side: one row per patch and metric, with
     columns `exact` and `attribution`, and, if `steps` is given, `integrated_gradients` and
-    `joint_integrated_gradients` (`steps` points each)."""
+    `joint_integrated_gradients` (`steps` points each; for `metrics` only, default both recovery
+    metrics: one backward each, the other NaN)."""
     from analyses.causal.integrated_gradients import integrated_gradients_sweep, joint_integrated_gradients_sweep
 
     keys = ["site", "granularity", "layer", "pos", "head"]
@@ -35,9 +37,9 @@ def compare_with_patching(model: torch.nn.Module, batch: Batch, data_cfg: DataCo
               "attribution": attribution_sweep(model, batch, corrupted, sites, anatomy=anatomy)}
     if steps is not None:
         frames["integrated_gradients"] = integrated_gradients_sweep(model, batch, corrupted, sites, steps,
-                                                                    anatomy=anatomy)
+                                                                    anatomy=anatomy, metrics=metrics)
         frames["joint_integrated_gradients"] = joint_integrated_gradients_sweep(model, batch, corrupted, sites, steps,
-                                                                                anatomy=anatomy)
+                                                                                anatomy=anatomy, metrics=metrics)
     long = [f.melt(id_vars=keys, value_vars=["recovery_mask", "recovery_obs"], var_name="metric", value_name=name)
             for name, f in frames.items()]
     out = long[0]

@@ -20,9 +20,10 @@ single-position patch are therefore the matrix's wrapped diagonals (entry (i, j)
 (j - i) mod max(m, n)): no two entries of a group share a row or a column. Patches that span every
 position (granularity "layer" or "layer_head") move all positions together: a whole layer's own path
 (for "layer_head" the other heads of the layer move with the patched one).
-Cost: `steps` x groups forwards (from layer l on) and two backwards (one per recovery metric) per
-layer, stacked along the batch dimension, one stack per layer: about the cost of the batched exact
-sweep on the shipped 4-layer model, several times cheaper than the stock one (benchmarks/RESULTS.md).
+Cost: 1 + (`steps` - 1) x groups forwards (from layer l on; alpha = 0 is the corrupted run for every
+group) and one backward per recovery metric asked for, per layer, stacked along the batch dimension,
+one stack per layer: about the cost of the batched exact sweep on the shipped 4-layer model, several
+times cheaper than the stock one (benchmarks/RESULTS.md).
 
 `joint_integrated_gradients_sweep` puts every layer of a site on one path (an additive shift of each
 layer's activation, so downstream layers are still recomputed) with the same left Riemann points:
@@ -47,6 +48,17 @@ from mechlrmc.errors import OptionError
 from mechlrmc.tasks.lrmc import Batch
 
 DEFAULT_STEPS = 4  # on the shipped final checkpoint: masked Pearson 0.91 (2 steps: 0.89)
+
+
+METRICS = ("recovery_mask", "recovery_obs")
+
+
+def _wanted(metrics: tuple[str, ...] | None) -> list[int]:
+    """The indices into `METRICS` of `metrics` (None: all), after checking them."""
+    metrics = METRICS if metrics is None else metrics
+    if not metrics or any(m not in METRICS for m in metrics):
+        raise OptionError(f"metrics={metrics!r} is invalid: allowed a non-empty subset of {METRICS}")
+    return sorted({METRICS.index(m) for m in metrics})
 
 
 def diagonal_groups(m: int, n: int) -> torch.Tensor:
@@ -80,28 +92,32 @@ def _checked_groups(clean: Batch, groups: torch.Tensor | None, pos: int) -> torc
 
 
 def _path_gradients(reader: SiteReader, tokens: torch.Tensor, name: str, layer: int, start: torch.Tensor | None,
-                    clean: torch.Tensor, corrupt: torch.Tensor, groups: torch.Tensor, steps: int, weights: torch.Tensor
-                    ) -> torch.Tensor:
+                    clean: torch.Tensor, corrupt: torch.Tensor, groups: torch.Tensor, steps: int, weights: torch.Tensor,
+                    wanted: list[int] | None = None) -> torch.Tensor:
     """Integrated gradient x delta of every entry of `name` [2, pos, (head)]: each group of positions
     (`groups` [G, pos]) moves from corrupted to clean alone, `steps` points each, in one stack (mechlrmc's
-    model restarted at `layer` from `start`; any other model from the corrupted `tokens`)."""
-    model = reader.model
+    model restarted at `layer` from `start`; any other model from the corrupted `tokens`). The point
+    alpha = 0 is the corrupted run for every group and is computed once: 1 + (steps - 1) G rows of the
+    batch. Only the metrics `wanted` (indices into `weights`, default all) get a backward; the others are NaN."""
+    model, wanted = reader.model, range(len(weights)) if wanted is None else wanted
     k, (g, b, pos) = steps, (groups.shape[0], *clean.shape[:2])
     delta = clean - corrupt  # [b, pos, ...]
     feature = (1,) * (delta.dim() - 2)
-    alpha = torch.arange(k, dtype=delta.dtype, device=delta.device) / k
-    moving = alpha.view(k, 1, 1, 1, *feature) * groups.to(delta).view(1, g, 1, pos, *feature)  # [k, G, 1, pos, ...]
-    point = (corrupt + moving * delta).flatten(0, 2).requires_grad_()  # [k * G * b, pos, ...]
+    group = groups.to(delta)
+    alpha = torch.arange(1, k, dtype=delta.dtype, device=delta.device) / k
+    moving = torch.cat([torch.zeros(1, pos).to(group),
+                        (alpha[:, None, None] * group).flatten(0, 1)])  # [R = 1 + (k - 1) G, pos]
+    point = (corrupt + moving.view(-1, 1, pos, *feature) * delta).flatten(0, 1).requires_grad_()  # [R * b, pos, ...]
+    out = torch.full((len(weights), *delta.shape[1:-1]), float("nan"), dtype=delta.dtype, device=delta.device)
     with torch.enable_grad(), _frozen(model):
-        pred = reader.forward_edited(tokens, k * g, {name: lambda act: point}, layer, start).view(k, g, b, pos)
-        grads = [torch.autograd.grad((pred * w).sum(), point, retain_graph=i == 0)[0]
-                 for i, w in enumerate(weights)]  # 2 x [k * G * b, pos, ...]
-    out = []
-    for grad in grads:
-        mean = grad.view(k, g, b, *delta.shape[1:]).mean(0)  # [G, b, pos, ...]
-        per_group = (mean * delta).sum(-1).sum(1)  # [G, pos, (head)]
-        out.append((per_group * groups.to(delta).view(g, pos, *feature[1:])).sum(0))
-    return torch.stack(out)
+        pred = reader.forward_edited(tokens, len(moving), {name: lambda act: point}, layer, start)
+        pred = pred.view(len(moving), b, pos)
+        for i in wanted:
+            grad = torch.autograd.grad((pred * weights[i]).sum(), point, retain_graph=i != wanted[-1])[0]
+            per_row = (grad.view(len(moving), *delta.shape) * delta).sum(-1).sum(1)  # [R, pos, (head)]
+            per_group = per_row[0] + per_row[1:].view(k - 1, g, *per_row.shape[1:]).sum(0)  # [G, pos, (head)]
+            out[i] = (per_group * group.view(g, pos, *feature[1:])).sum(0) / k
+    return out
 
 
 def _prepare(reader: SiteReader, clean: Batch, corrupted: Batch, sites, steps: int, groups):
@@ -131,10 +147,13 @@ def _start(reader: SiteReader, corrupt_cache, layer: int) -> torch.Tensor | None
 
 def integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch,
                                sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
-                               groups: torch.Tensor | None = None, anatomy: Anatomy | None = None) -> pd.DataFrame:
+                               groups: torch.Tensor | None = None, anatomy: Anatomy | None = None,
+                               metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Integrated-gradients recovery of every patch of every (site, granularity) in `sites`
     (default `DEFAULT_SITES`): the table of `attribution_sweep`. `groups` [G, pos] (bool) are the
-    positions that move together for single-position patches (default `diagonal_groups`)."""
+    positions that move together for single-position patches (default `diagonal_groups`). `metrics`
+    (default both of `METRICS`): the ones computed, one backward each; a metric left out is NaN."""
+    wanted = _wanted(metrics)
     reader = SiteReader(model, anatomy)
     device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
         reader, clean, corrupted, sites, steps, groups)
@@ -147,19 +166,16 @@ def integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corrupted: 
             if (name, single) not in per_entry:
                 per_entry[name, single] = _path_gradients(
                     reader, corrupt_tokens, name, layer, _start(reader, corrupt_cache, layer), clean_cache[name],
-                    corrupt_cache[name], split if single else whole, steps, weights)
+                    corrupt_cache[name], split if single else whole, steps, weights, wanted)
     entries = {(s, g): {l: per_entry[reader.name(s, l), "pos" in g] for l, _, _ in grid}
                for (s, g), grid in grids.items()}
     return patch_estimates(grids, entries, reader.n_heads, pos)
 
 
-METRICS = ("recovery_mask", "recovery_obs")
-
-
 def joint_integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corrupted: Batch,
                                      sites: dict[str, tuple[str, ...]] | None = None, steps: int = DEFAULT_STEPS,
                                      groups: torch.Tensor | None = None,
-                                     metrics: tuple[str, ...] = METRICS, max_rows: int = 4096,
+                                     metrics: tuple[str, ...] | None = None, max_rows: int = 4096,
                                      anatomy: Anatomy | None = None) -> pd.DataFrame:
     """Integrated gradients with every layer of a site on one path: the table of `attribution_sweep`.
 
@@ -175,13 +191,11 @@ def joint_integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corru
     `integrated_gradients_sweep`: with one group it is cheap, and shifting every layer by a whole
     layer's delta at once is where the layers interact most (on the shipped run's step 8000, `z`
     per layer and head: Pearson -0.45 on one path, 0.79 on each layer's own)."""
-    if not metrics or any(m not in METRICS for m in metrics):
-        raise OptionError(f"metrics={metrics!r} is invalid: allowed a non-empty subset of {METRICS}")
+    wanted = _wanted(metrics)
     reader = SiteReader(model, anatomy)
     device, corrupt_tokens, pos, split, grids, clean_pred, clean_cache, corrupt_cache, weights = _prepare(
         reader, clean, corrupted, sites, steps, groups)
     b = corrupt_tokens.shape[0]
-    wanted = [METRICS.index(m) for m in metrics]
     whole = torch.ones(1, pos, dtype=torch.bool, device=device)
     per_entry: dict[tuple[str, bool], torch.Tensor] = {}  # (hook, single position?) -> [2, pos, (head)]
     for (site, granularity), grid in grids.items():
@@ -191,10 +205,9 @@ def joint_integrated_gradients_sweep(model: torch.nn.Module, clean: Batch, corru
             continue
         if not single:  # each layer on its own path
             for layer, name in zip(sorted({l for l, _, _ in grid}), layer_names):
-                estimate = _path_gradients(reader, corrupt_tokens, name, layer, _start(reader, corrupt_cache, layer),
-                                           clean_cache[name], corrupt_cache[name], whole, steps, weights)
-                estimate[[i for i in range(len(METRICS)) if i not in wanted]] = float("nan")
-                per_entry[name, False] = estimate
+                per_entry[name, False] = _path_gradients(
+                    reader, corrupt_tokens, name, layer, _start(reader, corrupt_cache, layer), clean_cache[name],
+                    corrupt_cache[name], whole, steps, weights, wanted)
             continue
         group = split.to(clean_pred.dtype)
         alpha = torch.arange(1, steps, dtype=group.dtype, device=device).repeat_interleave(len(group)) / steps
