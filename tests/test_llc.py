@@ -85,12 +85,13 @@ def test_llc_per_step_averages_the_chains_of_each_checkpoint():
                         _traces(0, [3.0, 3.0, 3.0], init_loss=2.0, nbeta=4.0),  # LLC 4, 4, 4
                         _traces(10, [0.5], init_loss=0.25, nbeta=2.0)], ignore_index=True)  # one chain: LLC 0.5
     table = llc_per_step(traces.sample(frac=1, random_state=0))
-    assert list(table.columns) == ["step", "llc_mean", "llc_std", "init_loss", *DIAGNOSTICS]
+    assert list(table.columns) == ["step", "llc_mean", "llc_std", "llc_se", "init_loss", *DIAGNOSTICS]
     assert not table.ok.any() and table.stable.isna().all()  # uncalibrated settings are never ok
     assert table.step.tolist() == [0, 10, 40]
     assert table.llc_mean.tolist() == pytest.approx([4.0, 0.5, 10.0])
     assert table.llc_std.iloc[0] == pytest.approx(0.0) and pd.isna(table.llc_std.iloc[1])
     assert table.llc_std.iloc[2] == pytest.approx(50 ** 0.5)  # sample std of 5 and 15
+    assert table.llc_se.iloc[2] == pytest.approx(5.0) and table.llc_se.iloc[0] == pytest.approx(0.0)  # std / sqrt(2)
     assert table.init_loss.tolist() == [2.0, 0.25, 1.0]
 
 

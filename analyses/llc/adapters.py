@@ -238,8 +238,8 @@ def llc_figures(ctx, tables: dict[str, pd.DataFrame]) -> dict:
             "after the shaded burn-in, and the check found the estimate stable under half the step and half the "
             "localization; "
             + (f"<b>diagnostics fail at steps {failing}</b> (hollow markers)" if failing else "all checkpoints pass")
-            + ". Mean LLC across chains: "
-            + ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_std[s]:.2f}"
+            + ". Mean LLC across chains &plusmn; its standard error (the std across chains / &radic;chains): "
+            + ", ".join(f"{m} (step {s}) {table.llc_mean[s]:.2f} &plusmn; {table.llc_se[s]:.2f}"
                         + ("" if table.ok[s] else " (fails)") for m, s in moments.items()) + ".</p>"
             + checks_note(tables["llc_calibration"]))
     return {"note": note, "llc": plot_llc(chains, ctx.run.metrics, ctx.phases.drop_step),

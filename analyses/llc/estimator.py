@@ -39,7 +39,8 @@ from analyses.llc.sampler import diverged_chains, llc_from_traces, sgld_traces
 
 def llc_per_step(traces: pd.DataFrame, calibration: dict | None = None) -> pd.DataFrame:
     """One row per checkpoint of `across_checkpoints(run, sgld_traces)`: `step`, the mean and the
-    std across chains of `llc_from_traces` (`llc_mean`, `llc_std`; NaN for one chain), `init_loss`
+    std across chains of `llc_from_traces` (`llc_mean`, `llc_std`; NaN for one chain), the mean's
+    standard error `llc_se` = llc_std / sqrt(chains), `init_loss`
     = L(w*) (finding 1: does the LLC jump at the drop?) and the diagnostics: `diverged` and `flat`
     measured on each checkpoint's traces, `stable` and `localization_ok` from `calibration` (the
     calibration's `diagnostics()`; NaN without one) and `ok` (all four True: uncalibrated settings
@@ -48,8 +49,9 @@ def llc_per_step(traces: pd.DataFrame, calibration: dict | None = None) -> pd.Da
 
     chains = pd.concat([llc_from_traces(part).assign(step=int(step)) for step, part in traces.groupby("step")],
                        ignore_index=True)
-    table = chains.groupby("step").agg(llc_mean=("llc", "mean"), llc_std=("llc", "std"),
+    table = chains.groupby("step").agg(llc_mean=("llc", "mean"), llc_std=("llc", "std"), chains=("llc", "size"),
                                        init_loss=("init_loss", "first")).reset_index()
+    table.insert(3, "llc_se", table.llc_std / table.pop("chains") ** 0.5)
     checks = {"stable": math.nan, "localization_ok": math.nan} | {k: v for k, v in (calibration or {}).items()
                                                                     if k in ("stable", "localization_ok")}
     parts = dict(list(traces.groupby("step")))
