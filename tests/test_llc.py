@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analyses.base.walk import across_checkpoints
-from analyses.llc.calibrate import Calibration, calibrate, flat_after_burnin
+from analyses.llc.calibrate import Calibration, calibrate, flat_after_burnin, relaxes
 from analyses.llc.components import component_llc, component_masks
 from analyses.llc.data import SGLDConfig
 from analyses.llc.estimator import llc_per_step, local_learning_coefficient
@@ -320,6 +320,18 @@ def test_calibration_round_trips_through_its_cache_frames():
     assert again.config == calibration.config and again.scales == pytest.approx(calibration.scales)
     assert again.diagnostics() == calibration.diagnostics()
     assert calibration.sweep.chosen.sum() == 1
+
+
+def test_localization_check_fails_when_its_chains_cannot_relax():
+    """Chains capped below the relaxation time 2 / (lr localization / 2) measure a transient: the
+    check at half the localization fails then, whatever the estimates; the same model with room to
+    relax passes it."""
+    model, data = _regression(3, n=300)
+    assert relaxes(0.2, 0.01, 2000) and not relaxes(0.2, 0.01, 1999) and not relaxes(0.2, 0.01, 300)
+    capped = calibrate(model, data, rounds=1, max_steps=400)  # 200-step chains against 1,000
+    room = calibrate(model, data, rounds=1, max_steps=2000)
+    assert not capped.localization_ok and not capped.ok
+    assert room.localization_ok
 
 
 def test_plot_marks_failing_checkpoints_hollow():
