@@ -334,6 +334,19 @@ def test_localization_check_fails_when_its_chains_cannot_relax():
     assert room.localization_ok
 
 
+def test_report_note_names_a_localization_check_its_chains_could_not_settle():
+    from analyses.llc.adapters import checks_note
+
+    def sweep(steps):
+        return pd.DataFrame({"lr": [0.2, 0.1, 0.2], "localization": [0.02, 0.02, 0.01], "steps": steps,
+                             "llc": [6.3, 6.1, 6.4], "llc_std": [2.8, 3.0, 3.0], "flat": True,
+                             "chosen": [True, False, False], "calibrated_at": 14000})
+
+    short, long = checks_note(sweep(30)), checks_note(sweep(1000))
+    assert "ran 30 burn-in steps against the 1000" in short and "relaxes" in short
+    assert "burn-in steps against" not in long and "half the localization 6.40" in long
+
+
 def test_plot_marks_failing_checkpoints_hollow():
     chains = pd.DataFrame({"step": [0, 0, 10, 10], "llc": [1.0, 1.2, 2.0, 2.2], "ok": [True, True, False, False]})
     metrics = pd.DataFrame({"step": [0, 10], "eval_loss": [1.0, 0.5]})

@@ -110,8 +110,9 @@ def checked_point(model, data, options: dict, others: dict | None = None, progre
     """`analyses.llc.calibrate.calibrate` in one pass: per-tensor scales and its first point
     (step 0.2, localization 0.02 in curvature units, chains of burn-in and as many draws), checked
     as it checks a point (no divergence, flat traces, stable under half the step and under half the
-    localization, with chains long enough to relax there), without walking to another: a point that fails is flagged, not moved. The chains
-    of `others` (step -> model, at the same settings) run in the same pool
+    localization, with chains long enough to relax there), without walking to another: a point that
+    fails is flagged, not moved. The chains of `others` (step -> model, at the same settings) run in
+    the same pool
     (`analyses.llc.chains.sample_many`); the returned `Calibration` carries every step's traces in
     `traces` (the model's own under key None)."""
     from dataclasses import replace
@@ -215,6 +216,10 @@ def checks_note(sweep: pd.DataFrame) -> str:
            "these estimates measure a transient (see the traces); settling it takes chains of thousands of "
            "steps per checkpoint (<code>analyses.llc.chains.fast_traces</code> with a target error; docs/llc.md)."
            if unrelaxed else "")
+    if not why and half_loc is not None and 2 / (half_loc.lr * half_loc.localization) > half_loc.steps:
+        why = (f" The chains at half the localization ran {int(half_loc.steps)} burn-in steps against the "
+               f"{2 / (half_loc.lr * half_loc.localization):.0f} a direction held only by the localization takes to "
+               "relax there, so that check cannot pass (<code>analyses.llc.calibrate.relaxes</code>).")
     return (f"<p>The check at step {int(sweep.calibrated_at.iloc[0])}: " + ", ".join(parts)
             + (f"; {', '.join(verdicts)}." if verdicts else ".") + why + "</p>")
 
