@@ -334,7 +334,7 @@ def test_localization_check_fails_when_its_chains_cannot_relax():
     assert room.localization_ok
 
 
-def test_report_note_names_a_localization_check_its_chains_could_not_settle():
+def test_report_note_names_a_localization_check_its_chains_cannot_settle():
     from analyses.llc.adapters import checks_note
 
     def sweep(steps):
@@ -343,7 +343,7 @@ def test_report_note_names_a_localization_check_its_chains_could_not_settle():
                              "chosen": [True, False, False], "calibrated_at": 14000})
 
     short, long = checks_note(sweep(30)), checks_note(sweep(1000))
-    assert "ran 30 burn-in steps against the 1000" in short and "relaxes" in short
+    assert "ran 30 burn-in steps against the 1000" in short and "no proof for flatter ones" in short
     assert "burn-in steps against" not in long and "half the localization 6.40" in long
 
 
