@@ -93,13 +93,13 @@ def _checked_groups(clean: Batch, groups: torch.Tensor | None, pos: int) -> torc
 
 def _path_gradients(reader: SiteReader, tokens: torch.Tensor, name: str, layer: int, start: torch.Tensor | None,
                     clean: torch.Tensor, corrupt: torch.Tensor, groups: torch.Tensor, steps: int, weights: torch.Tensor,
-                    wanted: list[int] | None = None) -> torch.Tensor:
+                    wanted: list[int]) -> torch.Tensor:
     """Integrated gradient x delta of every entry of `name` [2, pos, (head)]: each group of positions
     (`groups` [G, pos]) moves from corrupted to clean alone, `steps` points each, in one stack (mechlrmc's
     model restarted at `layer` from `start`; any other model from the corrupted `tokens`). The point
     alpha = 0 is the corrupted run for every group and is computed once: 1 + (steps - 1) G rows of the
-    batch. Only the metrics `wanted` (indices into `weights`, default all) get a backward; the others are NaN."""
-    model, wanted = reader.model, range(len(weights)) if wanted is None else wanted
+    batch. Only the metrics `wanted` (indices into `weights`) get a backward; the others are NaN."""
+    model = reader.model
     k, (g, b, pos) = steps, (groups.shape[0], *clean.shape[:2])
     delta = clean - corrupt  # [b, pos, ...]
     feature = (1,) * (delta.dim() - 2)

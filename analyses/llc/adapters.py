@@ -206,18 +206,21 @@ def checks_note(sweep: pd.DataFrame) -> str:
              for name, r in rows.items()]
     verdicts = [f"{name} moves it by {abs(r.llc / chosen.llc - 1):.0%}" for name, r in rows.items()
                 if name != "chosen" and abs(r.llc / chosen.llc - 1) > 0.05]
+    from analyses.llc.calibrate import relaxation_time
+
     half_step, half_loc = rows.get("half the step"), rows.get("half the localization")
     unrelaxed = (half_step is not None and half_loc is not None and verdicts
                  and half_step.llc < chosen.llc < half_loc.llc)
     why = (" Lower at half the step and higher at half the localization is the mark of chains that have "
            "not relaxed: a direction held only by the localization relaxes in about 2 / (step x localization) "
-           f"= {2 / (chosen.lr * chosen.localization):.0f} steps against a {int(chosen.steps)}-step burn-in, so "
+           f"= {relaxation_time(chosen.lr, chosen.localization):.0f} steps against a {int(chosen.steps)}-step burn-in, so "
            "these estimates measure a transient (see the traces); settling it takes chains of thousands of "
            "steps per checkpoint (<code>analyses.llc.chains.fast_traces</code> with a target error; docs/llc.md)."
            if unrelaxed else "")
-    if not why and half_loc is not None and 2 / (half_loc.lr * half_loc.localization) > half_loc.steps:
+    settle = None if half_loc is None else relaxation_time(half_loc.lr, half_loc.localization)
+    if not why and settle is not None and settle > half_loc.steps:
         why = (f" The chains at half the localization ran {int(half_loc.steps)} burn-in steps against the "
-               f"{2 / (half_loc.lr * half_loc.localization):.0f} a direction held only by the localization takes to "
+               f"{settle:.0f} a direction held only by the localization takes to "
                "relax there: this check sees only the directions that relax sooner (a curved one relaxes in "
                "about 2 / (step x (curvature + localization)) steps), so its pass is no proof for flatter ones "
                "(<code>analyses.llc.calibrate</code> fails the check in that case; the report keeps its budget).")

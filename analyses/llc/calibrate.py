@@ -337,19 +337,22 @@ def agree(a: pd.DataFrame, b: pd.DataFrame, tol: float) -> bool:
     return bool(abs(ma - mb) <= tol * max(abs(ma), abs(mb)) + se)
 
 
+def relaxation_time(lr: float, localization: float) -> float:
+    """2 / (lr * localization): the SGLD steps a direction held only by the localization takes to relax."""
+    return 2 / (lr * localization)
+
+
 def chain_length(lr: float, localization: float, max_steps: int, stretch: float = 1.0, min_steps: int = 50) -> int:
-    """Burn-in (= draws) steps: `stretch` times 2 / (lr * localization), the relaxation time of a
-    direction held only by the localization, within [min_steps, max_steps / 2]."""
-    return int(min(max(math.ceil(stretch * 2 / (lr * localization)), min_steps), max_steps // 2))
+    """Burn-in (= draws) steps: `stretch` times the `relaxation_time`, within [min_steps, max_steps / 2]."""
+    return int(min(max(math.ceil(stretch * relaxation_time(lr, localization)), min_steps), max_steps // 2))
 
 
 def relaxes(lr: float, localization: float, max_steps: int) -> bool:
-    """Whether chains of at most `max_steps` (burn-in and as many draws) reach the relaxation time
-    2 / (lr * localization) of a direction held only by the localization. Capped below it, the
-    estimate at half the localization measures a transient, so the localization check cannot pass:
-    on a deep linear network of 10^5 weights the estimate kept rising as the localization fell, at
-    the cap, while the check passed (benchmarks/RESULTS.md, 2026-12-07)."""
-    return math.ceil(2 / (lr * localization)) <= max_steps // 2
+    """Whether chains of at most `max_steps` (burn-in and as many draws) reach the `relaxation_time`.
+    Capped below it, the estimate at half the localization measures a transient, so the localization
+    check cannot pass: on a deep linear network of 10^5 weights the estimate kept rising as the
+    localization fell, at the cap, while the check passed (benchmarks/RESULTS.md, 2026-12-07)."""
+    return math.ceil(relaxation_time(lr, localization)) <= max_steps // 2
 
 
 @dataclass

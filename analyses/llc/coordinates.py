@@ -105,13 +105,13 @@ class Reparametrized(torch.nn.Module):
         else:
             size = transform.shape[1] if torch.is_tensor(transform) else transform.dim
         self.u = torch.nn.Parameter(torch.zeros(size, dtype=first.dtype, device=first.device))
-        # every entry sampled: w* flat, so w = w* + u is one addition rather than one per tensor
-        whole = all(where is None for _, _, where in self.sampled)
-        self.star = torch.cat([p.flatten() for _, p, _ in self.sampled]) if whole and self.sampled else None
+        # no transform and every entry sampled: w* flat, so w = w* + u is one addition, not one per tensor
+        whole = transform is None and self.sampled and all(where is None for _, _, where in self.sampled)
+        self.star = torch.cat([p.flatten() for _, p, _ in self.sampled]) if whole else None
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The sampled parameters at w* + T u (the others are the base model's own)."""
-        if self.transform is None and self.star is not None:
+        if self.star is not None:
             parts = (self.star + self.u).split(self.sizes)
             return {name: part.view(base.shape) for (name, base, _), part in zip(self.sampled, parts)}
         if self.transform is None:
