@@ -48,7 +48,7 @@ _EXPORTS = {  # module -> the names it exports here
     "family.variance": ("drop_grid", "drop_variance", "variance_verdict"),
     "llc.adapters": ("run_component_llc",),
     "llc.calibrate": ("Calibration", "calibrate"),
-    "llc.known": ("dln_learning_coefficient", "rrr_learning_coefficient"),
+    "llc.known": ("dln_learning_coefficient", "dln_posterior_llc", "rrr_learning_coefficient"),
     "llc.components": ("component_changes", "component_llc", "component_masks", "model_components"),
     "llc.data": ("SGLDConfig",),
     "llc.estimator": ("llc_per_step", "local_learning_coefficient"),

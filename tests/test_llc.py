@@ -10,7 +10,7 @@ from analyses.llc.components import component_llc, component_masks
 from analyses.llc.data import SGLDConfig
 from analyses.llc.estimator import llc_per_step, local_learning_coefficient
 from analyses.llc.figures import plot_llc
-from analyses.llc.known import dln_learning_coefficient, rrr_learning_coefficient
+from analyses.llc.known import dln_learning_coefficient, dln_posterior_llc, rrr_learning_coefficient
 from analyses.llc.sampler import llc_from_traces, sgld_traces
 from mechlrmc.errors import OptionError
 
@@ -220,6 +220,47 @@ def test_deep_linear_learning_coefficient_formula():
     assert dln_learning_coefficient([100, 200, 200, 100], 10) == 100 * 100 / 2  # wide hidden layers: l = 1
     with pytest.raises(ValueError, match="allowed"):
         dln_learning_coefficient([4, 3, 5], 4)
+
+
+def test_dln_posterior_llc_is_exact_for_one_layer():
+    """One layer is a regular model: under the localized tempered posterior the excess loss has the
+    closed form 1/2 sum_i h_i / (h_i + localization) over the eigenvalues h_i of the Hessian of
+    nbeta L, each eigenvalue of X^T X once per output. The localization is of the order of the
+    curvatures, so the answer is far below d / 2 and a sampler that ignored it would miss."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) * torch.logspace(0, 1, 6, dtype=torch.float64)
+    y = x @ torch.randn(6, 2, generator=g, dtype=torch.float64) + torch.randn(300, 2, generator=g, dtype=torch.float64)
+    weight = torch.linalg.lstsq(x, y).solution.T  # [2, 6]
+    nbeta, localization = 300 / math.log(300), 200.0
+    h = 2 * nbeta / (300 * 2) * torch.linalg.eigvalsh(x.T @ x)
+    exact = 2 * float((h / (h + localization)).sum()) / 2
+    result = dln_posterior_llc([weight], (x, y), localization, sweeps=3000, burnin=0)
+    assert 1.0 < exact < 5.0  # the localization matters: d / 2 is 6
+    assert abs(result["llc"] - exact) < 4 * result["se"] + 0.02 * exact
+    assert len(result["trace"]) == 3000
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_dln_posterior_llc_counts_a_rank_one_network_modulo_its_rescaling(depth):
+    """x -> b a^T x (3 inputs, 1 hidden unit, 2 outputs; with depth 3 a scalar layer between) at its
+    rank-1 fit, with much data: every direction but the rescalings (a -> t a, b -> b / t) is
+    regular, so the exact value is Aoyagi's (3 + 2 - 1) / 2 = 2 within a few per cent. Swapping the
+    roles of the layers' factors A and Z, or the precision's scale, gives another number."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([[1.0, -0.5], [0.5, 1.0], [-1.0, 0.5]], dtype=torch.float64) @ torch.diag(
+        torch.tensor([1.5, 0.1], dtype=torch.float64)) + 0.5 * torch.randn(20000, 2, generator=g, dtype=torch.float64)
+    fitted = torch.linalg.lstsq(x, y).solution  # [3, 2]
+    u, s, vh = torch.linalg.svd(x @ fitted, full_matrices=False)
+    direction = vh[:1]  # the fitted values' top direction in output space, [1, 2]
+    left, s, right = torch.linalg.svd(direction.T @ direction @ fitted.T, full_matrices=False)
+    root = s[:1] ** (1 / depth)
+    layers = [root[:, None] * right[:1]] + [root[:, None]] * (depth - 2) + [left[:, :1] * root]  # [1, 3] ... [2, 1]
+    result = dln_posterior_llc(layers, (x, y), localization=1.0, sweeps=1500, burnin=100)
+    assert dln_learning_coefficient([3] + [1] * (depth - 1) + [2], 1) == 2.0
+    assert result["llc"] == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ValueError, match="allowed"):
+        dln_posterior_llc(layers, (x, y), localization=0.0)
 
 
 @pytest.mark.slow
