@@ -394,6 +394,9 @@ def test_plot_marks_failing_checkpoints_hollow():
     fig = plot_llc(chains, metrics)
     symbols = {t.name: (list(t.x), t.marker.symbol) for t in fig.data if t.name and "diagnostics" in t.name}
     assert symbols == {"diagnostics pass": ([0], "circle"), "diagnostics fail (hollow)": ([10], "circle-open")}
+    assert fig.layout.yaxis.dtick is None  # half a decade of loss: plotly's own ticks
+    spanning = plot_llc(chains, pd.DataFrame({"step": [0, 5, 10], "eval_loss": [1.0, 1e-2, 1e-4]}))
+    assert spanning.layout.yaxis.dtick == 1 and spanning.layout.yaxis.exponentformat == "power"  # one label a decade
 
 
 # ----- per-component (weight-restricted) LLC ----------------------------------------------------

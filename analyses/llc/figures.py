@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -60,7 +61,11 @@ def plot_llc(llc: pd.DataFrame, metrics: pd.DataFrame, drop_step: float | None =
                             marker=dict(size=9, symbol=symbol, color="rgb(99,110,250)", line_width=2))
     if drop_step is not None and not pd.isna(drop_step):
         fig.add_vline(x=float(drop_step), line_dash="dash", line_color="red")
-    fig.update_yaxes(title_text="eval loss", type="log", row=1, col=1)
+    losses = evals.filter(like="eval_loss").to_numpy().ravel()
+    losses = losses[np.isfinite(losses) & (losses > 0)]
+    decades = np.log10(losses.max() / losses.min()) if len(losses) else 0.0
+    ticks = {"dtick": 1} if decades >= 2 else {}  # one label a decade, not the 2s and 5s between
+    fig.update_yaxes(title_text="eval loss", type="log", exponentformat="power", row=1, col=1, **ticks)
     fig.update_yaxes(title_text="LLC estimate", row=2, col=1)
     fig.update_xaxes(title_text="training step", row=2, col=1)
     return fig.update_layout(title="Local learning coefficient under the loss curve (finding 1)",
