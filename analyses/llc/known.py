@@ -9,8 +9,8 @@ Those coefficients are n -> infinity limits. What an SGLD estimator converges to
 the localized tempered posterior's expected nbeta (L(w) - L(w*)), which for a deep linear network
 `dln_posterior_llc` computes exactly (block Gibbs: each layer given the others is Gaussian). It
 separates the estimator's error from the data's: on a 300-200-200-5 network of rank 3 the exact
-value at n = 1,000 is 0.84 of Aoyagi's coefficient, at every localization from 0.04 to 10^-5 of the
-sharpest curvature (benchmarks/RESULTS.md, 2026-12-07).
+value at n = 1,000 is 0.83-0.84 of Aoyagi's coefficient at every localization from 0.01 to 10^-5 of
+the sharpest curvature, and 0.93 at n = 10,000 (`benchmarks/dln_exact.py`, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
