@@ -39,26 +39,20 @@ def main() -> None:
 
     from plotly.subplots import make_subplots
 
-    from analyses.llc.calibrate import default_nbeta
-    from analyses.llc.known import dln_learning_coefficient, dln_posterior_llc
-    from llc_known import deep_linear, sharpest_curvature  # beside this script
+    from analyses.llc.known import dln_learning_coefficient
+    from llc_known import deep_linear, exact_value  # beside this script
 
     torch.set_num_threads(1)
     truth = dln_learning_coefficient(args.widths, args.rank)
-    rows = []
 
     def exact(n: int, localization: float) -> dict:
         model, data = deep_linear(args.widths, args.rank, n=n, seed=args.seed)
-        nbeta = default_nbeta(n)
         start = time.perf_counter()
-        result = dln_posterior_llc([layer.weight for layer in model], data,
-                                   localization * sharpest_curvature(model, data, nbeta), nbeta,
-                                   sweeps=args.sweeps, burnin=args.burnin)
+        result = exact_value(model, data, localization, sweeps=args.sweeps, burnin=args.burnin)
         row = {"n": n, "localization": localization, "llc": result["llc"], "se": result["se"],
                "seconds": time.perf_counter() - start}
         print(f"| {n:,} | {localization:g} | {row['llc']:,.1f} +- {row['se']:.1f} | {row['llc'] / truth:.3f} "
               f"| {row['seconds']:.0f} |", flush=True)
-        rows.append(row)
         return row
 
     print(f"deep linear {'-'.join(map(str, args.widths))}, rank {args.rank}, data seed {args.seed}: "

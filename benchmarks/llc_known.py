@@ -102,6 +102,17 @@ def sharpest_curvature(model: torch.nn.Module, data, nbeta: float, iterations: i
     return value
 
 
+def exact_value(model: torch.nn.Sequential, data, localization: float = 0.005, **options) -> dict:
+    """`analyses.llc.known.dln_posterior_llc` of a `deep_linear` network at `localization` times its
+    sharpest curvature (the calibration's units) and nbeta = n / log n; `options`: sweeps, burnin, seed."""
+    from analyses.llc.calibrate import default_nbeta
+    from analyses.llc.known import dln_posterior_llc
+
+    nbeta = default_nbeta(len(data[0]))
+    return dln_posterior_llc([layer.weight for layer in model], data,
+                             localization * sharpest_curvature(model, data, nbeta), nbeta, **options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="every width times this")
@@ -114,8 +125,7 @@ def main() -> None:
                         choices=["linear", "per-tensor", "network"], help="which rows to run")
     args = parser.parse_args()
 
-    from analyses.llc.calibrate import default_nbeta
-    from analyses.llc.known import dln_learning_coefficient, dln_posterior_llc
+    from analyses.llc.known import dln_learning_coefficient
     from analyses.llc.estimator import local_learning_coefficient
 
     torch.set_num_threads(1)
@@ -137,11 +147,7 @@ def main() -> None:
     for case, label, (model, data), truth, options, counted in cases:
         if case not in args.cases:
             continue
-        exact = None
-        if case == "network":  # the finite-n answer: block Gibbs on the same posterior
-            nbeta = default_nbeta(len(data[0]))
-            localization = 0.005 * sharpest_curvature(model, data, nbeta)
-            exact = dln_posterior_llc([layer.weight for layer in model], data, localization, nbeta)
+        exact = exact_value(model, data) if case == "network" else None  # the finite-n answer: block Gibbs
         start = time.perf_counter()
         frame = local_learning_coefficient(model, data, **options)
         seconds = time.perf_counter() - start

@@ -232,8 +232,9 @@ def test_dln_posterior_llc_is_exact_for_one_layer():
     y = x @ torch.randn(6, 2, generator=g, dtype=torch.float64) + torch.randn(300, 2, generator=g, dtype=torch.float64)
     weight = torch.linalg.lstsq(x, y).solution.T  # [2, 6]
     nbeta, localization = 300 / math.log(300), 200.0
-    h = 2 * nbeta / (300 * 2) * torch.linalg.eigvalsh(x.T @ x)
-    exact = 2 * float((h / (h + localization)).sum()) / 2
+    outputs = 2
+    h = 2 * nbeta / (300 * outputs) * torch.linalg.eigvalsh(x.T @ x)
+    exact = outputs * float((h / (h + localization)).sum()) / 2  # each eigenvalue once per output
     result = dln_posterior_llc([weight], (x, y), localization, sweeps=3000, burnin=0)
     assert 1.0 < exact < 5.0  # the localization matters: d / 2 is 6
     assert abs(result["llc"] - exact) < 4 * result["se"] + 0.02 * exact
@@ -251,8 +252,7 @@ def test_dln_posterior_llc_counts_a_rank_one_network_modulo_its_rescaling(depth)
     y = x @ torch.tensor([[1.0, -0.5], [0.5, 1.0], [-1.0, 0.5]], dtype=torch.float64) @ torch.diag(
         torch.tensor([1.5, 0.1], dtype=torch.float64)) + 0.5 * torch.randn(20000, 2, generator=g, dtype=torch.float64)
     fitted = torch.linalg.lstsq(x, y).solution  # [3, 2]
-    u, s, vh = torch.linalg.svd(x @ fitted, full_matrices=False)
-    direction = vh[:1]  # the fitted values' top direction in output space, [1, 2]
+    direction = torch.linalg.svd(x @ fitted, full_matrices=False).Vh[:1]  # the fitted values' top direction, [1, 2]
     left, s, right = torch.linalg.svd(direction.T @ direction @ fitted.T, full_matrices=False)
     root = s[:1] ** (1 / depth)
     layers = [root[:, None] * right[:1]] + [root[:, None]] * (depth - 2) + [left[:, :1] * root]  # [1, 3] ... [2, 1]

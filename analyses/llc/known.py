@@ -101,20 +101,19 @@ def dln_posterior_llc(layers: list[torch.Tensor], data: tuple[torch.Tensor, torc
     generator = torch.Generator().manual_seed(seed)
     start, weights, trace = loss(star), [w.clone() for w in star], []
     for _ in range(sweeps):
+        Z = x  # layer l's input, [n, h_l-1], carried through the sweep as the layers below are redrawn
         for l in range(len(weights)):
             A = torch.eye(outputs, dtype=torch.float64)
             for w in reversed(weights[l + 1:]):
                 A = A @ w  # [out, h_l]
-            Z = x
-            for w in weights[:l]:
-                Z = Z @ w.T  # [n, h_l-1]
             a, P = torch.linalg.eigh(A.T @ A)
             b, Q = torch.linalg.eigh(Z.T @ Z)
             precision = 2 * c * a.clamp_min(0)[:, None] * b.clamp_min(0)[None, :] + localization
             mean = P.T @ (2 * c * A.T @ y.T @ Z + localization * star[l]) @ Q / precision
             noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64)
             weights[l] = P @ (mean + noise / precision.sqrt()) @ Q.T
-        trace.append(nbeta * (loss(weights) - start))
+            Z = Z @ weights[l].T
+        trace.append(nbeta * (float(((Z - y) ** 2).mean()) - start))  # Z: the prediction after the last layer
     kept = torch.tensor(trace[burnin:], dtype=torch.float64)
     blocks = torch.stack([part.mean() for part in kept.tensor_split(min(10, len(kept)))])
     se = float(blocks.std() / math.sqrt(len(blocks))) if len(blocks) > 1 else math.inf
